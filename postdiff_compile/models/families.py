@@ -1,0 +1,81 @@
+"""One spec per model family: the facts about an architecture that loading, capture and passes consult.
+
+Keeping these in one registry keeps `if family == ...` out of the rest of the code (STYLE.md).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from ..errors import PostDiffError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    denoiser_class: str            # diffusers class name
+    denoiser_config: str           # bundled JSON under models/configs/
+    scheduler_config: str          # bundled JSON under models/configs/
+    prediction_type: str           # the released checkpoints' default
+    context_dim: int               # text-embedding width the denoiser attends to
+    text_length: int               # text tokens per prompt in the released pipelines
+    vae_scale_factor: int = 8      # pixels per latent pixel
+    latent_multiple: int = 1       # latent H and W must be multiples of this (patch size for DiTs)
+    min_latent: int = 8            # smallest latent side accepted
+    max_latent: int = 512          # largest latent side accepted (4096 px)
+
+    @property
+    def default_resolution(self) -> tuple[int, int]:
+        side = self.config()["sample_size"] * self.vae_scale_factor
+        return side, side
+
+    def config(self) -> dict:
+        return copy.deepcopy(_load_json(self.denoiser_config))
+
+    def scheduler(self) -> dict:
+        return copy.deepcopy(_load_json(self.scheduler_config))
+
+    def check_resolution(self, height: int, width: int, source: str | None = None) -> tuple[int, int]:
+        """The latent size for an image size, or a clear error if this family cannot take it."""
+        step = self.vae_scale_factor * self.latent_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value % step:
+                raise PostDiffError(
+                    f"{self.name} cannot take {name} {value}: image sides must be multiples of {step} "
+                    f"(VAE factor {self.vae_scale_factor} x latent multiple {self.latent_multiple})",
+                    source,
+                )
+            latent = value // self.vae_scale_factor
+            if not self.min_latent <= latent <= self.max_latent:
+                raise PostDiffError(
+                    f"{self.name} cannot take {name} {value}: image sides must be between "
+                    f"{self.min_latent * self.vae_scale_factor} and {self.max_latent * self.vae_scale_factor}",
+                    source,
+                )
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec("sd15", "UNet2DConditionModel", "sd15_unet.json", "sd15_scheduler.json", "epsilon", 768, 77),
+        FamilySpec("sd2", "UNet2DConditionModel", "sd2_unet.json", "sd2_scheduler.json", "v_prediction", 1024, 77),
+        FamilySpec("sdxl", "UNet2DConditionModel", "sdxl_unet.json", "sdxl_scheduler.json", "epsilon", 2048, 77),
+        FamilySpec("pixart_alpha", "PixArtTransformer2DModel", "pixart_alpha_transformer.json",
+                   "pixart_alpha_scheduler.json", "epsilon", 4096, 120, latent_multiple=2),
+    )
+}
+
+
+def get_family(name: str) -> FamilySpec:
+    if name not in FAMILIES:
+        raise PostDiffError(f"unknown family {name!r}; known families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+@lru_cache(maxsize=None)
+def _load_json(filename: str) -> dict:
+    return json.loads(resources.files(__package__).joinpath("configs").joinpath(filename).read_text())

@@ -1,0 +1,228 @@
+"""Load a denoiser, offline, from a checkpoint file, a diffusers folder or an in-memory diffusers object."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import PostDiffError
+from .build import build_denoiser
+from .detect import Detection, detect
+from .families import FamilySpec, get_family
+from .key_maps import original_source
+from .safetensors_header import SafetensorsHeader, read_header
+
+SUPPORTED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+_DENOISER_FOLDERS = ("unet", "transformer")
+
+
+@dataclass
+class LoadedDenoiser:
+    module: torch.nn.Module
+    detection: Detection
+    source: str                          # what the user gave, for messages and the manifest
+    files: list[Path] = field(default_factory=list)  # weight files read (empty for in-memory sources)
+
+    @property
+    def family(self) -> FamilySpec:
+        return get_family(self.detection.family)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise PostDiffError(f"unsupported dtype {dtype!r}; choose one of float32, float16, bfloat16")
+    return DTYPE_NAMES[dtype]
+
+
+def load_denoiser(source: Any, dtype: str | torch.dtype | None = None,
+                  prediction_type: str | None = None) -> LoadedDenoiser:
+    """The denoiser in `source`: a .safetensors file, a diffusers model or pipeline folder, or a diffusers object.
+
+    Weights keep the checkpoint's dtype unless `dtype` is given. Nothing is downloaded.
+    """
+    dtype = parse_dtype(dtype)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise PostDiffError("file or folder not found", path)
+        loaded = _load_folder(path, dtype) if path.is_dir() else _load_file(path, dtype)
+    else:
+        loaded = _load_object(source, dtype)
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise PostDiffError(f"unknown prediction type {prediction_type!r}; use epsilon, v_prediction or sample")
+        loaded.detection.prediction_type = prediction_type
+        loaded.detection.evidence.append(f"prediction type {prediction_type}: given by the caller")
+    return loaded
+
+
+# --- single files ------------------------------------------------------------------------------------------
+
+class _WeightFiles:
+    """One or more safetensors files seen as one {name: tensor} store (sharded diffusers weights)."""
+
+    def __init__(self, headers: list[SafetensorsHeader]):
+        self.headers = headers
+        self.where = {name: h for h in headers for name in h.tensors}
+        self._open: dict[Path, Any] = {}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: h.tensors[name].shape for name, h in self.where.items()}
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {k: v for h in self.headers for k, v in h.metadata.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        header = self.where[name]
+        header.check_data_present()
+        try:
+            if header.path not in self._open:
+                self._open[header.path] = safe_open(str(header.path), framework="pt")
+            return self._open[header.path].get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise PostDiffError(f"could not read tensor {name!r} ({err})", header.path) from None
+
+
+def _load_file(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
+    files = _WeightFiles([read_header(path)])
+    detection = detect(files.shapes, str(path), files.metadata, files.read)
+    return _assemble(files, detection, dtype, str(path))
+
+
+def _assemble(files: _WeightFiles, detection: Detection, dtype: torch.dtype | None, source: str) -> LoadedDenoiser:
+    spec = get_family(detection.family)
+    model = build_denoiser(spec.denoiser_class, detection.config)
+    expected = model.state_dict()
+    wanted = {key: original_source(detection.layout, key, detection.config, detection.prefix) for key in expected}
+    missing = sorted({src.name for src in wanted.values() if src.name not in files.where})
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise PostDiffError(f"checkpoint detected as {detection.family} ({detection.layout} layout) "
+                            f"but {len(missing)} of its tensors are missing: {shown}", source)
+    for header in files.headers:
+        header.check_data_present()
+    target = dtype or _checkpoint_dtype(files, {src.name for src in wanted.values()}, source)
+    state = {}
+    for key, src in wanted.items():
+        tensor = files.read(src.name)
+        if src.chunks > 1:
+            tensor = tensor.chunk(src.chunks, dim=0)[src.chunk]
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise PostDiffError(f"tensor {src.name!r} has shape {tuple(tensor.shape)}, but the detected "
+                                f"{detection.family} architecture needs {tuple(expected[key].shape)}", source)
+        state[key] = tensor.to(target)
+    model.load_state_dict(state, assign=True)
+    model.eval().requires_grad_(False)
+    files_read = sorted({files.where[src.name].path for src in wanted.values()})
+    return LoadedDenoiser(model, detection, source, files_read)
+
+
+def _checkpoint_dtype(files: _WeightFiles, names: set[str], source: str) -> torch.dtype:
+    """The dtype most denoiser tensors have. Mixed files exist (fp32 norms in an fp16 file); the model gets one
+    compute dtype, so the few others are cast to it."""
+    dtypes: Counter[str] = Counter()
+    for name in names:
+        dt = files.where[name].tensors[name].dtype
+        if dt not in SUPPORTED_DTYPES:
+            raise PostDiffError(f"unsupported dtype {dt} for tensor {name!r} (supported: F32, F16, BF16)", source)
+        dtypes[dt] += 1
+    return SUPPORTED_DTYPES[dtypes.most_common(1)[0][0]]
+
+
+# --- folders -----------------------------------------------------------------------------------------------
+
+def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
+    prediction_type = None
+    model_dir = path
+    if (path / "model_index.json").is_file():
+        model_dir = next((path / sub for sub in _DENOISER_FOLDERS if (path / sub / "config.json").is_file()), None)
+        if model_dir is None:
+            raise PostDiffError("pipeline folder has no unet/ or transformer/ subfolder with a config.json", path)
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        if scheduler.is_file():
+            prediction_type = _read_json(scheduler).get("prediction_type")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise PostDiffError("no model found: expected model_index.json (a diffusers pipeline) or config.json "
+                            "with diffusion_pytorch_model.safetensors (a diffusers model)", path)
+    weights = _folder_weights(model_dir)
+    files = _WeightFiles([read_header(w) for w in weights])
+    detection = detect(files.shapes, str(model_dir), files.metadata, files.read)
+    config = _read_json(config_path)
+    detection.config = {k: v for k, v in config.items() if not k.startswith("_")}
+    detection.evidence.append(f"config from {config_path}")
+    if prediction_type:
+        detection.prediction_type = prediction_type
+        detection.evidence.append(f"prediction type {prediction_type} from scheduler/scheduler_config.json")
+    return _assemble(files, detection, dtype, str(path))
+
+
+def _folder_weights(model_dir: Path) -> list[Path]:
+    for name in _WEIGHT_NAMES:
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    index = model_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise PostDiffError("sharded weights index lists no files", index)
+        return [model_dir / s for s in shards]
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.ckpt")):
+        raise PostDiffError("only pickle weights (.bin/.ckpt) found; convert them to safetensors first", model_dir)
+    raise PostDiffError("no diffusion_pytorch_model.safetensors found", model_dir)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PostDiffError(f"could not read JSON ({err})", path) from None
+    if not isinstance(data, dict):
+        raise PostDiffError("expected a JSON object", path)
+    return data
+
+
+# --- in-memory objects -------------------------------------------------------------------------------------
+
+def denoiser_of(obj: Any) -> torch.nn.Module:
+    """The denoiser module of a diffusers pipeline, or the object itself if it is one."""
+    for attr in ("unet", "transformer"):
+        module = getattr(obj, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    raise PostDiffError(f"expected a path, a diffusers pipeline or a denoiser module, got {type(obj).__name__}")
+
+
+def _load_object(obj: Any, dtype: torch.dtype | None) -> LoadedDenoiser:
+    module = denoiser_of(obj)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    detection = detect(shapes, f"<{type(module).__name__}>", None, lambda name: module.state_dict()[name])
+    if hasattr(module, "config"):
+        detection.config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    scheduler = getattr(obj, "scheduler", None)
+    if scheduler is not None and "prediction_type" in scheduler.config:
+        detection.prediction_type = scheduler.config["prediction_type"]
+        detection.evidence.append(f"prediction type {detection.prediction_type} from the pipeline's scheduler")
+    if dtype is not None:
+        module.to(dtype)
+    return LoadedDenoiser(module, detection, f"<in-memory {type(module).__name__}>")
