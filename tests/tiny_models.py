@@ -76,3 +76,31 @@ def ldm_extras() -> dict[str, torch.Tensor]:
         "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3),
         "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(10, 8),
     }
+
+
+def tiny_sd_pipeline(family: str = "sd15", scheduler: str = "ddim", seed: int = 0):
+    """A StableDiffusionPipeline around a tiny denoiser, without text encoder (tests pass embeddings)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline)
+
+    from postdiff_compile.models.families import get_family
+
+    sched_config = get_family(family).scheduler()
+    sched_config.pop("_class_name")
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp": DPMSolverMultistepScheduler}[scheduler]
+    if scheduler == "dpmpp":
+        sched_config.update(algorithm_type="dpmsolver++", solver_order=2)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=32).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=tiny_denoiser(family, seed),
+                                   scheduler=cls.from_config(sched_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def text_embeddings(batch: int = 1, length: int = 77, width: int = 768, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, width, generator=gen), torch.randn(batch, length, width, generator=gen)

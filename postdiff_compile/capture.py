@@ -1,0 +1,163 @@
+"""Capture a denoiser into an ATen FX graph with torch.export, one graph per resolution bucket.
+
+Shapes are static: a graph is exported for one CFG batch, one latent size and one text length. That is a
+choice, not a shortcut. diffusers' UNet picks its upsampling code from the latent size
+(`forward_upsample_size` when a side is not a multiple of 2**num_upsamplers), so a graph traced at one size
+is only correct for sizes that take the same path (prior-art-compilers.md 1.2, 4.2). With one graph per
+size the path baked in is always the one eager would take, and `upsample_path` records which it was.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PostDiffError
+from .models.families import FamilySpec
+
+TIMESTEP_DTYPE = torch.float32  # diffusers casts timesteps to float inside the time projection anyway
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """What a captured graph is specialised to."""
+    batch: int
+    latent_height: int
+    latent_width: int
+    text_length: int
+    dtype: torch.dtype
+
+    @property
+    def tag(self) -> str:
+        return f"b{self.batch}_{self.latent_height}x{self.latent_width}"
+
+
+class DenoiserCall(torch.nn.Module):
+    """The denoiser with positional tensor inputs and one tensor output.
+
+    ExportedProgram.module() replays keyword arguments exactly as exported, so the export boundary takes
+    plain positional tensors; the family decides which.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, input_names: tuple[str, ...]):
+        super().__init__()
+        self.denoiser = denoiser
+        self.input_names = input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.input_names, inputs))
+        if "hidden_states" in named:  # PixArt-style transformer
+            added = {k: named[k] for k in ("resolution", "aspect_ratio") if k in named}
+            return self.denoiser(named["hidden_states"], encoder_hidden_states=named["encoder_hidden_states"],
+                                 timestep=named["timestep"], added_cond_kwargs=added or {"resolution": None,
+                                                                                      "aspect_ratio": None},
+                                 return_dict=False)[0]
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        return self.denoiser(named["sample"], named["timestep"], encoder_hidden_states=named["encoder_hidden_states"],
+                             added_cond_kwargs=added or None, return_dict=False)[0]
+
+
+def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> list[TensorSpec]:
+    config = denoiser.config
+    b, h, w, dt = bucket.batch, bucket.latent_height, bucket.latent_width, bucket.dtype
+    latent = (b, config["in_channels"], h, w)
+    if family.denoiser_class.startswith("PixArt"):
+        specs = [TensorSpec("hidden_states", latent, dt), TensorSpec("timestep", (b,), TIMESTEP_DTYPE),
+                 TensorSpec("encoder_hidden_states", (b, bucket.text_length, config["caption_channels"]), dt)]
+        if config.get("use_additional_conditions"):
+            specs += [TensorSpec("resolution", (b, 2), dt), TensorSpec("aspect_ratio", (b, 1), dt)]
+        return specs
+    specs = [TensorSpec("sample", latent, dt), TensorSpec("timestep", (b,), TIMESTEP_DTYPE),
+             TensorSpec("encoder_hidden_states", (b, bucket.text_length, config["cross_attention_dim"]), dt)]
+    if config.get("addition_embed_type") == "text_time":
+        text_embeds = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        specs += [TensorSpec("text_embeds", (b, text_embeds), dt), TensorSpec("time_ids", (b, 6), dt)]
+    return specs
+
+
+def upsample_path(denoiser: torch.nn.Module, bucket: Bucket) -> str:
+    """Which upsampling code diffusers' UNet takes at this latent size (see the module docstring)."""
+    ups = getattr(denoiser, "num_upsamplers", 0)
+    if not ups:
+        return "none"
+    exact = bucket.latent_height % 2**ups == 0 and bucket.latent_width % 2**ups == 0
+    return "scale_factor" if exact else "size"
+
+
+def example_inputs(specs: list[TensorSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Fixed random inputs; timesteps are spread over the training range, other tensors are N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in specs:
+        if spec.name == "timestep":
+            out.append(torch.randint(0, 1000, spec.shape, generator=gen).to(spec.dtype))
+        elif spec.name in ("resolution", "time_ids"):
+            out.append(torch.randint(256, 1024, spec.shape, generator=gen).to(spec.dtype))
+        elif spec.name == "aspect_ratio":
+            out.append(torch.ones(spec.shape, dtype=spec.dtype))
+        else:
+            out.append(torch.randn(spec.shape, generator=gen).to(spec.dtype))
+    return tuple(out)
+
+
+@dataclass
+class Captured:
+    program: torch.export.ExportedProgram
+    bucket: Bucket
+    inputs: list[TensorSpec]
+    upsample_path: str
+    seconds: float
+
+    def module(self) -> torch.nn.Module:
+        return self.program.module()
+
+
+def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> Captured:
+    """torch.export (non-strict) of the denoiser for one bucket; node metadata keeps nn_module_stack."""
+    specs = input_specs(denoiser, family, bucket)
+    wrapper = DenoiserCall(denoiser, tuple(s.name for s in specs)).eval()
+    args = example_inputs(specs)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, args, strict=False)
+    except Exception as err:  # torch.export reports many error types; the user needs to know which stage
+        raise PostDiffError(f"torch.export failed for {family.name} at {bucket.tag}: {type(err).__name__}: {err}")
+    return Captured(program, bucket, specs, upsample_path(denoiser, bucket), time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Verification:
+    max_abs_error: float
+    rel_l2_error: float
+    seed: int
+
+    def to_json(self) -> dict:
+        return {"max_abs_error": self.max_abs_error, "rel_l2_error": self.rel_l2_error, "inputs_seed": self.seed}
+
+
+def verify(captured: Captured, denoiser: torch.nn.Module, seed: int = 1) -> Verification:
+    """The captured graph against eager on fixed random inputs (not the export example inputs)."""
+    args = example_inputs(captured.inputs, seed)
+    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
+    with torch.no_grad():
+        expected = wrapper(*args).float()
+        got = captured.module()(*args).float()
+    return Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed)
+
+
+def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||, the error measure used throughout the tests."""
+    got, expected = got.double(), expected.double()
+    return float((got - expected).norm() / expected.norm().clamp_min(1e-30))

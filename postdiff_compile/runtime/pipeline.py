@@ -1,0 +1,132 @@
+"""`optimize(pipe)`: make a diffusers pipeline run its denoising loop through the postdiff runtime.
+
+The pipeline object keeps its class's behaviour for everything but `__call__`: its class is swapped for
+a subclass whose `__call__` encodes prompts, prepares latents and decodes exactly as diffusers does, and
+runs the loop in `denoise.py` over captured variants of its own denoiser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import PostDiffConfig, resolve_config
+from ..errors import PostDiffError
+from ..models.families import FamilySpec
+from ..models.load import load_denoiser
+from ..plan import build_plan
+from .denoise import DenoiseRequest, denoise
+from .variants import VariantStore
+
+_SUPPORTED_FAMILIES = ("sd15", "sd2")
+# Arguments of StableDiffusionPipeline.__call__ that this runtime does not implement; passing a non-default
+# value is an error rather than silently ignored.
+_UNSUPPORTED = ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback_on_step_end",
+                "callback", "callback_steps")
+
+
+@dataclass
+class PostDiffRuntime:
+    config: PostDiffConfig
+    family: FamilySpec
+    store: VariantStore
+    last_plan: list = field(default_factory=list)
+
+
+def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any) -> Any:
+    """Make `pipe` (a diffusers StableDiffusionPipeline) denoise through postdiff-compile; returns `pipe`.
+
+    `preset` is a preset name or a whole PostDiffConfig; `overrides` set PostDiffConfig fields by name
+    (unknown names are an error). Example:
+
+        pipe = optimize(pipe, preset="none")
+        latents = pipe(prompt_embeds=c, negative_prompt_embeds=u, num_inference_steps=20,
+                       guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    """
+    if isinstance(preset, PostDiffConfig):
+        config = resolve_config(base=preset, **overrides)
+    else:
+        config = resolve_config(preset, **overrides)
+    build_plan(config, 1)  # fail now, not at the first call, if a feature is not available
+    loaded = load_denoiser(pipe)
+    if loaded.detection.family not in _SUPPORTED_FAMILIES or not hasattr(pipe, "encode_prompt"):
+        raise PostDiffError(
+            f"optimize() supports Stable Diffusion 1.x/2.x pipelines in this version; got "
+            f"{type(pipe).__name__} with a {loaded.detection.family} denoiser"
+        )
+    base = getattr(type(pipe), "_postdiff_base", type(pipe))
+    pipe.__class__ = _optimized_class(base)
+    pipe._postdiff = PostDiffRuntime(config, loaded.family, VariantStore(loaded.module, loaded.family))
+    return pipe
+
+
+def restore(pipe: Any) -> Any:
+    """Undo `optimize`: the pipeline runs diffusers' own loop again."""
+    base = getattr(type(pipe), "_postdiff_base", None)
+    if base is not None:
+        pipe.__class__ = base
+        del pipe._postdiff
+    return pipe
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _optimized_class(base: type) -> type:
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"PostDiff{base.__name__}", (base,),
+                              {"__call__": _call, "_postdiff_base": base, "__module__": __name__})
+    return _CLASSES[base]
+
+
+@torch.no_grad()
+def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None, sigmas=None,
+          guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
+          latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+          guidance_rescale=0.0, clip_skip=None, **kwargs):
+    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    used = sorted(k for k in kwargs if k in _UNSUPPORTED and kwargs[k] is not None)
+    unknown = sorted(k for k in kwargs if k not in _UNSUPPORTED)
+    if used or unknown:
+        raise PostDiffError(f"the postdiff runtime does not support argument(s): {', '.join(used + unknown)}")
+    runtime: PostDiffRuntime = self._postdiff
+    unet = self.unet
+    height = height or unet.config.sample_size * self.vae_scale_factor
+    width = width or unet.config.sample_size * self.vae_scale_factor
+    runtime.family.check_resolution(height, width)
+    do_cfg = guidance_scale > 1 and unet.config.time_cond_proj_dim is None
+    if prompt is not None:
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    elif prompt_embeds is not None:
+        batch_size = prompt_embeds.shape[0]
+    else:
+        raise PostDiffError("pass a prompt or prompt_embeds")
+    device = self._execution_device
+    prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+        prompt, device, num_images_per_prompt, do_cfg, negative_prompt,
+        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+    timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+    latents = self.prepare_latents(batch_size * num_images_per_prompt, unet.config.in_channels, height, width,
+                                   prompt_embeds.dtype, device, generator, latents)
+    plan = build_plan(runtime.config, len(timesteps), cfg=do_cfg)
+    runtime.last_plan = plan
+    request = DenoiseRequest(latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
+                             guidance_rescale, self.prepare_extra_step_kwargs(generator, eta))
+    with self.progress_bar(total=len(timesteps)) as bar:
+        latents = denoise(runtime.store, self.scheduler, plan, request, on_step=lambda _: bar.update())
+
+    has_nsfw = None
+    if output_type == "latent":
+        image = latents
+    else:
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        image, has_nsfw = self.run_safety_checker(image, device, prompt_embeds.dtype)
+        denormalize = [True] * image.shape[0] if has_nsfw is None else [not x for x in has_nsfw]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+    self.maybe_free_model_hooks()
+    if not return_dict:
+        return image, has_nsfw
+    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw)
