@@ -1,0 +1,105 @@
+"""postdiff-compile: compile a diffusion checkpoint into a verified artifact folder.
+
+    postdiff-compile [SOURCE] --preset NAME --out DIR [--resolution HxW] [--steps N] [--force]
+
+Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
+config. Bad input prints one `error:` line naming the problem and the file, and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import PRESETS, PostDiffConfig, resolve_config
+from .errors import PostDiffError
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--preset, --config and one flag per PostDiffConfig field; shared by every subcommand taking a config."""
+    group = parser.add_argument_group("configuration (flags override the preset or --config file)")
+    group.add_argument("--preset", default="none", help=f"named config: {', '.join(PRESETS)} (default: none)")
+    group.add_argument("--config", type=Path, metavar="FILE.json", help="a whole PostDiffConfig as JSON")
+    for field in dataclasses.fields(PostDiffConfig):
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
+                           type={"int": int, "float": float}.get(field.type, str), metavar=field.name.upper())
+
+
+def config_from_args(args: argparse.Namespace) -> PostDiffConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PostDiffConfig)
+                 if getattr(args, f.name) is not None}
+    if args.config is not None:
+        return resolve_config(base=PostDiffConfig.from_json_file(args.config), **overrides)
+    return resolve_config(args.preset, **overrides)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 512x512, got {text!r}") from None
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="postdiff-compile",
+        description="Compile a diffusion checkpoint (SD1.x, SD2.x, SDXL, PixArt-alpha) into an artifact folder: "
+                    "exported graphs, the step plan and a manifest with each graph's verification error. "
+                    "With no SOURCE, compiles a small bundled model with random weights.")
+    parser.add_argument("source", nargs="?", help=".safetensors file or diffusers folder (default: embedded demo)")
+    parser.add_argument("--out", type=Path, help="artifact folder to write (default: ./postdiff-out/NAME-PRESET)")
+    parser.add_argument("--resolution", type=parse_resolution, metavar="HxW", help="image size (default: the family's)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps the plan covers (default: 20)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
+                        help="override the detected prediction type")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    add_config_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _compile(args)
+    except PostDiffError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not bad input: say so, keep the traceback behind --debug
+        if args.debug:
+            raise
+        print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .compile import compile_artifact
+    from .models.default_model import embedded_default_path
+    from .report import RichProgress, print_summary
+
+    config = config_from_args(args)
+    if args.steps < 1:
+        raise PostDiffError(f"--steps must be at least 1, got {args.steps}")
+    source = args.source
+    if source is None:
+        source = str(embedded_default_path())
+        print(f"no SOURCE given: compiling the embedded demo model (tiny SD1.5 architecture, RANDOM weights) "
+              f"from {source}", file=sys.stderr)
+    out = args.out or Path("postdiff-out") / f"{Path(source).name.split('.')[0]}-{args.preset}"
+    with RichProgress() as progress:
+        result = compile_artifact(source, config, out, args.resolution, args.steps, args.force, args.dtype,
+                                  args.prediction_type, progress)
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

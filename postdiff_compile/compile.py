@@ -1,0 +1,112 @@
+"""Source checkpoint -> artifact folder: load, plan, capture each variant, verify it, write it atomically."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .capture import Bucket, capture, verify
+from .config import PostDiffConfig
+from .errors import PostDiffError
+from .exporters.atomic_dir import atomic_dir, check_target
+from .exporters.manifest import sha256_file, toolchain, write_manifest
+from .exporters.pt2 import save_pt2
+from .models.load import load_denoiser
+from .plan import build_plan
+
+# An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
+VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+class Progress:
+    """Callbacks for long stages; the CLI draws them with rich, the library default is silent."""
+
+    def stage(self, name: str, total: float | None = None) -> Callable[[float], None]:
+        return lambda advance: None
+
+    def done(self, name: str) -> None:
+        pass
+
+
+@dataclass
+class CompileResult:
+    out: Path
+    manifest: dict
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def compile_artifact(source: Any, config: PostDiffConfig, out: str | Path, resolution: tuple[int, int] | None = None,
+                     steps: int = 20, force: bool = False, dtype: str | None = None,
+                     prediction_type: str | None = None, progress: Progress | None = None) -> CompileResult:
+    progress = progress or Progress()
+    out = Path(out)
+    check_target(out, force)  # before any slow work
+    start = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str, total: float | None = None):
+        t = time.perf_counter()
+        yield progress.stage(name, total)
+        stages[name] = time.perf_counter() - t
+        progress.done(name)
+
+    with timed("load"):
+        loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type)
+    family = loaded.family
+    height, width = resolution or family.default_resolution
+    latent_h, latent_w = family.check_resolution(height, width, loaded.source)
+    plan = build_plan(config, steps, cfg=True)
+    dtype_name = str(loaded.dtype).removeprefix("torch.")
+    bucket = Bucket(2, latent_h, latent_w, family.text_length, loaded.dtype)
+
+    hashes = []
+    total_bytes = sum(p.stat().st_size for p in loaded.files)
+    with timed("hash source", total_bytes) as advance:
+        for path in loaded.files:
+            hashes.append({"file": str(path), "sha256": sha256_file(path, advance), "bytes": path.stat().st_size})
+
+    variants = []
+    with atomic_dir(out, force) as tmp:
+        for name in sorted({step.variant for step in plan}):
+            tag = f"{name}@{latent_h}x{latent_w}"
+            with timed(f"capture {tag}"):
+                captured = capture(loaded.module, family, bucket)
+            with timed(f"verify {tag}"):
+                check = verify(captured, loaded.module)
+            if not check.rel_l2_error <= VERIFY_TOLERANCE[dtype_name]:
+                raise PostDiffError(f"variant {tag} differs from eager: relative L2 error {check.rel_l2_error:.3g} "
+                                    f"> {VERIFY_TOLERANCE[dtype_name]:g}", loaded.source)
+            with timed(f"save {tag}"):
+                file = save_pt2(captured, tmp / f"{tag}.pt2")
+            variants.append({
+                "name": name, "file": file.name, "format": "torch.export", "sha256": sha256_file(file),
+                "bytes": file.stat().st_size, "batch": bucket.batch, "latent_size": [latent_h, latent_w],
+                "text_length": bucket.text_length, "dtype": dtype_name, "upsample_path": captured.upsample_path,
+                "inputs": [s.to_json() for s in captured.inputs],
+                "outputs": [{"name": "noise_pred", "shape": [bucket.batch, loaded.module.config["out_channels"],
+                                                             latent_h, latent_w], "dtype": dtype_name}],
+                "verification": check.to_json(), "capture_seconds": round(captured.seconds, 3),
+            })
+        scheduler = family.scheduler()
+        scheduler["prediction_type"] = loaded.detection.prediction_type
+        manifest = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"path": loaded.source, "files": hashes, "family": family.name,
+                       "layout": loaded.detection.layout, "prediction_type": loaded.detection.prediction_type,
+                       "evidence": loaded.detection.evidence},
+            "config": config.to_dict(),
+            "toolchain": toolchain(),
+            "resolution": {"height": height, "width": width, "latent_height": latent_h, "latent_width": latent_w},
+            "steps": steps,
+            "plan": [step.to_json() for step in plan],
+            "variants": variants,
+            "denoiser": {"class": family.denoiser_class, "config": loaded.detection.config, "dtype": dtype_name},
+            "scheduler": scheduler,
+        }
+        write_manifest(tmp, manifest)
+    return CompileResult(out, manifest, time.perf_counter() - start, stages)

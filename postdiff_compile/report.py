@@ -1,0 +1,52 @@
+"""What the CLI shows: rich progress for long stages on stderr, a summary table on stdout."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .compile import CompileResult
+from .compile import Progress as ProgressCallbacks
+
+
+class RichProgress(ProgressCallbacks):
+    def __init__(self) -> None:
+        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                             TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "RichProgress":
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+
+    def stage(self, name, total=None):
+        task = self._bar.add_task(name, total=total)
+        self._tasks[name] = task
+        return lambda advance: self._bar.advance(task, advance)
+
+    def done(self, name):
+        task = self._tasks[name]
+        total = self._bar.tasks[task].total
+        self._bar.update(task, total=total or 1, completed=total or 1)
+
+
+def print_summary(result: CompileResult) -> None:
+    m = result.manifest
+    console = Console()
+    res = m["resolution"]
+    console.print(f"[bold]{result.out}[/bold]: {m['source']['family']} ({m['source']['layout']} layout, "
+                  f"{m['source']['prediction_type']}), {res['height']}x{res['width']} "
+                  f"(latent {res['latent_height']}x{res['latent_width']}), {m['steps']} steps, "
+                  f"{m['denoiser']['dtype']}")
+    table = Table("variant", "file", "MB", "max abs err", "rel L2 err", "capture s")
+    for v in m["variants"]:
+        ver = v["verification"]
+        table.add_row(v["name"], v["file"], f"{v['bytes'] / 1e6:.1f}", f"{ver['max_abs_error']:.2e}",
+                      f"{ver['rel_l2_error']:.2e}", f"{v['capture_seconds']:.1f}")
+    console.print(table)
+    cfg = {k: v for k, v in m["config"].items() if k != "config_version"}
+    console.print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    console.print(f"done in {result.seconds:.1f} s")
