@@ -19,8 +19,10 @@ class RichProgress(ProgressCallbacks):
         self._bar.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._bar.__exit__(*exc)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._bar.live.transient = True  # on failure the error line alone should remain
+        self._bar.__exit__(exc_type, exc, tb)
 
     def stage(self, name, total=None):
         task = self._bar.add_task(name, total=total)

@@ -261,38 +261,48 @@ def _prediction_from_metadata(metadata: dict[str, str] | None) -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _reference_names(family: str, layout: str) -> frozenset[str]:
-    """The tensor names a full-size checkpoint of `family` has in `layout` (built on the meta device)."""
+def _reference_shapes(family: str, layout: str) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a full-size checkpoint of `family` has in `layout` (built on meta)."""
     from .build import build_denoiser
     from .key_maps import original_source
 
     spec = get_family(family)
     model = build_denoiser(spec.denoiser_class, spec.config(), device="meta")
     prefix = LDM_PREFIX if layout == "ldm" else ""
-    return frozenset(original_source(layout, k, spec.config(), prefix).name for k in model.state_dict())
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, tensor in model.state_dict().items():
+        src = original_source(layout, key, spec.config(), prefix)
+        shapes[src.name] = (tensor.shape[0] * src.chunks, *tensor.shape[1:])  # fused tensors hold all chunks
+    return shapes
 
 
-def closest_family(shapes: Shapes) -> tuple[str, str, float, list[str]]:
-    """(family, layout, fraction of its tensors present, a few missing names) for the best-matching family."""
-    best = None
+def closest_family(shapes: Shapes) -> tuple[str, str, str, list[str]]:
+    """(family, layout, "present/total", missing names) for the best-matching full-size family.
+
+    Names alone do not separate SD1.x from SD2.x (same names, other widths), so a name only counts as
+    present when its shape matches too; ties go to the family with more names present.
+    """
+    best, best_key = None, None
     for family, spec in FAMILIES.items():
         layouts = ("pixart_original", "diffusers") if spec.denoiser_class.startswith("PixArt") else ("ldm", "diffusers")
         for layout in layouts:
-            names = _reference_names(family, layout)
-            present = sum(1 for n in names if n in shapes)
-            score = present / len(names)
-            if best is None or score > best[2]:
-                best = (family, layout, score, sorted(n for n in names if n not in shapes))
+            ref = _reference_shapes(family, layout)
+            named = sum(1 for n in ref if n in shapes)
+            exact = sum(1 for n, shape in ref.items() if tuple(shapes.get(n, ())) == shape)
+            key = (exact / len(ref), named / len(ref))
+            if best_key is None or key > best_key:
+                best_key = key
+                best = (family, layout, f"{named}/{len(ref)}", sorted(n for n in ref if n not in shapes))
     assert best is not None
     return best
 
 
 def _unknown(shapes: Shapes, source: str | None, why: str, evidence: list[str] | None = None) -> PostDiffError:
-    family, layout, score, missing = closest_family(shapes)
+    family, layout, present, missing = closest_family(shapes)
     shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
     seen = f" (found: {'; '.join(evidence)})" if evidence else ""
     return PostDiffError(
         f"unknown architecture: {why}{seen}. Closest family: {family} in {layout} layout "
-        f"({score:.0%} of its tensors present); missing: {shown}",
+        f"({present} of its tensors present); missing: {shown}",
         source,
     )
