@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from postdiff_compile import PRESETS, PostDiffConfig, PostDiffError, resolve_config
+
+
+def test_none_is_identity_and_overrides_apply():
+    assert PRESETS["none"].is_identity
+    cfg = resolve_config("none", cache_interval="3", cache_branch=1, cross_attn_cache="cond")
+    assert (cfg.cache_interval, cfg.cache_branch, cfg.cross_attn_cache) == (3, 1, "cond")
+    assert not cfg.is_identity
+    assert "DeepCache (cache_interval > 1)" in cfg.unsupported_features()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(cache_intervall=2), "unknown PostDiffConfig field"),
+    (dict(cache_interval=0), "cache_interval must be >= 1"),
+    (dict(cache_interval=2.5), "must be of type int"),
+    (dict(low_res_scale=1.5), "low_res_scale"),
+    (dict(low_res_fraction=1.0), "low_res_fraction"),
+    (dict(cross_attn_cache="maybe"), "cross_attn_cache must be one of"),
+])
+def test_bad_overrides(overrides, words):
+    with pytest.raises(PostDiffError, match=words):
+        resolve_config("none", **overrides)
+
+
+def test_json_round_trip(tmp_path):
+    cfg = PostDiffConfig(cache_interval=2, cache_branch=3, cross_attn_cache="ave", cross_attn_cache_step=7)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert PostDiffConfig.from_json_file(path) == cfg
+    path.write_text(json.dumps({**cfg.to_dict(), "config_version": 99}))
+    with pytest.raises(PostDiffError, match="config_version 99") as err:
+        PostDiffConfig.from_json_file(path)
+    assert str(path) in str(err.value)
+    path.write_text("{not json")
+    with pytest.raises(PostDiffError, match="not valid JSON"):
+        PostDiffConfig.from_json_file(path)
