@@ -479,8 +479,6 @@ def test_unsupported_tensor_dtype(tmp_path):
     assert name in message
 
 
-@pytest.mark.xfail(strict=True, reason="load.py _assemble: an explicit dtype skips _checkpoint_dtype, so an I32 "
-                                       "UNet tensor is silently cast to float instead of rejected")
 def test_unsupported_tensor_dtype_with_explicit_dtype(tmp_path):
     path, _ = _int32_file(tmp_path)
     with pytest.raises(PostDiffError, match="unsupported dtype"):
@@ -496,8 +494,6 @@ def test_unsupported_requested_dtype(tmp_path, dtype):
     assert "float32, float16, bfloat16" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="load.py parse_dtype passes any torch.dtype through; torch.int8 ends in a "
-                                       "RuntimeError from load_state_dict instead of a PostDiffError")
 def test_unsupported_requested_torch_dtype(tmp_path):
     path = write_checkpoint(_model("sd15"), tmp_path / "model.safetensors", "ldm")
     with pytest.raises(PostDiffError, match="unsupported dtype"):

@@ -41,7 +41,7 @@ class LoadedDenoiser:
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or dtype in SUPPORTED_DTYPES.values():
         return dtype
     if dtype not in DTYPE_NAMES:
         raise PostDiffError(f"unsupported dtype {dtype!r}; choose one of float32, float16, bfloat16")
@@ -119,15 +119,16 @@ def _assemble(files: _WeightFiles, detection: Detection, dtype: torch.dtype | No
                             f"but {len(missing)} of its tensors are missing: {shown}", source)
     for header in files.headers:
         header.check_data_present()
-    target = dtype or _checkpoint_dtype(files, {src.name for src in wanted.values()}, source)
+    majority = _checkpoint_dtype(files, {src.name for src in wanted.values()}, source)  # also rejects int/fp8
+    target = dtype or majority
     state = {}
     for key, src in wanted.items():
-        tensor = files.read(src.name)
-        if src.chunks > 1:
-            tensor = tensor.chunk(src.chunks, dim=0)[src.chunk]
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise PostDiffError(f"tensor {src.name!r} has shape {tuple(tensor.shape)}, but the detected "
-                                f"{detection.family} architecture needs {tuple(expected[key].shape)}", source)
+        stored = files.read(src.name)
+        need = (expected[key].shape[0] * src.chunks, *expected[key].shape[1:])  # a fused tensor holds all chunks
+        if tuple(stored.shape) != need:
+            raise PostDiffError(f"tensor {src.name!r} has shape {tuple(stored.shape)}, but the detected "
+                                f"{detection.family} architecture needs {need}", source)
+        tensor = stored.chunk(src.chunks, dim=0)[src.chunk] if src.chunks > 1 else stored
         state[key] = tensor.to(target)
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
@@ -161,6 +162,9 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
             prediction_type = _read_json(scheduler).get("prediction_type")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
+        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.ckpt")):
+            raise PostDiffError("no model found: only pickle weights (.bin/.ckpt) and no config.json; convert "
+                                "them to a diffusers folder with safetensors weights first", path)
         raise PostDiffError("no model found: expected model_index.json (a diffusers pipeline) or config.json "
                             "with diffusion_pytorch_model.safetensors (a diffusers model)", path)
     weights = _folder_weights(model_dir)
@@ -179,8 +183,9 @@ def _folder_weights(model_dir: Path) -> list[Path]:
     for name in _WEIGHT_NAMES:
         if (model_dir / name).is_file():
             return [model_dir / name]
-    index = model_dir / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
+    index = next((model_dir / f"{name}.index.json" for name in _WEIGHT_NAMES
+                  if (model_dir / f"{name}.index.json").is_file()), None)
+    if index is not None:
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
         if not shards:
             raise PostDiffError("sharded weights index lists no files", index)
