@@ -11,10 +11,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from ..errors import PostDiffError
 from .families import FAMILIES, get_family
 from .key_maps import LDM_PREFIX
+
+if TYPE_CHECKING:
+    import torch
 
 Shapes = dict[str, tuple[int, ...]]
 
