@@ -5,7 +5,6 @@ scheduler.step with the same extra arguments), so that with every feature off it
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,33 +26,16 @@ class DenoiseRequest:
     extra_step_kwargs: dict | None = None
 
 
-def extra_step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dict:
-    """The optional arguments scheduler.step accepts, as diffusers' pipelines pass them."""
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
-
-
-def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    # Lin et al. 2023, section 3.4, as diffusers applies it.
-    std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
-    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
-    rescaled = noise_cfg * (std_text / std_cfg)
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
-
-
 def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseRequest,
             on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
     latents = req.latents
-    embeds = req.prompt_embeds
+    embeds = req.prompt_embeds.to(latents.dtype)
     if any(step.cfg for step in plan):
         if req.negative_prompt_embeds is None:
             raise ValueError("classifier-free guidance needs negative_prompt_embeds")
-        cfg_embeds = torch.cat([req.negative_prompt_embeds, req.prompt_embeds])
+        cfg_embeds = torch.cat([req.negative_prompt_embeds.to(latents.dtype), embeds])
     kwargs = req.extra_step_kwargs or {}
     for step, t in zip(plan, req.timesteps):
         model_input = torch.cat([latents] * 2) if step.cfg else latents
@@ -63,7 +45,7 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
                         model_input.dtype)
         variant = store.get(step.variant, bucket)
         timestep = t.to(torch.float32).expand(model_input.shape[0])
-        noise_pred = variant(model_input, timestep, context.to(model_input.dtype))
+        noise_pred = variant(model_input, timestep, context)
         if step.cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + req.guidance_scale * (text - uncond)
