@@ -124,10 +124,15 @@ class Captured:
 
 
 def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> Captured:
-    """torch.export (non-strict) of the denoiser for one bucket; node metadata keeps nn_module_stack."""
+    """torch.export (non-strict) of the denoiser for one bucket; node metadata keeps nn_module_stack.
+
+    A denoiser on the meta device (no weights) exports too: that is how `explain` counts FLOPs of
+    full-size architectures without a checkpoint.
+    """
     specs = input_specs(denoiser, family, bucket)
     wrapper = DenoiserCall(denoiser, tuple(s.name for s in specs)).eval()
-    args = example_inputs(specs)
+    device = next(denoiser.parameters()).device
+    args = tuple(a.to(device) for a in example_inputs(specs))
     start = time.perf_counter()
     try:
         with torch.no_grad():

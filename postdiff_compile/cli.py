@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import PRESETS, PostDiffConfig, resolve_config
+from .config import PRESETS, ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
 
 
@@ -26,12 +26,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                            type={"int": int, "float": float}.get(field.type, str), metavar=field.name.upper())
 
 
-def config_from_args(args: argparse.Namespace) -> PostDiffConfig:
+def config_from_args(args: argparse.Namespace) -> ConfigRequest:
+    """The config the flags ask for; presets depend on the family, so it is resolved once that is known.
+
+    Resolving for no family here checks the preset name, the --config file and every override now,
+    before any slow work.
+    """
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PostDiffConfig)
                  if getattr(args, f.name) is not None}
-    if args.config is not None:
-        return resolve_config(base=PostDiffConfig.from_json_file(args.config), **overrides)
-    return resolve_config(args.preset, **overrides)
+    base = PostDiffConfig.from_json_file(args.config) if args.config is not None else None
+    request = ConfigRequest(args.preset, base, overrides)
+    request.resolve(None)
+    return request
 
 
 def parse_resolution(text: str) -> tuple[int, int]:

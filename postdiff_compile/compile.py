@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .capture import Bucket, capture, verify
-from .config import PostDiffConfig
+from .config import ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
 from .exporters.atomic_dir import atomic_dir, check_target
 from .exporters.manifest import sha256_file, toolchain, write_manifest
@@ -39,7 +39,7 @@ class CompileResult:
     stages: dict[str, float] = field(default_factory=dict)
 
 
-def compile_artifact(source: Any, config: PostDiffConfig, out: str | Path, resolution: tuple[int, int] | None = None,
+def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: str | Path, resolution: tuple[int, int] | None = None,
                      steps: int = 20, force: bool = False, dtype: str | None = None,
                      prediction_type: str | None = None, progress: Progress | None = None) -> CompileResult:
     progress = progress or Progress()
@@ -58,6 +58,8 @@ def compile_artifact(source: Any, config: PostDiffConfig, out: str | Path, resol
     with timed("load"):
         loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type)
     family = loaded.family
+    if isinstance(config, ConfigRequest):
+        config = config.resolve(family.name)
     height, width = resolution or family.default_resolution
     latent_h, latent_w = family.check_resolution(height, width, loaded.source)
     plan = build_plan(config, steps, cfg=True)

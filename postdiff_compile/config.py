@@ -15,6 +15,7 @@ from .errors import PostDiffError
 
 CONFIG_VERSION = 1
 CROSS_ATTN_CACHE_MODES = ("off", "cond", "ave", "cfg")
+CACHE_SCHEDULES = ("uniform", "quad_center")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class PostDiffConfig:
     # DeepCache: full step every `cache_interval` steps (1 = off); branch as DeepCacheSDHelper's cache_branch_id.
     cache_interval: int = 1
     cache_branch: int = 0
+    # Which steps are full: "uniform" (every k-th, as DeepCacheSDHelper) or "quad_center" (the DeepCache
+    # paper code's non-uniform schedule: ceil(N / k) full steps, dense around step `cache_center`).
+    cache_schedule: str = "uniform"
+    cache_center: int = 15
+    cache_pow: float = 1.4
     # Cross-attention cache: after step `cross_attn_cache_step`, CFG off and attn2 outputs read from a cache.
     cross_attn_cache: str = "off"
     cross_attn_cache_step: int = 0
@@ -40,12 +46,19 @@ class PostDiffConfig:
             raise PostDiffError(f"cache_interval must be >= 1 (1 = off), got {self.cache_interval}")
         if self.cache_branch < 0:
             raise PostDiffError(f"cache_branch must be >= 0, got {self.cache_branch}")
+        if self.cache_schedule not in CACHE_SCHEDULES:
+            raise PostDiffError(f"cache_schedule must be one of {', '.join(CACHE_SCHEDULES)}, got {self.cache_schedule!r}")
+        if self.cache_pow <= 1.0:
+            raise PostDiffError(f"cache_pow must be > 1, got {self.cache_pow}")
         if self.cross_attn_cache not in CROSS_ATTN_CACHE_MODES:
             raise PostDiffError(
                 f"cross_attn_cache must be one of {', '.join(CROSS_ATTN_CACHE_MODES)}, got {self.cross_attn_cache!r}"
             )
         if self.cross_attn_cache_step < 0:
             raise PostDiffError(f"cross_attn_cache_step must be >= 0, got {self.cross_attn_cache_step}")
+        if self.cross_attn_cache != "off" and self.cross_attn_cache_step < 1:
+            raise PostDiffError("the cross-attention cache is written at step cross_attn_cache_step - 1, so "
+                                f"cross_attn_cache_step must be >= 1, got {self.cross_attn_cache_step}")
 
     @property
     def is_identity(self) -> bool:
@@ -56,10 +69,6 @@ class PostDiffConfig:
         missing = []
         if self.low_res_fraction > 0 and self.low_res_scale < 1:
             missing.append("mixed resolution (low_res_scale/low_res_fraction)")
-        if self.cache_interval > 1:
-            missing.append("DeepCache (cache_interval > 1)")
-        if self.cross_attn_cache != "off":
-            missing.append("the cross-attention cache (cross_attn_cache != 'off')")
         return missing
 
     def replace(self, **overrides: Any) -> "PostDiffConfig":
@@ -114,16 +123,68 @@ def _coerce(name: str, value: Any) -> Any:
         raise PostDiffError(f"{name} must be of type {field_type}, got {value!r}") from None
 
 
-# Presets are filled in by the issues that build their passes; `none` is the identity.
-PRESETS: dict[str, PostDiffConfig] = {
-    "none": PostDiffConfig(),
-}
+@dataclass(frozen=True)
+class Preset:
+    """A named config, per family where the families need different settings."""
+    name: str
+    description: str
+    default: PostDiffConfig
+    per_family: dict[str, PostDiffConfig | str] = dataclasses.field(default_factory=dict)  # str: why unavailable
+
+    def for_family(self, family: str | None) -> PostDiffConfig:
+        config = self.per_family.get(family, self.default) if family else self.default
+        if isinstance(config, str):
+            raise PostDiffError(f"preset {self.name!r} is not available for {family}: {config}")
+        return config
+
+    @property
+    def is_identity(self) -> bool:
+        return self.default.is_identity and not self.per_family
 
 
-def resolve_config(preset: str = "none", base: PostDiffConfig | None = None, **overrides: Any) -> PostDiffConfig:
-    """A preset (or a whole `base` config) with field overrides applied; unknown names are an error."""
+# The paper's DeepCache ablation (17.787 T of 30.420 T for SD1.5, 20 steps) is interval 2 with the branch that
+# recomputes down_blocks[0] layer 0 and the last two layers of the last up block: DeepCacheSDHelper's
+# cache_branch_id 1 (paper-numbers.md section 3; `postdiff-compile explain` reproduces it within 0.1%).
+_DEEPCACHE = PostDiffConfig(cache_interval=2, cache_branch=1)
+_NO_UNET = "it uses DeepCache, which needs a U-Net's skip branches; PixArt-alpha is a transformer"
+
+
+def _fast(m: int) -> PostDiffConfig:
+    return _DEEPCACHE.replace(cross_attn_cache="cond", cross_attn_cache_step=m)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("none", "identity: the plain denoiser at every step", PostDiffConfig()),
+    Preset("balanced", "DeepCache, full step every 2nd step, branch 1 (the paper's DeepCache ablation)",
+           _DEEPCACHE, {"pixart_alpha": _NO_UNET}),
+    # fast adds the cross-attention cache in the paper's adopted "Cond" mode. m counts steps, tuned for 20:
+    # - SD1.x/2.x, m = 10: the paper's SD1.5 ablation (Table B) trades FID for text alignment as m grows;
+    #   m = 5 loses 1.6 CLIP points against the baseline, m = 10 keeps CLIP within 0.7 of it, and the
+    #   CFG-off half is where the FLOPs go. T-GATE's SD default gate step is also 10.
+    # - SDXL, m = 10: T-GATE's SDXL default; the paper does not identify its SDXL setting.
+    # - PixArt-alpha, m = 15 and no DeepCache: the only schedule that reproduces the paper's PixArt
+    #   Mix+Cache FLOPs is cross-attention cached for the last 5 of 20 steps, no block caching.
+    Preset("fast", "DeepCache (as balanced) + cross-attention cache, Cond mode, CFG off from step m",
+           _fast(10), {"pixart_alpha": PostDiffConfig(cross_attn_cache="cond", cross_attn_cache_step=15)}),
+)}
+
+
+def resolve_config(preset: str = "none", base: PostDiffConfig | None = None, family: str | None = None,
+                   **overrides: Any) -> PostDiffConfig:
+    """A preset for `family` (or a whole `base` config) with field overrides; unknown names are an error."""
     if base is None:
         if preset not in PRESETS:
             raise PostDiffError(f"unknown preset {preset!r}; available presets: {', '.join(PRESETS)}")
-        base = PRESETS[preset]
+        base = PRESETS[preset].for_family(family)
     return base.replace(**overrides)
+
+
+@dataclass(frozen=True)
+class ConfigRequest:
+    """A preset name or base config plus overrides, resolved once the model's family is known."""
+    preset: str = "none"
+    base: PostDiffConfig | None = None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def resolve(self, family: str | None) -> PostDiffConfig:
+        return resolve_config(self.preset, self.base, family, **self.overrides)

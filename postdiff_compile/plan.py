@@ -1,27 +1,50 @@
-"""The step schedule as plain data: for each denoising step, which variant runs and whether CFG is on.
+"""The step schedule as plain data: for each denoising step, which variant runs, the caches it reads and
+writes, and whether CFG is on.
 
-The plan is what a runtime (Python or C++) walks; nothing in a graph knows which step it is on. The
-caching and mixed-resolution passes add cache reads/writes and the resolution switch to the steps.
+The plan is what a runtime (Python or C++) walks; nothing in a graph knows which step it is on.
+
+Rules (peers.md 1.5, 2.3-2.5):
+- DeepCache: a step is full when (i - start) % cache_interval == 0 ("uniform", DeepCacheSDHelper with
+  start = 0), or when it is in the DeepCache paper code's `sample_from_quad_center` set ("quad_center").
+  Other steps are shallow and read the deep feature of the last full step. A full step writes the
+  feature when the next step reads it.
+- Cross-attention cache with step m: steps < m run with CFG; step m - 1 is full and writes every attn2
+  output; steps >= m run without CFG (batch 1, on the negative embeddings as T-GATE does) and read them.
+- Both: the deep feature of a CFG step has the CFG batch and cannot feed a batch-1 step, and step m - 1
+  must compute every attn2 to write them. So, as T-GATE's DeepCache loaders do, steps m - 1 and m are
+  full and the uniform schedule restarts at each of them (start = m - 1, then start = m). `check_plan`
+  proves that every read finds a write of the same batch.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import warnings
+from dataclasses import dataclass
 
 from .config import PostDiffConfig
 from .errors import PostDiffError
+from .variants import VariantSpec
 
 
 @dataclass(frozen=True)
 class Step:
     index: int
-    variant: str        # name of the variant graph this step calls, e.g. "full"
-    cfg: bool           # classifier-free guidance: the batch holds the negative and positive halves
+    variant: str                # VariantSpec name, e.g. "shallow+read_ca"
+    cfg: bool                   # classifier-free guidance: the batch holds the negative and positive halves
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> VariantSpec:
+        return VariantSpec.parse(self.variant)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"index": self.index, "variant": self.variant, "cfg": self.cfg, "reads": list(self.reads),
+                "writes": list(self.writes)}
 
 
 def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list[Step]:
+    """The plan for `num_steps` steps; `cfg` says whether the pipeline uses classifier-free guidance."""
     if num_steps < 1:
         raise PostDiffError(f"the number of steps must be at least 1, got {num_steps}")
     missing = config.unsupported_features()
@@ -30,4 +53,74 @@ def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list
             f"this version of postdiff-compile cannot run {', '.join(missing)} yet; use preset 'none' "
             "without those overrides"
         )
-    return [Step(i, "full", cfg) for i in range(num_steps)]
+    gate = config.cross_attn_cache_step if config.cross_attn_cache != "off" else None
+    if gate is not None and gate >= num_steps:
+        gate = None   # the cache would never be read: the plan is the same as without it
+    full = full_steps(config, num_steps, gate)
+
+    specs = []
+    for i in range(num_steps):
+        ca = "compute" if gate is None else "write" if i == gate - 1 else "read" if i >= gate else "compute"
+        deep = "full" if i in full else "shallow"
+        write_dc = deep == "full" and i + 1 < num_steps and (i + 1) not in full
+        specs.append(VariantSpec(deep, write_dc, ca))
+    plan = [Step(i, s.name, cfg and (gate is None or i < gate), s.reads, s.writes) for i, s in enumerate(specs)]
+    check_plan(plan)
+    return plan
+
+
+def full_steps(config: PostDiffConfig, num_steps: int, gate: int | None = None) -> set[int]:
+    """The steps that run the whole denoiser (all of them when DeepCache is off)."""
+    k = config.cache_interval
+    if k <= 1:
+        return set(range(num_steps))
+    if config.cache_schedule == "quad_center":
+        steps = set(quad_center_steps(num_steps, math.ceil(num_steps / k), config.cache_center, config.cache_pow))
+        return steps | ({gate - 1, gate} if gate is not None else set())
+    restarts = [0] + ([gate - 1, gate] if gate is not None else [])
+    return {i for i in range(num_steps) if (i - max(r for r in restarts if r <= i)) % k == 0}
+
+
+def quad_center_steps(num_steps: int, count: int, center: int, power: float) -> list[int]:
+    """DeepCache's `sample_from_quad_center`: `count` full steps, dense around `center`.
+
+    Reproduces the original's arithmetic, including that (-center) ** (1 / power) is a complex number
+    of which the int32 cast keeps the real part (peers.md 1.5); the power is lowered by 0.02 until the
+    count comes out right.
+    """
+    import numpy as np
+
+    if count >= num_steps:
+        return list(range(num_steps))
+    while power > 1:
+        start = complex(-center) ** (1 / power)
+        stop = complex(num_steps - center) ** (1 / power)
+        values = np.linspace(start, stop, count + 1) ** power
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # numpy's ComplexWarning about dropping the imaginary part
+            ints = np.unique(values.real.astype(np.int32))
+        steps = [0] + [int(x) + center for x in ints[1:-1]]
+        if len(steps) == count:
+            return steps
+        power -= 0.02
+    raise PostDiffError(f"the quad_center schedule finds no {count} full steps out of {num_steps} around step "
+                        f"{center}; lower cache_center or change cache_interval")
+
+
+def check_plan(plan: list[Step]) -> None:
+    """Every cache a step reads was written earlier by a step of the same batch (CFG on or off).
+
+    The cross-attention cache is the exception by design: it is written from a CFG batch and reduced to
+    one half by the write mode (cond, ave, cfg), so it is read by steps without CFG.
+    """
+    from .passes.cross_attn import CACHE as CROSS_ATTN
+
+    written: dict[str, bool] = {}
+    for step in plan:
+        for name in step.reads:
+            if name not in written:
+                raise PostDiffError(f"plan step {step.index} reads cache {name!r} before any step writes it")
+            if written[name] != step.cfg:
+                raise PostDiffError(f"plan step {step.index} reads cache {name!r} written at a different batch")
+        for name in step.writes:
+            written[name] = False if name == CROSS_ATTN else step.cfg

@@ -7,10 +7,27 @@ from postdiff_compile import PRESETS, PostDiffConfig, PostDiffError, resolve_con
 
 def test_none_is_identity_and_overrides_apply():
     assert PRESETS["none"].is_identity
-    cfg = resolve_config("none", cache_interval="3", cache_branch=1, cross_attn_cache="cond")
+    cfg = resolve_config("none", cache_interval="3", cache_branch=1, cross_attn_cache="cond",
+                         cross_attn_cache_step=4)
     assert (cfg.cache_interval, cfg.cache_branch, cfg.cross_attn_cache) == (3, 1, "cond")
     assert not cfg.is_identity
-    assert "DeepCache (cache_interval > 1)" in cfg.unsupported_features()
+    assert cfg.unsupported_features() == []
+    assert cfg.replace(low_res_scale=0.5, low_res_fraction=0.5).unsupported_features() == [
+        "mixed resolution (low_res_scale/low_res_fraction)"]
+
+
+def test_presets_per_family():
+    for family in ("sd15", "sd2", "sdxl"):
+        assert resolve_config("balanced", family=family) == PostDiffConfig(cache_interval=2, cache_branch=1)
+        fast = resolve_config("fast", family=family)
+        assert (fast.cache_interval, fast.cache_branch, fast.cross_attn_cache) == (2, 1, "cond")
+        assert 5 <= fast.cross_attn_cache_step <= 15   # the paper's range for m
+    with pytest.raises(PostDiffError, match="needs a U-Net"):
+        resolve_config("balanced", family="pixart_alpha")
+    pixart = resolve_config("fast", family="pixart_alpha")
+    assert pixart.cache_interval == 1 and pixart.cross_attn_cache == "cond"
+    # Overrides apply on top of the family's preset.
+    assert resolve_config("fast", family="sd15", cross_attn_cache_step=5).cross_attn_cache_step == 5
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -20,6 +37,9 @@ def test_none_is_identity_and_overrides_apply():
     (dict(low_res_scale=1.5), "low_res_scale"),
     (dict(low_res_fraction=1.0), "low_res_fraction"),
     (dict(cross_attn_cache="maybe"), "cross_attn_cache must be one of"),
+    (dict(cross_attn_cache="cond"), "cross_attn_cache_step must be >= 1"),
+    (dict(cache_schedule="random"), "cache_schedule must be one of"),
+    (dict(cache_pow=1.0), "cache_pow must be > 1"),
 ])
 def test_bad_overrides(overrides, words):
     with pytest.raises(PostDiffError, match=words):

@@ -28,7 +28,7 @@ def test_none_reproduces_diffusers(scheduler):
     print(f"{scheduler}: relative L2 error {err:.3g}")
     assert err <= TOLERANCE
     # The runtime really ran: it captured a CFG-batch graph for this latent size.
-    assert [key[1].batch for key in pipe._postdiff.store.captured] == [2]
+    assert [bucket.batch for bucket in pipe._postdiff.store.captured] == [2]
     assert len(pipe._postdiff.last_plan) == 8
 
 
@@ -40,7 +40,7 @@ def test_no_cfg_and_several_images_per_prompt():
     ours = _run(pipe, **kw)
     assert ours.shape == reference.shape == (2, 4, 12, 12)
     assert rel_l2(ours, reference) <= TOLERANCE
-    assert [key[1].batch for key in pipe._postdiff.store.captured] == [2]  # 2 images, no CFG half
+    assert [bucket.batch for bucket in pipe._postdiff.store.captured] == [2]  # 2 images, no CFG half
 
 
 def test_decoded_images_match_and_restore_gives_diffusers_back():
@@ -67,8 +67,10 @@ def test_config_overrides_are_checked():
         optimize(pipe, preset="none", cache_intervall=2)
     with pytest.raises(PostDiffError, match="unknown preset"):
         optimize(pipe, preset="turbo")
-    with pytest.raises(PostDiffError, match="DeepCache"):
-        optimize(pipe, preset="none", cache_interval=3, cache_branch=1)
+    with pytest.raises(PostDiffError, match="mixed resolution"):
+        optimize(pipe, preset="none", low_res_scale=0.5, low_res_fraction=0.5)
+    with pytest.raises(PostDiffError, match="cache_branch 6 does not exist.*0..5"):
+        optimize(pipe, preset="none", cache_interval=2, cache_branch=6)
     assert type(pipe).__name__ == "StableDiffusionPipeline"  # a refused optimize leaves the pipeline alone
     optimize(pipe, PostDiffConfig())
     assert pipe._postdiff.config.is_identity

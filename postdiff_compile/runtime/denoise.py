@@ -2,6 +2,8 @@
 
 It follows StableDiffusionPipeline.__call__ step for step (scale_model_input, the CFG combination,
 scheduler.step with the same extra arguments), so that with every feature off it reproduces diffusers.
+Caches live in a dict local to one call: nothing a call writes can be read by the next one (the stale
+state that DeepCacheSDHelper keeps across calls, peers.md 1.7).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import Bucket
+from ..passes.cross_attn import CACHE as CROSS_ATTN
 from ..plan import Step
 from .variants import VariantStore
 
@@ -24,6 +27,20 @@ class DenoiseRequest:
     guidance_scale: float
     guidance_rescale: float = 0.0
     extra_step_kwargs: dict | None = None
+    cache_branch: int = 0                 # DeepCache branch of the shallow variants
+    cross_attn_cache: str = "off"         # how a CFG step's attn2 outputs become the cache: cond, ave, cfg
+
+
+def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> torch.Tensor:
+    """One attn2 output of a CFG batch -> the cached tensor for the batch-1 steps that follow."""
+    uncond, cond = value.chunk(2)
+    if mode == "cond":
+        return cond
+    if mode == "ave":
+        return (uncond + cond) / 2          # T-GATE's average, written as it writes it
+    if mode == "cfg":
+        return uncond + guidance_scale * (cond - uncond)
+    raise ValueError(f"unknown cross-attention cache mode {mode!r}")
 
 
 def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseRequest,
@@ -32,20 +49,34 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
 
     latents = req.latents
     embeds = req.prompt_embeds.to(latents.dtype)
+    negative = embeds
     if any(step.cfg for step in plan):
         if req.negative_prompt_embeds is None:
             raise ValueError("classifier-free guidance needs negative_prompt_embeds")
-        cfg_embeds = torch.cat([req.negative_prompt_embeds.to(latents.dtype), embeds])
+        negative = req.negative_prompt_embeds.to(latents.dtype)
+        cfg_embeds = torch.cat([negative, embeds])
     kwargs = req.extra_step_kwargs or {}
+    caches: dict[str, torch.Tensor] = {}
     for step, t in zip(plan, req.timesteps):
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        context = cfg_embeds if step.cfg else embeds
+        if step.cfg:
+            context = cfg_embeds
+        elif CROSS_ATTN in step.reads:
+            context = negative   # as T-GATE after its gate step; every attn2 reads the cache instead
+        else:
+            context = embeds
         bucket = Bucket(model_input.shape[0], model_input.shape[2], model_input.shape[3], context.shape[1],
                         model_input.dtype)
-        variant = store.get(step.variant, bucket)
+        variant = store.get(step.variant, bucket, req.cache_branch)
         timestep = t.to(torch.float32).expand(model_input.shape[0])
-        noise_pred = variant(model_input, timestep, context)
+        inputs = [model_input, timestep, context]
+        inputs += [caches[name] for name in variant.inputs[len(inputs):]]
+        noise_pred, *written = variant(*inputs)
+        for name, value in zip(variant.outputs[1:], written):
+            if name.startswith(CROSS_ATTN + ":") and step.cfg:
+                value = reduce_cross_attn(value, req.cross_attn_cache, req.guidance_scale)
+            caches[name] = value
         if step.cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + req.guidance_scale * (text - uncond)

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from ..config import PostDiffConfig, resolve_config
+from ..config import ConfigRequest, PostDiffConfig
 from ..errors import PostDiffError
 from ..models.families import FamilySpec
 from ..models.load import load_denoiser
+from ..passes.deepcache import check_branch
 from ..plan import build_plan
 from .denoise import DenoiseRequest, denoise
 from .variants import VariantStore
@@ -44,20 +45,27 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any)
         latents = pipe(prompt_embeds=c, negative_prompt_embeds=u, num_inference_steps=20,
                        guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="latent").images
     """
-    if isinstance(preset, PostDiffConfig):
-        config = resolve_config(base=preset, **overrides)
-    else:
-        config = resolve_config(preset, **overrides)
-    build_plan(config, 1)  # fail now, not at the first call, if a feature is not available
+    request = ConfigRequest(base=preset, overrides=overrides) if isinstance(preset, PostDiffConfig) \
+        else ConfigRequest(preset, overrides=overrides)
+    request.resolve(None)  # a bad preset name or override fails before the denoiser is looked at
     loaded = load_denoiser(pipe)
     if loaded.detection.family not in _SUPPORTED_FAMILIES or not hasattr(pipe, "encode_prompt"):
         raise PostDiffError(
             f"optimize() supports Stable Diffusion 1.x/2.x pipelines in this version; got "
             f"{type(pipe).__name__} with a {loaded.detection.family} denoiser"
         )
+    config = request.resolve(loaded.family.name)
+    build_plan(config, 1)  # fail now, not at the first call, if a feature is not available
+    if config.cache_interval > 1:
+        check_branch(len(loaded.module.up_blocks), config.cache_branch)
     base = getattr(type(pipe), "_postdiff_base", type(pipe))
+    previous = getattr(pipe, "_postdiff", None)
+    if previous is not None and previous.store.denoiser is loaded.module:
+        store = previous.store   # re-optimizing with another config reuses the captured graphs
+    else:
+        store = VariantStore(loaded.module, loaded.family)
     pipe.__class__ = _optimized_class(base)
-    pipe._postdiff = PostDiffRuntime(config, loaded.family, VariantStore(loaded.module, loaded.family))
+    pipe._postdiff = PostDiffRuntime(config, loaded.family, store)
     return pipe
 
 
@@ -114,7 +122,8 @@ def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, ti
     plan = build_plan(runtime.config, len(timesteps), cfg=do_cfg)
     runtime.last_plan = plan
     request = DenoiseRequest(latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
-                             guidance_rescale, self.prepare_extra_step_kwargs(generator, eta))
+                             guidance_rescale, self.prepare_extra_step_kwargs(generator, eta),
+                             runtime.config.cache_branch, runtime.config.cross_attn_cache)
     with self.progress_bar(total=len(timesteps)) as bar:
         latents = denoise(runtime.store, self.scheduler, plan, request, on_step=lambda _: bar.update())
 

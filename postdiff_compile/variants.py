@@ -1,0 +1,94 @@
+"""Variants: the specialised graphs one captured denoiser graph is rewritten into.
+
+A variant is named by what it does (`VariantSpec.name`), e.g. "full", "full+write_dc", "shallow+read_ca".
+It takes the denoiser inputs followed by the caches it reads and returns the noise prediction followed
+by the caches it writes; `Variant.inputs` / `.outputs` name them ("deepcache", "cross_attn:<attn2 path>").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .capture import Captured
+from .errors import PostDiffError
+from .passes import graph_edit
+from .passes.cross_attn import CACHE as CROSS_ATTN
+from .passes.cross_attn import cross_attn_graph
+from .passes.deepcache import FEATURE as DEEPCACHE
+from .passes.deepcache import deepcache_graphs
+
+DEEP_MODES = ("full", "shallow")
+CROSS_ATTN_MODES = ("compute", "write", "read")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    deep: str = "full"             # "shallow": a DeepCache retrieve step, reads the deep feature
+    write_deepcache: bool = False  # a full step that also returns the deep feature
+    cross_attn: str = "compute"    # "write": also returns every attn2 output; "read": takes them as inputs
+
+    def __post_init__(self) -> None:
+        if self.deep not in DEEP_MODES or self.cross_attn not in CROSS_ATTN_MODES:
+            raise ValueError(f"not a variant: {self}")
+        if self.deep == "shallow" and self.write_deepcache:
+            raise ValueError("a shallow variant cannot write the deep feature it reads")
+
+    @property
+    def name(self) -> str:
+        parts = [self.deep]
+        if self.write_deepcache:
+            parts.append("write_dc")
+        if self.cross_attn != "compute":
+            parts.append(f"{self.cross_attn}_ca")
+        return "+".join(parts)
+
+    @classmethod
+    def parse(cls, name: str) -> "VariantSpec":
+        deep, *flags = name.split("+")
+        unknown = set(flags) - {"write_dc", "write_ca", "read_ca"}
+        if unknown or deep not in DEEP_MODES or ("write_ca" in flags and "read_ca" in flags):
+            raise PostDiffError(f"not a variant name: {name!r}")
+        cross = "write" if "write_ca" in flags else "read" if "read_ca" in flags else "compute"
+        return cls(deep, "write_dc" in flags, cross)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return ((DEEPCACHE,) if self.deep == "shallow" else ()) + ((CROSS_ATTN,) if self.cross_attn == "read" else ())
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return ((DEEPCACHE,) if self.write_deepcache else ()) + ((CROSS_ATTN,) if self.cross_attn == "write" else ())
+
+
+@dataclass
+class Variant:
+    spec: VariantSpec
+    module: torch.fx.GraphModule
+    inputs: list[str]    # denoiser inputs, then caches read
+    outputs: list[str]   # "noise_pred", then caches written
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.module(*inputs)
+
+
+def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
+                  root: torch.nn.Module | None = None) -> Variant:
+    """Rewrite the captured graph into `spec`. `root` is the captured module (made here if not given)."""
+    root = root if root is not None else captured.module()
+    graph, _ = graph_edit.flat_graph(root.graph)
+    inputs = [s.name for s in captured.inputs]
+    outputs = ["noise_pred"]
+    if spec.deep == "shallow" or spec.write_deepcache:
+        dc = deepcache_graphs(graph, cache_branch)
+        graph = dc.shallow if spec.deep == "shallow" else dc.full
+        (inputs if spec.deep == "shallow" else outputs).append(DEEPCACHE)
+    if spec.cross_attn != "compute":
+        ca = cross_attn_graph(graph, spec.cross_attn)
+        graph = ca.graph
+        (inputs if spec.cross_attn == "read" else outputs).extend(f"{CROSS_ATTN}:{m}" for m in ca.modules)
+    module = graph_edit.to_module(root, graph)
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs) or len(graph_edit.outputs_of(module.graph)) != len(outputs):
+        raise AssertionError(f"variant {spec.name}: graph I/O does not match its names")  # a bug in a pass
+    return Variant(spec, module, inputs, outputs)
