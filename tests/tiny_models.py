@@ -17,6 +17,12 @@ TINY_CONFIGS = {
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
                  norm_num_groups=32, attention_head_dim=8),
+    # SD1.5 layout with 3 resnets per up block, as DeepCache's branch numbering assumes, and three levels
+    # so that branches 0..5 cover two up blocks and the deepest one is cached whole.
+    "sd15_deep": dict(block_out_channels=(32, 32, 64), layers_per_block=2, sample_size=16, in_channels=4,
+                      out_channels=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                      cross_attention_dim=768, norm_num_groups=32, attention_head_dim=8),
     "sd2": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=1024,
@@ -85,7 +91,7 @@ def tiny_sd_pipeline(family: str = "sd15", scheduler: str = "ddim", seed: int = 
 
     from postdiff_compile.models.families import get_family
 
-    sched_config = get_family(family).scheduler()
+    sched_config = get_family(family.removesuffix("_deep")).scheduler()
     sched_config.pop("_class_name")
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp": DPMSolverMultistepScheduler}[scheduler]
     if scheduler == "dpmpp":
