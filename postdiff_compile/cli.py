@@ -1,6 +1,7 @@
 """postdiff-compile: compile a diffusion checkpoint into a verified artifact folder.
 
     postdiff-compile [SOURCE] --preset NAME --out DIR [--resolution HxW] [--steps N] [--force]
+    postdiff-compile explain (--family NAME | SOURCE) --preset NAME [--resolution HxW] [--steps N] [--json]
 
 Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
 config. Bad input prints one `error:` line naming the problem and the file, and exits with status 2.
@@ -67,10 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_explain_parser() -> argparse.ArgumentParser:
+    from .models.families import FAMILIES
+
+    parser = argparse.ArgumentParser(
+        prog="postdiff-compile explain",
+        description="Print the per-step plan of a config and its FLOPs, counted from the variant graphs of the "
+                    "real architecture built on the meta device (no weights, no download).")
+    parser.add_argument("source", nargs="?", help=".safetensors checkpoint (only its header is read)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="explain a known family instead of a file")
+    parser.add_argument("--resolution", type=parse_resolution, metavar="HxW", help="image size (default: the family's)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    parser.add_argument("--no-cfg", action="store_true", help="a pipeline without classifier-free guidance")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (FLOPs in FLOPs, not TFLOPs)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    add_config_flags(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    explaining = bool(argv) and argv[0] == "explain"
+    args = (build_explain_parser() if explaining else build_parser()).parse_args(argv[1:] if explaining else argv)
     try:
-        return _compile(args)
+        return _explain(args) if explaining else _compile(args)
     except PostDiffError as err:
         if args.debug:
             raise
@@ -104,6 +125,28 @@ def _compile(args: argparse.Namespace) -> int:
         result = compile_artifact(source, config, out, args.resolution, args.steps, args.force, args.dtype,
                                   args.prediction_type, progress)
     print_summary(result)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import json
+
+    from .explain import architecture_of, explain, format_explanation
+    from .models.families import get_family
+
+    request = config_from_args(args)
+    if (args.family is None) == (args.source is None):
+        raise PostDiffError("explain needs exactly one of --family NAME or a .safetensors SOURCE")
+    if args.steps < 1:
+        raise PostDiffError(f"--steps must be at least 1, got {args.steps}")
+    if args.family:
+        family, denoiser_config = get_family(args.family), None
+    else:
+        family, denoiser_config = architecture_of(args.source)
+    config = request.resolve(family.name)
+    stage = None if args.json else (lambda text: print(text, file=sys.stderr))
+    result = explain(family, config, args.steps, args.resolution, denoiser_config, not args.no_cfg, stage)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_explanation(result))
     return 0
 
 

@@ -1,0 +1,115 @@
+"""`postdiff-compile explain`: the per-step plan of a config and its FLOPs, counted from the variant graphs.
+
+The real full-size architecture is built on the meta device (no weights, nothing downloaded) and
+captured like a real model, so the FLOPs are read off exactly the graphs a compiled artifact would run.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .capture import Bucket
+from .config import PostDiffConfig
+from .errors import PostDiffError
+from .metrics.flops import FlopCount, count_flops
+from .models.families import FamilySpec, get_family
+from .plan import Step, build_plan
+
+
+@dataclass
+class StepCost:
+    step: Step
+    flops: FlopCount
+
+
+@dataclass
+class Explanation:
+    family: str
+    resolution: tuple[int, int]
+    latent: tuple[int, int]
+    config: PostDiffConfig
+    steps: list[StepCost]
+    baseline: FlopCount          # every step the plain denoiser with the same CFG use
+    variants: dict[str, FlopCount]
+
+    @property
+    def total(self) -> FlopCount:
+        return sum((s.flops for s in self.steps), FlopCount(0, 0))
+
+    def to_json(self) -> dict:
+        total = self.total
+        return {
+            "family": self.family, "resolution": list(self.resolution), "latent_size": list(self.latent),
+            "steps": len(self.steps), "config": self.config.to_dict(),
+            "flops_units": "FLOPs; paper = conv+linear MACs x batch, attention excluded; true = 2 x MACs, "
+                           "attention included",
+            "plan": [{**s.step.to_json(), "flops_paper": s.flops.paper, "flops_true": s.flops.true}
+                     for s in self.steps],
+            "variants": {name: {"flops_paper": f.paper, "flops_true": f.true} for name, f in self.variants.items()},
+            "total_flops_paper": total.paper, "total_flops_true": total.true,
+            "baseline_flops_paper": self.baseline.paper, "baseline_flops_true": self.baseline.true,
+            "fraction_paper": total.paper / self.baseline.paper, "fraction_true": total.true / self.baseline.true,
+        }
+
+
+def architecture_of(source: str) -> tuple[FamilySpec, dict]:
+    """Family and denoiser config of a .safetensors checkpoint, from its header alone."""
+    from .models.detect import detect
+    from .models.safetensors_header import read_header
+
+    path = Path(source)
+    if not path.is_file():
+        raise PostDiffError("explain takes a .safetensors file (or use --family)", path)
+    header = read_header(path)
+    detection = detect(header.shapes, str(path), header.metadata)
+    return get_family(detection.family), detection.config
+
+
+def explain(family: FamilySpec, config: PostDiffConfig, steps: int, resolution: tuple[int, int] | None = None,
+            denoiser_config: dict | None = None, cfg: bool = True,
+            on_stage: Callable[[str], None] | None = None) -> Explanation:
+    from .models.build import build_denoiser
+    from .runtime.variants import VariantStore
+
+    height, width = resolution or family.default_resolution
+    latent = family.check_resolution(height, width)
+    plan = build_plan(config, steps, cfg)
+    denoiser = build_denoiser(family.denoiser_class, denoiser_config or family.config(), "meta").eval()
+    store = VariantStore(denoiser, family)
+    costs: dict[tuple[str, int], FlopCount] = {}
+
+    def cost(name: str, batch: int) -> FlopCount:
+        if (name, batch) not in costs:
+            if on_stage:
+                on_stage(f"capturing {name} at batch {batch}")
+            bucket = Bucket(batch, *latent, family.text_length, next(denoiser.parameters()).dtype)
+            costs[(name, batch)] = count_flops(store.get(name, bucket, config.cache_branch).module.graph)
+        return costs[(name, batch)]
+
+    per_step = [StepCost(step, cost(step.variant, 2 if step.cfg else 1)) for step in plan]
+    baseline = sum((cost("full", 2 if cfg else 1) for _ in plan), FlopCount(0, 0))
+    variants = {f"{name}@b{batch}": flops for (name, batch), flops in costs.items()}
+    return Explanation(family.name, (height, width), latent, config, per_step, baseline, variants)
+
+
+def format_explanation(ex: Explanation) -> str:
+    def tera(value: int) -> str:
+        return f"{value / 1e12:.3f}"
+
+    lines = [f"{ex.family} {ex.resolution[0]}x{ex.resolution[1]} (latent {ex.latent[0]}x{ex.latent[1]}), "
+             f"{len(ex.steps)} steps",
+             "config: " + ", ".join(f"{k}={v}" for k, v in ex.config.to_dict().items() if k != "config_version"),
+             "",
+             f"{'step':>4}  {'variant':<24} {'cfg':<4} {'reads':<22} {'writes':<22} {'paper T':>8} {'true T':>8}"]
+    for s in ex.steps:
+        lines.append(f"{s.step.index:>4}  {s.step.variant:<24} {'on' if s.step.cfg else 'off':<4} "
+                     f"{','.join(s.step.reads) or '-':<22} {','.join(s.step.writes) or '-':<22} "
+                     f"{tera(s.flops.paper):>8} {tera(s.flops.true):>8}")
+    total = ex.total
+    lines += ["",
+              f"total, paper convention (conv+linear MACs x batch, no attention): {tera(total.paper)} T "
+              f"= {total.paper / ex.baseline.paper:.1%} of the baseline's {tera(ex.baseline.paper)} T",
+              f"total, true FLOPs (2 x MACs, attention included):                {tera(total.true)} T "
+              f"= {total.true / ex.baseline.true:.1%} of the baseline's {tera(ex.baseline.true)} T"]
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""`postdiff-compile explain`: FLOPs counted from the variant graphs of full-size architectures on meta."""
+import json
+from pathlib import Path
+
+import pytest
+
+from postdiff_compile.cli import main
+
+HEADERS = Path(__file__).parent / "fixtures" / "headers"
+
+
+def _explain(capsys, *argv):
+    assert main(["explain", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sd15_reproduces_the_papers_flops(capsys):
+    # paper-numbers.md Table A/B: SD1.5, 768x768, 20 steps: baseline 30.420 T, DeepCache ablation 17.787 T
+    # ("FLOPs" there = conv+linear MACs x CFG batch, attention excluded).
+    base = ["--family", "sd15", "--resolution", "768x768", "--steps", "20"]
+    none = _explain(capsys, *base, "--preset", "none")
+    balanced = _explain(capsys, *base, "--preset", "balanced")
+    assert none["total_flops_paper"] == pytest.approx(30.420e12, rel=0.005)
+    assert balanced["total_flops_paper"] == pytest.approx(17.787e12, rel=0.005)
+    assert none["total_flops_true"] > 2 * none["total_flops_paper"]   # 2 per MAC, plus attention
+    assert balanced["total_flops_true"] < none["total_flops_true"]
+    assert [s["variant"] for s in balanced["plan"][:2]] == ["full+write_dc", "shallow"]
+    assert sum(s["flops_paper"] for s in balanced["plan"]) == balanced["total_flops_paper"]
+
+
+def test_explain_same_flags_as_compile_and_a_checkpoint_header(capsys):
+    # A header-only SD1.5 checkpoint gives the same architecture as --family sd15.
+    by_file = _explain(capsys, str(HEADERS / "sd15_ldm_full.safetensors"), "--steps", "4", "--preset", "none",
+                       "--cache-interval", "2", "--cache-branch", "0", "--resolution", "256x256")
+    by_family = _explain(capsys, "--family", "sd15", "--steps", "4", "--preset", "none",
+                         "--cache-interval", "2", "--cache-branch", "0", "--resolution", "256x256")
+    assert by_file["total_flops_paper"] == by_family["total_flops_paper"]
+    assert by_file["config"]["cache_interval"] == 2 and by_file["family"] == "sd15"
+    assert by_file["fraction_paper"] < 0.6
+
+
+def test_fast_preset_plan(capsys):
+    fast = _explain(capsys, "--family", "sd15", "--resolution", "256x256", "--steps", "20", "--preset", "fast")
+    m = fast["config"]["cross_attn_cache_step"]
+    assert [s["cfg"] for s in fast["plan"]] == [i < m for i in range(20)]
+    # After m the batch is 1: the same variant costs half as much in the paper's convention.
+    assert fast["variants"]["full+write_dc+read_ca@b1"]["flops_paper"] < fast["variants"]["full+write_dc@b2"][
+        "flops_paper"] / 2
+    assert fast["total_flops_true"] < _explain(capsys, "--family", "sd15", "--resolution", "256x256", "--steps", "20",
+                                               "--preset", "balanced")["total_flops_true"]
+
+
+def test_explain_errors(capsys):
+    assert main(["explain", "--preset", "none"]) == 2
+    assert "exactly one of --family" in capsys.readouterr().err
+    assert main(["explain", "--family", "pixart_alpha", "--preset", "balanced"]) == 2
+    assert "needs a U-Net" in capsys.readouterr().err
+    assert main(["explain", str(HEADERS / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
