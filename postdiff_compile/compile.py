@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .capture import Bucket, capture, verify
+from .capture import Bucket, capture
 from .config import ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
 from .exporters.atomic_dir import atomic_dir, check_target
@@ -16,6 +16,7 @@ from .exporters.manifest import sha256_file, toolchain, write_manifest
 from .exporters.pt2 import save_pt2
 from .models.load import load_denoiser
 from .plan import build_plan
+from .variants import VariantSpec, build_variant, cache_specs, output_specs, verify_variant
 
 # An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
@@ -64,7 +65,6 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     latent_h, latent_w = family.check_resolution(height, width, loaded.source)
     plan = build_plan(config, steps, cfg=True)
     dtype_name = str(loaded.dtype).removeprefix("torch.")
-    bucket = Bucket(2, latent_h, latent_w, family.text_length, loaded.dtype)
 
     hashes = []
     total_bytes = sum(p.stat().st_size for p in loaded.files)
@@ -72,26 +72,34 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         for path in loaded.files:
             hashes.append({"file": str(path), "sha256": sha256_file(path, advance), "bytes": path.stat().st_size})
 
+    # One capture per batch (CFG steps run the CFG batch, gated steps batch 1), one rewrite per variant.
+    wanted = sorted({(step.variant, 2 if step.cfg else 1) for step in plan}, key=lambda v: (-v[1], v[0]))
     variants = []
     with atomic_dir(out, force) as tmp:
-        for name in sorted({step.variant for step in plan}):
-            tag = f"{name}@{latent_h}x{latent_w}"
-            with timed(f"capture {tag}"):
-                captured = capture(loaded.module, family, bucket)
+        captures: dict[int, tuple] = {}
+        for name, batch in wanted:
+            bucket = Bucket(batch, latent_h, latent_w, family.text_length, loaded.dtype)
+            if batch not in captures:
+                with timed(f"capture b{batch}@{latent_h}x{latent_w}"):
+                    captured = capture(loaded.module, family, bucket)
+                    captures[batch] = (captured, captured.module())
+            captured, root = captures[batch]
+            tag = f"{name}@b{batch}_{latent_h}x{latent_w}"
+            with timed(f"rewrite {tag}"):
+                variant = build_variant(captured, VariantSpec.parse(name), config.cache_branch, root)
             with timed(f"verify {tag}"):
-                check = verify(captured, loaded.module)
+                check = verify_variant(captured, variant, loaded.module, config.cache_branch, root)
             if not check.rel_l2_error <= VERIFY_TOLERANCE[dtype_name]:
                 raise PostDiffError(f"variant {tag} differs from eager: relative L2 error {check.rel_l2_error:.3g} "
                                     f"> {VERIFY_TOLERANCE[dtype_name]:g}", loaded.source)
             with timed(f"save {tag}"):
-                file = save_pt2(captured, tmp / f"{tag}.pt2")
+                file = save_pt2(variant, tmp / f"{tag.replace('+', '-')}.pt2")
             variants.append({
                 "name": name, "file": file.name, "format": "torch.export", "sha256": sha256_file(file),
-                "bytes": file.stat().st_size, "batch": bucket.batch, "latent_size": [latent_h, latent_w],
+                "bytes": file.stat().st_size, "batch": batch, "latent_size": [latent_h, latent_w],
                 "text_length": bucket.text_length, "dtype": dtype_name, "upsample_path": captured.upsample_path,
-                "inputs": [s.to_json() for s in captured.inputs],
-                "outputs": [{"name": "noise_pred", "shape": [bucket.batch, loaded.module.config["out_channels"],
-                                                             latent_h, latent_w], "dtype": dtype_name}],
+                "inputs": [s.to_json() for s in cache_specs(variant)],
+                "outputs": [s.to_json() for s in output_specs(variant)],
                 "verification": check.to_json(), "capture_seconds": round(captured.seconds, 3),
             })
         scheduler = family.scheduler()

@@ -43,11 +43,11 @@ def print_summary(result: CompileResult) -> None:
                   f"{m['source']['prediction_type']}), {res['height']}x{res['width']} "
                   f"(latent {res['latent_height']}x{res['latent_width']}), {m['steps']} steps, "
                   f"{m['denoiser']['dtype']}")
-    table = Table("variant", "file", "MB", "max abs err", "rel L2 err", "capture s")
+    table = Table("variant", "batch", "file", "MB", "max abs err", "rel L2 err")
     for v in m["variants"]:
         ver = v["verification"]
-        table.add_row(v["name"], v["file"], f"{v['bytes'] / 1e6:.1f}", f"{ver['max_abs_error']:.2e}",
-                      f"{ver['rel_l2_error']:.2e}", f"{v['capture_seconds']:.1f}")
+        table.add_row(v["name"], str(v["batch"]), v["file"], f"{v['bytes'] / 1e6:.1f}", f"{ver['max_abs_error']:.2e}",
+                      f"{ver['rel_l2_error']:.2e}")
     console.print(table)
     cfg = {k: v for k, v in m["config"].items() if k != "config_version"}
     console.print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))

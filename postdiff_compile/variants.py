@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import Captured
+from .capture import Captured, DenoiserCall, TensorSpec, Verification, example_inputs, rel_l2
 from .errors import PostDiffError
 from .passes import graph_edit
 from .passes.cross_attn import CACHE as CROSS_ATTN
@@ -92,3 +92,35 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
     if len(placeholders) != len(inputs) or len(graph_edit.outputs_of(module.graph)) != len(outputs):
         raise AssertionError(f"variant {spec.name}: graph I/O does not match its names")  # a bug in a pass
     return Variant(spec, module, inputs, outputs)
+
+
+def cache_specs(variant: Variant) -> list[TensorSpec]:
+    """Every input of a variant (denoiser inputs and caches), with shapes from its graph."""
+    placeholders = [n for n in variant.module.graph.nodes if n.op == "placeholder"]
+    return [TensorSpec(name, tuple(node.meta["val"].shape), node.meta["val"].dtype)
+            for name, node in zip(variant.inputs, placeholders)]
+
+
+def output_specs(variant: Variant) -> list[TensorSpec]:
+    return [TensorSpec(name, tuple(node.meta["val"].shape), node.meta["val"].dtype)
+            for name, node in zip(variant.outputs, graph_edit.outputs_of(variant.module.graph))]
+
+
+def verify_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Module, cache_branch: int = 0,
+                   root: torch.nn.Module | None = None, seed: int = 1) -> Verification:
+    """The variant's noise prediction against eager on fixed random inputs.
+
+    A variant that reads caches gets them from an oracle variant (the full graph writing exactly those
+    caches) run on the same inputs; with exact caches a rewrite must reproduce the full model.
+    """
+    args = example_inputs(captured.inputs, seed)
+    spec = variant.spec
+    oracle_spec = VariantSpec("full", spec.deep == "shallow", "write" if spec.cross_attn == "read" else "compute")
+    oracle = build_variant(captured, oracle_spec, cache_branch, root)
+    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
+    with torch.no_grad():
+        expected = wrapper(*args).float()
+        _, *written = oracle(*args)
+        caches = dict(zip(oracle.outputs[1:], written))
+        got = variant(*args, *(caches[name] for name in variant.inputs[len(args):]))[0].float()
+    return Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed)

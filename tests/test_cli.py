@@ -66,7 +66,37 @@ def test_compile_writes_a_verified_artifact(ckpt, tmp_path, capsys):
     model = tiny_denoiser("sd15")
     with torch.no_grad():
         expected = model(args[0], args[1], encoder_hidden_states=args[2]).sample
-        assert torch.allclose(program.module()(*args), expected, atol=1e-5)
+        (got,) = program.module()(*args)
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_compile_fast_preset_writes_every_variant(ckpt, tmp_path, capsys):
+    out = tmp_path / "fast"
+    code, stdout, _ = run_cli(capsys, ckpt, "--out", out, "--resolution", "64x64", "--steps", "6", "--preset", "fast",
+                              "--cross-attn-cache-step", "3")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["variant"] for s in manifest["plan"]] == [
+        "full+write_dc", "shallow", "full+write_ca", "full+write_dc+read_ca", "shallow+read_ca", "full+read_ca"]
+    assert [s["cfg"] for s in manifest["plan"]] == [True] * 3 + [False] * 3
+    by_name = {v["name"]: v for v in manifest["variants"]}
+    assert set(by_name) == {s["variant"] for s in manifest["plan"]}
+    assert {v["batch"] for v in manifest["variants"]} == {1, 2}
+    for v in manifest["variants"]:
+        assert v["verification"]["rel_l2_error"] <= 1e-6, v["name"]
+        assert v["sha256"] == sha256_file(out / v["file"])
+    shallow = by_name["shallow+read_ca"]
+    assert [i["name"] for i in shallow["inputs"]][3] == "deepcache"
+    assert all(i["name"].startswith("cross_attn:") for i in shallow["inputs"][4:]) and len(shallow["inputs"]) > 4
+    assert [o["name"] for o in by_name["full+write_dc"]["outputs"]] == ["noise_pred", "deepcache"]
+    # A saved shallow program takes its cache inputs and runs.
+    program = torch.export.load(str(out / by_name["shallow"]["file"]))
+    from postdiff_compile.capture import TensorSpec, example_inputs
+    specs = [TensorSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in by_name["shallow"]["inputs"]]
+    with torch.no_grad():
+        (noise,) = program.module()(*example_inputs(specs))
+    assert noise.shape == (2, 4, 8, 8)
+    assert "shallow+read_ca" in stdout
 
 
 def test_config_file_and_flags(ckpt, tmp_path, capsys):

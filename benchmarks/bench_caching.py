@@ -1,0 +1,156 @@
+"""Speed of the caching presets against plain diffusers and DeepCacheSDHelper, in one process.
+
+An SD1.5-architecture UNet (bundled config, random weights) in a StableDiffusionPipeline without text
+encoder (random embeddings) and with a tiny VAE that is not run (output_type="latent"), so only the
+denoising loop is timed. Runs are interleaved (one of each configuration per round) and medians are
+reported, so drift on a shared machine hits every configuration alike. The FLOPs of each preset come from
+`explain` (the same variant graphs, on the meta device); the target is speedup >= 0.9 x FLOPs reduction.
+
+    python benchmarks/bench_caching.py [--resolution 256] [--steps 20] [--rounds 3] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_pipelines(resolution: int):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from postdiff_compile.models.families import get_family
+
+    family = get_family("sd15")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({k: v for k, v in family.config().items() if not k.startswith("_")})
+    unet.eval().requires_grad_(False)
+    vae = AutoencoderKL(block_out_channels=(32,), layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=32).eval()
+    scheduler_config = {k: v for k, v in family.scheduler().items() if not k.startswith("_")}
+
+    def pipe():
+        p = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                    scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    return unet, pipe
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default="caching_cpu")
+    args = parser.parse_args()
+
+    from DeepCache import DeepCacheSDHelper
+
+    from postdiff_compile import optimize, resolve_config
+    from postdiff_compile.explain import explain
+    from postdiff_compile.models.families import get_family
+
+    torch.set_grad_enabled(False)
+    family = get_family("sd15")
+    res = (args.resolution, args.resolution)
+    flops = {}
+    for preset in ("none", "balanced", "fast"):
+        ex = explain(family, resolve_config(preset, family="sd15"), args.steps, res)
+        flops[preset] = ex.total
+        print(f"{preset}: {ex.total.true / 1e12:.3f} true TFLOPs, {ex.total.paper / 1e12:.3f} paper TFLOPs",
+              file=sys.stderr)
+    flops["diffusers"] = flops["none"]
+    flops["DeepCacheSDHelper k=2 branch 1"] = flops["balanced"]   # the same computation as balanced
+
+    unet, make_pipe = build_pipelines(args.resolution)
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(1, 77, 768, generator=gen), torch.randn(1, 77, 768, generator=gen)
+    call = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=args.steps,
+                guidance_scale=7.5, output_type="latent", height=args.resolution, width=args.resolution)
+
+    plain = make_pipe()
+    ours = {preset: optimize(make_pipe(), preset=preset) for preset in ("none", "balanced", "fast")}
+    helper_pipe = make_pipe()
+    helper = DeepCacheSDHelper(pipe=helper_pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=1)
+
+    def run_helper():
+        helper.enable()
+        try:
+            return helper_pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        finally:
+            helper.disable()
+
+    runs = {"diffusers": lambda: plain(**call, generator=torch.Generator().manual_seed(0)).images,
+            **{p: (lambda p=p: ours[p](**call, generator=torch.Generator().manual_seed(0)).images) for p in ours},
+            "DeepCacheSDHelper k=2 branch 1": run_helper}
+
+    outputs, warmup = {}, {}
+    for name, fn in runs.items():   # first call: captures and rewrites the graphs (not timed below)
+        start = time.perf_counter()
+        outputs[name] = fn()
+        warmup[name] = time.perf_counter() - start
+        print(f"warm-up {name}: {warmup[name]:.1f} s", file=sys.stderr)
+    times = {name: [] for name in runs}
+    for round_ in range(args.rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            print(f"round {round_} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
+
+    base = statistics.median(times["diffusers"])
+    rows = []
+    for name in runs:
+        median = statistics.median(times[name])
+        f = flops[name]
+        speedup = base / median
+        flops_reduction = flops["none"].true / f.true
+        rows.append({
+            "config": name, "median_s": round(median, 3), "runs_s": [round(t, 3) for t in times[name]],
+            "first_call_s": round(warmup[name], 2), "speedup": round(speedup, 3),
+            "flops_true": f.true, "flops_paper": f.paper, "flops_reduction_true": round(flops_reduction, 3),
+            "speedup_over_flops_reduction": round(speedup / flops_reduction, 3),
+            "meets_0.9": speedup >= 0.9 * flops_reduction,
+            "rel_l2_vs_diffusers": float((outputs[name] - outputs["diffusers"]).norm() / outputs["diffusers"].norm()),
+        })
+    result = {
+        "benchmark": "caching presets vs diffusers and DeepCacheSDHelper",
+        "model": "SD1.5-architecture UNet (bundled config), random weights, float32",
+        "resolution": args.resolution, "latent": args.resolution // 8, "steps": args.steps, "scheduler": "DDIM",
+        "guidance_scale": 7.5, "rounds": args.rounds,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version(), "device": "cpu"},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Caching presets, SD1.5-architecture UNet (random weights), {args.resolution}x{args.resolution} "
+             f"(latent {args.resolution // 8}x{args.resolution // 8}), {args.steps} DDIM steps, CFG 7.5",
+             "", f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.rounds} "
+             "interleaved rounds; speedup against plain diffusers; FLOPs = true FLOPs (2 x MACs, attention "
+             "included) from `postdiff-compile explain`.", "",
+             "| config | median s | speedup | true TFLOPs | FLOPs reduction | speedup / reduction | >= 0.9 | "
+             "rel. L2 vs diffusers |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['median_s']:.2f} | {r['speedup']:.2f}x | {r['flops_true'] / 1e12:.2f} | "
+                     f"{r['flops_reduction_true']:.2f}x | {r['speedup_over_flops_reduction']:.2f} | "
+                     f"{'yes' if r['meets_0.9'] else 'NO'} | {r['rel_l2_vs_diffusers']:.3g} |")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
