@@ -30,8 +30,9 @@ def build_pipelines(resolution: int):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config({k: v for k, v in family.config().items() if not k.startswith("_")})
     unet.eval().requires_grad_(False)
-    vae = AutoencoderKL(block_out_channels=(32,), layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    # Never run (latents out), but its 4 levels make the pipeline's vae_scale_factor 8, as SD's VAE.
+    vae = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         norm_num_groups=32).eval()
     scheduler_config = {k: v for k, v in family.scheduler().items() if not k.startswith("_")}
 
@@ -73,6 +74,8 @@ def main() -> int:
     flops["DeepCacheSDHelper k=2 branch 1"] = flops["balanced"]   # the same computation as balanced
 
     unet, make_pipe = build_pipelines(args.resolution)
+    pipe_check = make_pipe()
+    assert pipe_check.vae_scale_factor == 8, pipe_check.vae_scale_factor
     gen = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, 77, 768, generator=gen), torch.randn(1, 77, 768, generator=gen)
     call = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=args.steps,

@@ -4,7 +4,9 @@ DeepCache's `DeepCacheSDHelper` and T-GATE's `TgateSDLoader` / `TgateSDDeepCache
 code (installed with pip --no-deps); we run the plan over rewritten graphs. Same weights, embeddings,
 scheduler and generator; the outputs must agree within relative L2 1e-5.
 """
+import DeepCache  # the peers' own packages, installed by the README's test command with pip --no-deps
 import pytest
+import tgate
 import torch
 from tiny_models import text_embeddings, tiny_sd_pipeline
 
@@ -14,9 +16,6 @@ from postdiff_compile.capture import rel_l2
 TOLERANCE = 1e-5
 STEPS = 10
 ARGS = dict(num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent", height=96, width=96)
-
-DeepCache = pytest.importorskip("DeepCache", reason="install the test extras: pip install --no-deps DeepCache")
-tgate = pytest.importorskip("tgate", reason="install the test extras: pip install --no-deps tgate")
 
 
 def _embeds():
