@@ -6,7 +6,7 @@ denoising loop is timed. Runs are interleaved (one of each configuration per rou
 reported, so drift on a shared machine hits every configuration alike. The FLOPs of each preset come from
 `explain` (the same variant graphs, on the meta device); the target is speedup >= 0.9 x FLOPs reduction.
 
-    python benchmarks/bench_caching.py [--resolution 256] [--steps 20] [--rounds 3] [--out benchmarks/results]
+    python benchmarks/bench_caching.py [--resolution 256] [--steps 20] [--rounds 5] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="caching_cpu")
     args = parser.parse_args()
@@ -105,8 +105,11 @@ def main() -> int:
         warmup[name] = time.perf_counter() - start
         print(f"warm-up {name}: {warmup[name]:.1f} s", file=sys.stderr)
     times = {name: [] for name in runs}
+    names = list(runs)
     for round_ in range(args.rounds):
-        for name, fn in runs.items():
+        # Rotate the order every round so no configuration always runs right after the same other one.
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = runs[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -124,6 +127,7 @@ def main() -> int:
             "first_call_s": round(warmup[name], 2), "speedup": round(speedup, 3),
             "flops_true": f.true, "flops_paper": f.paper, "flops_reduction_true": round(flops_reduction, 3),
             "speedup_over_flops_reduction": round(speedup / flops_reduction, 3),
+            "speedup_vs_ours_none": round(statistics.median(times["none"]) / median, 3),
             "meets_0.9": speedup >= 0.9 * flops_reduction,
             "rel_l2_vs_diffusers": float((outputs[name] - outputs["diffusers"]).norm() / outputs["diffusers"].norm()),
         })
@@ -141,13 +145,15 @@ def main() -> int:
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Caching presets, SD1.5-architecture UNet (random weights), {args.resolution}x{args.resolution} "
              f"(latent {args.resolution // 8}x{args.resolution // 8}), {args.steps} DDIM steps, CFG 7.5",
-             "", f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.rounds} "
-             "interleaved rounds; speedup against plain diffusers; FLOPs = true FLOPs (2 x MACs, attention "
-             "included) from `postdiff-compile explain`.", "",
-             "| config | median s | speedup | true TFLOPs | FLOPs reduction | speedup / reduction | >= 0.9 | "
-             "rel. L2 vs diffusers |", "|---|---|---|---|---|---|---|---|"]
+             "", f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}; median of {args.rounds} interleaved rounds (order rotated each round); speedup "
+             "against plain diffusers; FLOPs = true FLOPs (2 x MACs, attention included) from "
+             "`postdiff-compile explain`; target: speedup >= 0.9 x FLOPs reduction.", "",
+             "| config | median s | all runs s | speedup | vs our none | true TFLOPs | FLOPs reduction | "
+             "speedup / reduction | >= 0.9 | rel. L2 vs diffusers |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['median_s']:.2f} | {r['speedup']:.2f}x | {r['flops_true'] / 1e12:.2f} | "
+        lines.append(f"| {r['config']} | {r['median_s']:.2f} | {' '.join(f'{t:.1f}' for t in r['runs_s'])} | "
+                     f"{r['speedup']:.2f}x | {r['speedup_vs_ours_none']:.2f}x | {r['flops_true'] / 1e12:.2f} | "
                      f"{r['flops_reduction_true']:.2f}x | {r['speedup_over_flops_reduction']:.2f} | "
                      f"{'yes' if r['meets_0.9'] else 'NO'} | {r['rel_l2_vs_diffusers']:.3g} |")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
