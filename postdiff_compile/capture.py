@@ -152,16 +152,6 @@ class Verification:
         return {"max_abs_error": self.max_abs_error, "rel_l2_error": self.rel_l2_error, "inputs_seed": self.seed}
 
 
-def verify(captured: Captured, denoiser: torch.nn.Module, seed: int = 1) -> Verification:
-    """The captured graph against eager on fixed random inputs (not the export example inputs)."""
-    args = example_inputs(captured.inputs, seed)
-    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
-    with torch.no_grad():
-        expected = wrapper(*args).float()
-        got = captured.module()(*args).float()
-    return Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed)
-
-
 def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
     """||got - expected|| / ||expected||, the error measure used throughout the tests."""
     got, expected = got.double(), expected.double()

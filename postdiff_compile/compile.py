@@ -16,7 +16,7 @@ from .exporters.manifest import sha256_file, toolchain, write_manifest
 from .exporters.pt2 import save_pt2
 from .models.load import load_denoiser
 from .plan import build_plan
-from .variants import VariantSpec, build_variant, cache_specs, output_specs, verify_variant
+from .variants import VariantSpec, build_variant, variant_input_specs, variant_output_specs, verify_variant
 
 # An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
@@ -98,8 +98,8 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
                 "name": name, "file": file.name, "format": "torch.export", "sha256": sha256_file(file),
                 "bytes": file.stat().st_size, "batch": batch, "latent_size": [latent_h, latent_w],
                 "text_length": bucket.text_length, "dtype": dtype_name, "upsample_path": captured.upsample_path,
-                "inputs": [s.to_json() for s in cache_specs(variant)],
-                "outputs": [s.to_json() for s in output_specs(variant)],
+                "inputs": [s.to_json() for s in variant_input_specs(variant)],
+                "outputs": [s.to_json() for s in variant_output_specs(variant)],
                 "verification": check.to_json(), "capture_seconds": round(captured.seconds, 3),
             })
         scheduler = family.scheduler()

@@ -33,7 +33,8 @@ class PostDiffConfig:
     cache_schedule: str = "uniform"
     cache_center: int = 15
     cache_pow: float = 1.4
-    # Cross-attention cache: after step `cross_attn_cache_step`, CFG off and attn2 outputs read from a cache.
+    # Cross-attention cache: step m - 1 (0-based, m = `cross_attn_cache_step`) writes every attn2 output; from
+    # step m on, CFG is off and they are read from the cache. Mode: cond, ave (T-GATE) or cfg.
     cross_attn_cache: str = "off"
     cross_attn_cache_step: int = 0
 

@@ -34,10 +34,6 @@ class Step:
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
 
-    @property
-    def spec(self) -> VariantSpec:
-        return VariantSpec.parse(self.variant)
-
     def to_json(self) -> dict:
         return {"index": self.index, "variant": self.variant, "cfg": self.cfg, "reads": list(self.reads),
                 "writes": list(self.writes)}
@@ -55,7 +51,9 @@ def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list
         )
     gate = config.cross_attn_cache_step if config.cross_attn_cache != "off" else None
     if gate is not None and gate >= num_steps:
-        gate = None   # the cache would never be read: the plan is the same as without it
+        warnings.warn(f"cross_attn_cache_step {gate} >= {num_steps} steps: the cross-attention cache would never "
+                      "be read, so it is off for this call", stacklevel=2)
+        gate = None
     full = full_steps(config, num_steps, gate)
 
     specs = []

@@ -50,7 +50,10 @@ class VariantSpec:
         if unknown or deep not in DEEP_MODES or ("write_ca" in flags and "read_ca" in flags):
             raise PostDiffError(f"not a variant name: {name!r}")
         cross = "write" if "write_ca" in flags else "read" if "read_ca" in flags else "compute"
-        return cls(deep, "write_dc" in flags, cross)
+        try:
+            return cls(deep, "write_dc" in flags, cross)
+        except ValueError:
+            raise PostDiffError(f"not a variant name: {name!r}") from None
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -94,14 +97,14 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
     return Variant(spec, module, inputs, outputs)
 
 
-def cache_specs(variant: Variant) -> list[TensorSpec]:
+def variant_input_specs(variant: Variant) -> list[TensorSpec]:
     """Every input of a variant (denoiser inputs and caches), with shapes from its graph."""
     placeholders = [n for n in variant.module.graph.nodes if n.op == "placeholder"]
     return [TensorSpec(name, tuple(node.meta["val"].shape), node.meta["val"].dtype)
             for name, node in zip(variant.inputs, placeholders)]
 
 
-def output_specs(variant: Variant) -> list[TensorSpec]:
+def variant_output_specs(variant: Variant) -> list[TensorSpec]:
     return [TensorSpec(name, tuple(node.meta["val"].shape), node.meta["val"].dtype)
             for name, node in zip(variant.outputs, graph_edit.outputs_of(variant.module.graph))]
 
@@ -113,14 +116,18 @@ def verify_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modu
     A variant that reads caches gets them from an oracle variant (the full graph writing exactly those
     caches) run on the same inputs; with exact caches a rewrite must reproduce the full model.
     """
-    args = example_inputs(captured.inputs, seed)
+    device = next(denoiser.parameters()).device
+    args = tuple(a.to(device) for a in example_inputs(captured.inputs, seed))
     spec = variant.spec
-    oracle_spec = VariantSpec("full", spec.deep == "shallow", "write" if spec.cross_attn == "read" else "compute")
-    oracle = build_variant(captured, oracle_spec, cache_branch, root)
+    caches: dict[str, torch.Tensor] = {}
     wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
     with torch.no_grad():
         expected = wrapper(*args).float()
-        _, *written = oracle(*args)
-        caches = dict(zip(oracle.outputs[1:], written))
+        if spec.reads:
+            oracle_spec = VariantSpec("full", spec.deep == "shallow",
+                                      "write" if spec.cross_attn == "read" else "compute")
+            oracle = build_variant(captured, oracle_spec, cache_branch, root)
+            _, *written = oracle(*args)
+            caches = dict(zip(oracle.outputs[1:], written))
         got = variant(*args, *(caches[name] for name in variant.inputs[len(args):]))[0].float()
     return Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed)

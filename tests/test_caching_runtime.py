@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import text_embeddings, tiny_sd_pipeline
 
-from postdiff_compile import optimize
+from postdiff_compile import PostDiffError, optimize
 from postdiff_compile.capture import rel_l2
 
 TOLERANCE = 1e-5
@@ -23,11 +23,14 @@ def _call(pipe, seed=0, steps=STEPS, **kw):
 
 
 @torch.no_grad()
-def reference_cross_attn_cache(pipe, mode: str, m: int, seed: int = 0) -> torch.Tensor:
+def reference_cross_attn_cache(pipe, mode: str, m: int, seed: int = 0, images: int = 1,
+                               cfg: bool = True) -> torch.Tensor:
     unet, scheduler = pipe.unet, pipe.scheduler
-    cond, uncond = text_embeddings(1)
+    cond, uncond = (e.repeat(images, 1, 1) for e in text_embeddings(1))
+    if not cfg:
+        uncond = cond   # without CFG, T-GATE runs the positive embeddings after the gate
     scheduler.set_timesteps(STEPS)
-    latents = pipe.prepare_latents(1, 4, SIZE, SIZE, torch.float32, torch.device("cpu"),
+    latents = pipe.prepare_latents(images, 4, SIZE, SIZE, torch.float32, torch.device("cpu"),
                                    torch.Generator().manual_seed(seed), None)
     cache, state = {}, {"phase": "compute"}
 
@@ -35,7 +38,9 @@ def reference_cross_attn_cache(pipe, mode: str, m: int, seed: int = 0) -> torch.
         def fn(module, args, output):
             if state["phase"] == "read":
                 return cache[name]
-            if state["phase"] == "write":
+            if state["phase"] == "write" and not cfg:
+                cache[name] = output
+            elif state["phase"] == "write":
                 u, c = output.chunk(2)
                 cache[name] = {"cond": c, "ave": (u + c) / 2, "cfg": u + GUIDANCE * (c - u)}[mode]
             return None
@@ -44,7 +49,10 @@ def reference_cross_attn_cache(pipe, mode: str, m: int, seed: int = 0) -> torch.
     handles = [mod.register_forward_hook(hook(name)) for name, mod in unet.named_modules() if name.endswith("attn2")]
     try:
         for i, t in enumerate(scheduler.timesteps):
-            if i < m:
+            if i < m and not cfg:
+                state["phase"] = "write" if i == m - 1 else "compute"
+                eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
+            elif i < m:
                 state["phase"] = "write" if i == m - 1 else "compute"
                 x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
                 u, c = unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
@@ -91,11 +99,29 @@ def test_no_state_leaks_between_calls():
     assert torch.equal(short, fresh_short)
 
 
-def test_fast_preset_without_cfg_and_with_two_images():
-    pipe = optimize(tiny_sd_pipeline("sd15", "euler"), preset="fast", cross_attn_cache_step=4)
-    out = _call(pipe, num_images_per_prompt=2)
-    assert out.shape == (2, 4, 12, 12) and torch.isfinite(out).all()
+def test_two_images_per_prompt_and_no_cfg_match_the_reference():
+    pipe = tiny_sd_pipeline("sd15", "ddim")
+    expected = reference_cross_attn_cache(pipe, "cond", m=4, images=2)
+    optimize(pipe, preset="none", cross_attn_cache="cond", cross_attn_cache_step=4)
+    got = _call(pipe, num_images_per_prompt=2)
+    assert got.shape == (2, 4, 12, 12) and rel_l2(got, expected) <= TOLERANCE
     assert {b.batch for b in pipe._postdiff.store.captured} == {4, 2}   # 2 images x CFG, then 2 images
-    no_cfg = pipe(prompt_embeds=text_embeddings(1)[0], num_inference_steps=STEPS, guidance_scale=1.0,
-                  output_type="latent", height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0)).images
-    assert not any(step.cfg for step in pipe._postdiff.last_plan) and torch.isfinite(no_cfg).all()
+    expected = reference_cross_attn_cache(pipe, "cond", m=4, cfg=False)
+    got = pipe(prompt_embeds=text_embeddings(1)[0], num_inference_steps=STEPS, guidance_scale=1.0,
+               output_type="latent", height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0)).images
+    assert not any(step.cfg for step in pipe._postdiff.last_plan)
+    assert rel_l2(got, expected) <= TOLERANCE
+
+
+def test_second_order_schedulers_and_unread_caches():
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset="balanced")
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(PostDiffError, match="second-order scheduler"):
+        _call(pipe)
+    pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset="none", cross_attn_cache="cond",
+                    cross_attn_cache_step=STEPS)
+    with pytest.warns(UserWarning, match="never be read"):
+        _call(pipe)
+    assert all(step.variant == "full" for step in pipe._postdiff.last_plan)

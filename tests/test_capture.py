@@ -3,8 +3,9 @@ import pytest
 import torch
 from tiny_models import tiny_denoiser
 
-from postdiff_compile.capture import Bucket, capture, verify
+from postdiff_compile.capture import Bucket, capture
 from postdiff_compile.models.families import get_family
+from postdiff_compile.variants import VariantSpec, build_variant, verify_variant
 
 
 @pytest.mark.parametrize("family, latent, path", [
@@ -17,7 +18,7 @@ def test_capture_equals_eager(family, latent, path):
     text = 8 if family == "pixart_alpha" else 77
     captured = capture(model, get_family(family), Bucket(2, *latent, text, torch.float32))
     assert captured.upsample_path == path
-    check = verify(captured, model)
+    check = verify_variant(captured, build_variant(captured, VariantSpec()), model)
     assert check.rel_l2_error <= 1e-6 and check.max_abs_error <= 1e-5
     names = [s.name for s in captured.inputs]
     if family == "sdxl":

@@ -20,8 +20,9 @@ def test_sd15_reproduces_the_papers_flops(capsys):
     base = ["--family", "sd15", "--resolution", "768x768", "--steps", "20"]
     none = _explain(capsys, *base, "--preset", "none")
     balanced = _explain(capsys, *base, "--preset", "balanced")
-    assert none["total_flops_paper"] == pytest.approx(30.420e12, rel=0.005)
-    assert balanced["total_flops_paper"] == pytest.approx(17.787e12, rel=0.005)
+    # The issue asks for 0.5%; we are within 0.1% (30.400 T and 17.773 T) and hold that.
+    assert none["total_flops_paper"] == pytest.approx(30.420e12, rel=0.001)
+    assert balanced["total_flops_paper"] == pytest.approx(17.787e12, rel=0.001)
     assert none["total_flops_true"] > 2 * none["total_flops_paper"]   # 2 per MAC, plus attention
     assert balanced["total_flops_true"] < none["total_flops_true"]
     assert [s["variant"] for s in balanced["plan"][:2]] == ["full+write_dc", "shallow"]

@@ -80,7 +80,8 @@ def test_ave_matches_tgate(pipes, gate_step):
     err = rel_l2(got, expected)
     print(f"gate {gate_step}: rel L2 {err:.2e} (the cache changed the result by {rel_l2(got, baseline):.2e})")
     assert err <= TOLERANCE
-    assert rel_l2(got, baseline) > 100 * TOLERANCE
+    # A late gate changes little (4e-5 at gate 9), but more than the tolerance could hide.
+    assert rel_l2(got, baseline) > TOLERANCE
 
 
 @pytest.mark.parametrize("gate_step, interval, branch", [(4, 2, 1), (5, 3, 0), (7, 2, 3)])
@@ -94,6 +95,10 @@ def test_deepcache_with_cross_attn_cache_matches_tgate_deepcache(pipes, gate_ste
     plan = ours._postdiff.last_plan
     assert plan[gate_step - 1].variant.startswith("full") and plan[gate_step].variant.startswith("full")
     assert any(step.variant == "shallow+read_ca" for step in plan)
+    only_ca = optimize(ours, preset="none", cross_attn_cache="ave", cross_attn_cache_step=gate_step)(
+        **_embeds(), **ARGS, generator=torch.Generator().manual_seed(0)).images
     err = rel_l2(got, expected)
-    print(f"gate {gate_step} interval {interval} branch {branch}: rel L2 {err:.2e}")
+    print(f"gate {gate_step} interval {interval} branch {branch}: rel L2 {err:.2e} "
+          f"(DeepCache on top changed it by {rel_l2(got, only_ca):.2e})")
     assert err <= TOLERANCE
+    assert rel_l2(got, only_ca) > 100 * TOLERANCE

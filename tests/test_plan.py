@@ -64,3 +64,14 @@ def test_check_plan_rejects_reads_without_a_matching_write():
 def test_step_count():
     with pytest.raises(PostDiffError, match="at least 1"):
         build_plan(PostDiffConfig(), 0)
+
+
+def test_variant_names():
+    from postdiff_compile.variants import VariantSpec
+
+    for name in ("full", "full+write_dc", "shallow", "full+write_ca", "full+read_ca", "full+write_dc+read_ca",
+                 "shallow+read_ca"):
+        assert VariantSpec.parse(name).name == name
+    for bad in ("shallow+write_dc", "full+write_ca+read_ca", "half", "full+turbo"):
+        with pytest.raises(PostDiffError, match="not a variant name"):
+            VariantSpec.parse(bad)

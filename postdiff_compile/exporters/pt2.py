@@ -7,12 +7,14 @@ import torch
 
 from ..capture import example_inputs
 from ..errors import PostDiffError
-from ..variants import Variant, cache_specs
+from ..variants import Variant, variant_input_specs
 
 
 def save_pt2(variant: Variant, path: Path) -> Path:
     """Re-export the rewritten graph (flat tensor inputs, tuple output) and save it."""
-    args = example_inputs(cache_specs(variant))
+    params = list(variant.module.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    args = tuple(a.to(device) for a in example_inputs(variant_input_specs(variant)))
     try:
         with torch.no_grad():
             program = torch.export.export(variant.module, args, strict=False)

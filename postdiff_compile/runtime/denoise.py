@@ -55,6 +55,10 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
             raise ValueError("classifier-free guidance needs negative_prompt_embeds")
         negative = req.negative_prompt_embeds.to(latents.dtype)
         cfg_embeds = torch.cat([negative, embeds])
+    if any(CROSS_ATTN in step.writes and step.cfg for step in plan) and \
+            req.cross_attn_cache not in ("cond", "ave", "cfg"):
+        raise ValueError(f"the plan writes the cross-attention cache from a CFG batch, but the request's mode "
+                         f"{req.cross_attn_cache!r} does not say how (cond, ave or cfg)")
     kwargs = req.extra_step_kwargs or {}
     caches: dict[str, torch.Tensor] = {}
     for step, t in zip(plan, req.timesteps):

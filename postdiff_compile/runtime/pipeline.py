@@ -119,6 +119,11 @@ def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, ti
     timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
     latents = self.prepare_latents(batch_size * num_images_per_prompt, unet.config.in_channels, height, width,
                                    prompt_embeds.dtype, device, generator, latents)
+    if getattr(self.scheduler, "order", 1) > 1 and not runtime.config.is_identity:
+        # Second-order schedulers call the denoiser twice per step with repeated timesteps; a plan that
+        # counts calls would split a step's two halves between cached and uncached work.
+        raise PostDiffError(f"{type(self.scheduler).__name__} is a second-order scheduler (two denoiser calls per "
+                            "step); the caches support first-order schedulers (DDIM, Euler, DPM-Solver++, ...)")
     plan = build_plan(runtime.config, len(timesteps), cfg=do_cfg)
     runtime.last_plan = plan
     request = DenoiseRequest(latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
