@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .capture import Bucket, capture
+from .capture import Bucket
 from .config import ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
 from .exporters.atomic_dir import atomic_dir, check_target
@@ -16,7 +16,7 @@ from .exporters.manifest import sha256_file, toolchain, write_manifest
 from .exporters.pt2 import save_pt2
 from .models.load import load_denoiser
 from .plan import build_plan
-from .variants import VariantSpec, build_variant, variant_input_specs, variant_output_specs, verify_variant
+from .variants import VariantStore, variant_input_specs, variant_output_specs, verify_variant
 
 # An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
@@ -40,8 +40,8 @@ class CompileResult:
     stages: dict[str, float] = field(default_factory=dict)
 
 
-def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: str | Path, resolution: tuple[int, int] | None = None,
-                     steps: int = 20, force: bool = False, dtype: str | None = None,
+def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: str | Path,
+                     resolution: tuple[int, int] | None = None, steps: int = 20, force: bool = False, dtype: str | None = None,
                      prediction_type: str | None = None, progress: Progress | None = None) -> CompileResult:
     progress = progress or Progress()
     out = Path(out)
@@ -75,18 +75,17 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     # One capture per batch (CFG steps run the CFG batch, gated steps batch 1), one rewrite per variant.
     wanted = sorted({(step.variant, 2 if step.cfg else 1) for step in plan}, key=lambda v: (-v[1], v[0]))
     variants = []
+    store = VariantStore(loaded.module, family)
     with atomic_dir(out, force) as tmp:
-        captures: dict[int, tuple] = {}
         for name, batch in wanted:
             bucket = Bucket(batch, latent_h, latent_w, family.text_length, loaded.dtype)
-            if batch not in captures:
+            if bucket not in store.captured:
                 with timed(f"capture b{batch}@{latent_h}x{latent_w}"):
-                    captured = capture(loaded.module, family, bucket)
-                    captures[batch] = (captured, captured.module())
-            captured, root = captures[batch]
+                    store.prepare(bucket)
+            captured, root = store.prepare(bucket)
             tag = f"{name}@b{batch}_{latent_h}x{latent_w}"
             with timed(f"rewrite {tag}"):
-                variant = build_variant(captured, VariantSpec.parse(name), config.cache_branch, root)
+                variant = store.get(name, bucket, config.cache_branch)
             with timed(f"verify {tag}"):
                 check = verify_variant(captured, variant, loaded.module, config.cache_branch, root)
             if not check.rel_l2_error <= VERIFY_TOLERANCE[dtype_name]:

@@ -70,7 +70,7 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int, resolution: 
             denoiser_config: dict | None = None, cfg: bool = True,
             on_stage: Callable[[str], None] | None = None) -> Explanation:
     from .models.build import build_denoiser
-    from .runtime.variants import VariantStore
+    from .variants import VariantStore
 
     height, width = resolution or family.default_resolution
     latent = family.check_resolution(height, width)

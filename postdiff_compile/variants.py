@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import Captured, DenoiserCall, TensorSpec, Verification, example_inputs, rel_l2
+from .capture import Bucket, Captured, DenoiserCall, TensorSpec, Verification, capture, example_inputs, rel_l2
 from .errors import PostDiffError
+from .models.families import FamilySpec
 from .passes import graph_edit
 from .passes.cross_attn import CACHE as CROSS_ATTN
 from .passes.cross_attn import cross_attn_graph
 from .passes.deepcache import FEATURE as DEEPCACHE
-from .passes.deepcache import deepcache_graphs
+from .passes.deepcache import deepcache_graph
 
 DEEP_MODES = ("full", "shallow")
 CROSS_ATTN_MODES = ("compute", "write", "read")
@@ -83,8 +84,7 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
     inputs = [s.name for s in captured.inputs]
     outputs = ["noise_pred"]
     if spec.deep == "shallow" or spec.write_deepcache:
-        dc = deepcache_graphs(graph, cache_branch)
-        graph = dc.shallow if spec.deep == "shallow" else dc.full
+        graph = deepcache_graph(graph, cache_branch, "read" if spec.deep == "shallow" else "write")
         (inputs if spec.deep == "shallow" else outputs).append(DEEPCACHE)
     if spec.cross_attn != "compute":
         ca = cross_attn_graph(graph, spec.cross_attn)
@@ -131,3 +131,31 @@ def verify_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modu
             caches = dict(zip(oracle.outputs[1:], written))
         got = variant(*args, *(caches[name] for name in variant.inputs[len(args):]))[0].float()
     return Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed)
+
+
+class VariantStore:
+    """Variants of one denoiser, made on first use: one capture per bucket, rewritten per variant."""
+
+    def __init__(self, denoiser: torch.nn.Module, family: FamilySpec):
+        self.denoiser = denoiser
+        self.family = family
+        self.captured: dict[Bucket, Captured] = {}
+        self._roots: dict[Bucket, torch.nn.Module] = {}
+        self._variants: dict[tuple[str, int, Bucket], Variant] = {}
+
+    def prepare(self, bucket: Bucket) -> tuple[Captured, torch.nn.Module]:
+        """The capture for `bucket` and its unlifted module (the root every variant shares parameters with)."""
+        if bucket not in self.captured:
+            self.captured[bucket] = capture(self.denoiser, self.family, bucket)
+            self._roots[bucket] = self.captured[bucket].module()
+        return self.captured[bucket], self._roots[bucket]
+
+    def get(self, name: str, bucket: Bucket, cache_branch: int = 0) -> Variant:
+        spec = VariantSpec.parse(name)
+        if spec.deep == "full" and not spec.write_deepcache:
+            cache_branch = 0   # the branch only matters to DeepCache variants; share the others
+        key = (spec.name, cache_branch, bucket)
+        if key not in self._variants:
+            captured, root = self.prepare(bucket)
+            self._variants[key] = build_variant(captured, spec, cache_branch, root)
+        return self._variants[key]

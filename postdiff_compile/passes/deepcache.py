@@ -9,8 +9,6 @@ the time embedding, the shallow down and up sub-layers, conv_out), and nothing e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.fx
 
 from ..errors import PostDiffError
@@ -20,26 +18,20 @@ from .regions import children, output_of
 FEATURE = "deepcache"   # cache name of the deep feature, in variant inputs/outputs and in the plan
 
 
-@dataclass
-class DeepCacheGraphs:
-    full: torch.fx.Graph       # the original computation, outputs (noise_pred, feature)
-    shallow: torch.fx.Graph    # inputs (..., feature), output (noise_pred,)
-    feature_module: str        # where the feature is taken, e.g. "up_blocks.3.attentions.1"
-
-
-def deepcache_graphs(graph: torch.fx.Graph, branch: int) -> DeepCacheGraphs:
-    """Both DeepCache variants of a captured graph; `graph` itself is left as it is."""
+def deepcache_graph(graph: torch.fx.Graph, branch: int, mode: str) -> torch.fx.Graph:
+    """mode "write": the full computation, also returning the feature (appended to the outputs);
+    "read": the shallow graph, taking the feature as its last input. `graph` itself is left as it is."""
+    if mode not in ("write", "read"):
+        raise ValueError(f"mode must be 'write' or 'read', got {mode!r}")
     feature_module = _feature_module(graph, branch)
-
-    full, outputs = graph_edit.flat_graph(graph)
-    feature = output_of(full, feature_module)
-    graph_edit.set_outputs(full, [*outputs, feature])
-
-    shallow, outputs = graph_edit.flat_graph(graph)
-    graph_edit.replace_with_input(shallow, output_of(shallow, feature_module), FEATURE)
-    graph_edit.set_outputs(shallow, outputs)
-    graph_edit.eliminate_dead_code(shallow)
-    return DeepCacheGraphs(full, shallow, feature_module)
+    new, outputs = graph_edit.flat_graph(graph)
+    feature = output_of(new, feature_module)
+    if mode == "write":
+        graph_edit.set_outputs(new, [*outputs, feature])
+    else:
+        graph_edit.replace_with_input(new, feature, FEATURE)
+        graph_edit.eliminate_dead_code(new)
+    return new
 
 
 def check_branch(num_up_blocks: int, branch: int) -> None:

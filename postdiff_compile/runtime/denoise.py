@@ -15,7 +15,7 @@ import torch
 from ..capture import Bucket
 from ..passes.cross_attn import CACHE as CROSS_ATTN
 from ..plan import Step
-from .variants import VariantStore
+from ..variants import VariantStore
 
 
 @dataclass

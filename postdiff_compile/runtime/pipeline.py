@@ -18,7 +18,7 @@ from ..models.load import load_denoiser
 from ..passes.deepcache import check_branch
 from ..plan import build_plan
 from .denoise import DenoiseRequest, denoise
-from .variants import VariantStore
+from ..variants import VariantStore
 
 _SUPPORTED_FAMILIES = ("sd15", "sd2")
 # Arguments of StableDiffusionPipeline.__call__ that this runtime does not implement; passing a non-default
