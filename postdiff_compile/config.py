@@ -16,6 +16,7 @@ from .errors import PostDiffError
 CONFIG_VERSION = 1
 CROSS_ATTN_CACHE_MODES = ("off", "cond", "ave", "cfg")
 CACHE_SCHEDULES = ("uniform", "quad_center")
+RENOISE_MODES = ("fresh", "predicted")
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,13 @@ class PostDiffConfig:
     """What PostDiff does to each denoising step. The defaults are the identity (preset `none`)."""
 
     # Mixed resolution: the first `low_res_fraction` of the steps run on a latent scaled by `low_res_scale`.
+    # The latent is scaled per side and rounded as `resolution.low_res_latent` says; at the switch x0 is
+    # predicted, upsampled and re-noised with fresh noise ("fresh") or with the upsampled predicted noise
+    # ("predicted"); `clamp_x0` > 0 clamps the predicted x0 to [-clamp_x0, clamp_x0] first (0 = off).
     low_res_scale: float = 1.0
     low_res_fraction: float = 0.0
+    renoise: str = "fresh"
+    clamp_x0: float = 0.0
     # DeepCache: full step every `cache_interval` steps (1 = off); branch as DeepCacheSDHelper's cache_branch_id.
     cache_interval: int = 1
     cache_branch: int = 0
@@ -43,6 +49,10 @@ class PostDiffConfig:
             raise PostDiffError(f"low_res_scale must be in (0, 1], got {self.low_res_scale}")
         if not 0.0 <= self.low_res_fraction < 1.0:
             raise PostDiffError(f"low_res_fraction must be in [0, 1), got {self.low_res_fraction}")
+        if self.renoise not in RENOISE_MODES:
+            raise PostDiffError(f"renoise must be one of {', '.join(RENOISE_MODES)}, got {self.renoise!r}")
+        if self.clamp_x0 < 0:
+            raise PostDiffError(f"clamp_x0 must be >= 0 (0 = off), got {self.clamp_x0}")
         if self.cache_interval < 1:
             raise PostDiffError(f"cache_interval must be >= 1 (1 = off), got {self.cache_interval}")
         if self.cache_branch < 0:
@@ -65,12 +75,9 @@ class PostDiffConfig:
     def is_identity(self) -> bool:
         return self == PostDiffConfig()
 
-    def unsupported_features(self) -> list[str]:
-        """Features this build of the runtime cannot execute yet (each lands with its own pass)."""
-        missing = []
-        if self.low_res_fraction > 0 and self.low_res_scale < 1:
-            missing.append("mixed resolution (low_res_scale/low_res_fraction)")
-        return missing
+    @property
+    def mixed_resolution(self) -> bool:
+        return self.low_res_scale < 1 and self.low_res_fraction > 0
 
     def replace(self, **overrides: Any) -> "PostDiffConfig":
         known = {f.name for f in fields(self)}
@@ -143,30 +150,40 @@ class Preset:
         return self.default.is_identity and not self.per_family
 
 
+# Mixed resolution as the paper runs it: the first half of the steps on a latent scaled by beta = 1/2 for
+# SD1.x/2.x and 3/4 for SDXL and PixArt-alpha (paper-numbers.md section 1; `explain` reproduces the SD1.5
+# "Mix" row, 19.035 T, within 0.1%).
+_MIX = PostDiffConfig(low_res_scale=0.5, low_res_fraction=0.5)
+_MIX_3_4 = PostDiffConfig(low_res_scale=0.75, low_res_fraction=0.5)
+
 # The paper's DeepCache ablation (17.787 T of 30.420 T for SD1.5, 20 steps) is interval 2 with the branch that
 # recomputes down_blocks[0] layer 0 and the last two layers of the last up block: DeepCacheSDHelper's
 # cache_branch_id 1 (paper-numbers.md section 3; `postdiff-compile explain` reproduces it within 0.1%).
-_DEEPCACHE = PostDiffConfig(cache_interval=2, cache_branch=1)
+_DEEPCACHE = dict(cache_interval=2, cache_branch=1)
 _NO_UNET = "it uses DeepCache, which needs a U-Net's skip branches; PixArt-alpha is a transformer"
-
-
-def _fast(m: int) -> PostDiffConfig:
-    return _DEEPCACHE.replace(cross_attn_cache="cond", cross_attn_cache_step=m)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("none", "identity: the plain denoiser at every step", PostDiffConfig()),
-    Preset("balanced", "DeepCache, full step every 2nd step, branch 1 (the paper's DeepCache ablation)",
-           _DEEPCACHE, {"pixart_alpha": _NO_UNET}),
+    Preset("quality", "mixed resolution: the first half of the steps at low resolution (beta 1/2, or 3/4 for "
+           "SDXL and PixArt-alpha)", _MIX, {"sdxl": _MIX_3_4, "pixart_alpha": _MIX_3_4}),
+    # balanced = quality + DeepCache: for SD1.5 the paper's "Mix + Cache" row reading (a), 11.128 T of 11.129 T.
+    # At interval 2 and 10 low-res steps the switch step is a full step anyway.
+    Preset("balanced", "mixed resolution (as quality) + DeepCache, full step every 2nd step, branch 1",
+           _MIX.replace(**_DEEPCACHE), {"sdxl": _MIX_3_4.replace(**_DEEPCACHE), "pixart_alpha": _NO_UNET}),
     # fast adds the cross-attention cache in the paper's adopted "Cond" mode. m counts steps, tuned for 20:
     # - SD1.x/2.x, m = 10: the paper's SD1.5 ablation (Table B) trades FID for text alignment as m grows;
     #   m = 5 loses 1.6 CLIP points against the baseline, m = 10 keeps CLIP within 0.7 of it, and the
-    #   CFG-off half is where the FLOPs go. T-GATE's SD default gate step is also 10.
+    #   CFG-off half is where the FLOPs go. T-GATE's SD default gate step is also 10. With s = 1/2 the
+    #   cache is written at the last low-resolution step and resized at the switch ("precomputed during
+    #   the low-resolution phase", paper-numbers.md section 2).
     # - SDXL, m = 10: T-GATE's SDXL default; the paper does not identify its SDXL setting.
     # - PixArt-alpha, m = 15 and no DeepCache: the only schedule that reproduces the paper's PixArt
-    #   Mix+Cache FLOPs is cross-attention cached for the last 5 of 20 steps, no block caching.
-    Preset("fast", "DeepCache (as balanced) + cross-attention cache, Cond mode, CFG off from step m",
-           _fast(10), {"pixart_alpha": PostDiffConfig(cross_attn_cache="cond", cross_attn_cache_step=15)}),
+    #   Mix+Cache FLOPs (54.718 T) is beta 3/4 for 10 steps, cross-attention cached for the last 5 of 20.
+    Preset("fast", "balanced + cross-attention cache, Cond mode, CFG off from step m",
+           _MIX.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
+           {"sdxl": _MIX_3_4.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
+            "pixart_alpha": _MIX_3_4.replace(cross_attn_cache="cond", cross_attn_cache_step=15)}),
 )}
 
 

@@ -14,7 +14,8 @@ from .config import PostDiffConfig
 from .errors import PostDiffError
 from .metrics.flops import FlopCount, count_flops
 from .models.families import FamilySpec, get_family
-from .plan import Step, build_plan
+from .plan import Step, build_plan, switch_of
+from .resolution import low_res_latent
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Explanation:
     family: str
     resolution: tuple[int, int]
     latent: tuple[int, int]
+    low_res_latent: tuple[int, int] | None   # None without mixed resolution
     config: PostDiffConfig
     steps: list[StepCost]
     baseline: FlopCount          # every step the plain denoiser with the same CFG use
@@ -41,6 +43,8 @@ class Explanation:
         total = self.total
         return {
             "family": self.family, "resolution": list(self.resolution), "latent_size": list(self.latent),
+            "low_res_latent_size": list(self.low_res_latent) if self.low_res_latent else None,
+            "switch_step": switch_of([s.step for s in self.steps]),
             "steps": len(self.steps), "config": self.config.to_dict(),
             "flops_units": "FLOPs; paper = conv+linear MACs x batch, attention excluded; true = 2 x MACs, "
                            "attention included",
@@ -75,35 +79,43 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int, resolution: 
     height, width = resolution or family.default_resolution
     latent = family.check_resolution(height, width)
     plan = build_plan(config, steps, cfg)
+    low = low_res_latent(family, latent, config.low_res_scale) if switch_of(plan) else None
     denoiser = build_denoiser(family.denoiser_class, denoiser_config or family.config(), "meta").eval()
     store = VariantStore(denoiser, family)
-    costs: dict[tuple[str, int], FlopCount] = {}
+    dtype = next(denoiser.parameters()).dtype
+    costs: dict[str, FlopCount] = {}
 
-    def cost(name: str, batch: int) -> FlopCount:
-        if (name, batch) not in costs:
+    def cost(name: str, batch: int, size: tuple[int, int]) -> FlopCount:
+        bucket = Bucket(batch, *size, family.text_length, dtype)
+        key = f"{name}@{bucket.tag}"
+        if key not in costs:
             if on_stage:
-                on_stage(f"capturing {name} at batch {batch}")
-            bucket = Bucket(batch, *latent, family.text_length, next(denoiser.parameters()).dtype)
-            costs[(name, batch)] = count_flops(store.get(name, bucket, config.cache_branch).module.graph)
-        return costs[(name, batch)]
+                on_stage(f"capturing {key}")
+            costs[key] = count_flops(store.get(name, bucket, config.cache_branch).module.graph)
+        return costs[key]
 
-    per_step = [StepCost(step, cost(step.variant, 2 if step.cfg else 1)) for step in plan]
-    baseline = sum((cost("full", 2 if cfg else 1) for _ in plan), FlopCount(0, 0))
-    variants = {f"{name}@b{batch}": flops for (name, batch), flops in costs.items()}
-    return Explanation(family.name, (height, width), latent, config, per_step, baseline, variants)
+    per_step = [StepCost(step, cost(step.variant, 2 if step.cfg else 1, low if step.low_res else latent))
+                for step in plan]
+    baseline = sum((cost("full", 2 if cfg else 1, latent) for _ in plan), FlopCount(0, 0))
+    return Explanation(family.name, (height, width), latent, low, config, per_step, baseline, costs)
 
 
 def format_explanation(ex: Explanation) -> str:
     def tera(value: int) -> str:
         return f"{value / 1e12:.3f}"
 
+    switch = switch_of([s.step for s in ex.steps])
+    mixed = (f"; steps 0-{switch - 1} at low resolution, latent {ex.low_res_latent[0]}x{ex.low_res_latent[1]}, "
+             f"then the transition" if ex.low_res_latent else "")
     lines = [f"{ex.family} {ex.resolution[0]}x{ex.resolution[1]} (latent {ex.latent[0]}x{ex.latent[1]}), "
-             f"{len(ex.steps)} steps",
+             f"{len(ex.steps)} steps{mixed}",
              "config: " + ", ".join(f"{k}={v}" for k, v in ex.config.to_dict().items() if k != "config_version"),
              "",
-             f"{'step':>4}  {'variant':<24} {'cfg':<4} {'reads':<22} {'writes':<22} {'paper T':>8} {'true T':>8}"]
+             f"{'step':>4}  {'variant':<24} {'res':<5}{'cfg':<4} {'reads':<22} {'writes':<22} "
+             f"{'paper T':>8} {'true T':>8}"]
     for s in ex.steps:
-        lines.append(f"{s.step.index:>4}  {s.step.variant:<24} {'on' if s.step.cfg else 'off':<4} "
+        lines.append(f"{s.step.index:>4}  {s.step.variant:<24} {'low' if s.step.low_res else 'full':<5}"
+                     f"{'on' if s.step.cfg else 'off':<4} "
                      f"{','.join(s.step.reads) or '-':<22} {','.join(s.step.writes) or '-':<22} "
                      f"{tera(s.flops.paper):>8} {tera(s.flops.true):>8}")
     total = ex.total

@@ -14,6 +14,10 @@ Rules (peers.md 1.5, 2.3-2.5):
   must compute every attn2 to write them. So, as T-GATE's DeepCache loaders do, steps m - 1 and m are
   full and the uniform schedule restarts at each of them (start = m - 1, then start = m). `check_plan`
   proves that every read finds a write of the same batch.
+- Mixed resolution with switch step L = round(s * N): steps < L run at low resolution; after step L - 1 the
+  transition (x0 prediction, upsample, re-noise) replaces the scheduler step, at no extra denoiser call.
+  A low-resolution deep feature cannot feed a full-resolution step, so step L is full and the uniform
+  schedule restarts there. The cross-attention cache crosses the switch: the runtime resizes it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 from .config import PostDiffConfig
 from .errors import PostDiffError
+from .resolution import switch_step
 from .variants import VariantSpec
 
 
@@ -33,28 +38,24 @@ class Step:
     cfg: bool                   # classifier-free guidance: the batch holds the negative and positive halves
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    low_res: bool = False       # runs on the low-resolution latent
 
     def to_json(self) -> dict:
         return {"index": self.index, "variant": self.variant, "cfg": self.cfg, "reads": list(self.reads),
-                "writes": list(self.writes)}
+                "writes": list(self.writes), "resolution": "low" if self.low_res else "full"}
 
 
 def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list[Step]:
     """The plan for `num_steps` steps; `cfg` says whether the pipeline uses classifier-free guidance."""
     if num_steps < 1:
         raise PostDiffError(f"the number of steps must be at least 1, got {num_steps}")
-    missing = config.unsupported_features()
-    if missing:
-        raise PostDiffError(
-            f"this version of postdiff-compile cannot run {', '.join(missing)} yet; use preset 'none' "
-            "without those overrides"
-        )
+    switch = switch_step(config.low_res_scale, config.low_res_fraction, num_steps)
     gate = config.cross_attn_cache_step if config.cross_attn_cache != "off" else None
     if gate is not None and gate >= num_steps:
         warnings.warn(f"cross_attn_cache_step {gate} >= {num_steps} steps: the cross-attention cache would never "
                       "be read, so it is off for this call", stacklevel=2)
         gate = None
-    full = full_steps(config, num_steps, gate)
+    full = full_steps(config, num_steps, gate, switch)
 
     specs = []
     for i in range(num_steps):
@@ -62,20 +63,27 @@ def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list
         deep = "full" if i in full else "shallow"
         write_dc = deep == "full" and i + 1 < num_steps and (i + 1) not in full
         specs.append(VariantSpec(deep, write_dc, ca))
-    plan = [Step(i, s.name, cfg and (gate is None or i < gate), s.reads, s.writes) for i, s in enumerate(specs)]
+    plan = [Step(i, s.name, cfg and (gate is None or i < gate), s.reads, s.writes, i < switch)
+            for i, s in enumerate(specs)]
     check_plan(plan)
     return plan
 
 
-def full_steps(config: PostDiffConfig, num_steps: int, gate: int | None = None) -> set[int]:
+def switch_of(plan: list[Step]) -> int:
+    """The first full-resolution step, 0 when the plan has no low-resolution steps."""
+    return sum(step.low_res for step in plan)
+
+
+def full_steps(config: PostDiffConfig, num_steps: int, gate: int | None = None, switch: int = 0) -> set[int]:
     """The steps that run the whole denoiser (all of them when DeepCache is off)."""
     k = config.cache_interval
     if k <= 1:
         return set(range(num_steps))
+    forced = ({gate - 1, gate} if gate is not None else set()) | ({switch} if switch else set())
     if config.cache_schedule == "quad_center":
         steps = set(quad_center_steps(num_steps, math.ceil(num_steps / k), config.cache_center, config.cache_pow))
-        return steps | ({gate - 1, gate} if gate is not None else set())
-    restarts = [0] + ([gate - 1, gate] if gate is not None else [])
+        return steps | forced
+    restarts = [0, *sorted(forced)]
     return {i for i in range(num_steps) if (i - max(r for r in restarts if r <= i)) % k == 0}
 
 
@@ -106,19 +114,26 @@ def quad_center_steps(num_steps: int, count: int, center: int, power: float) -> 
 
 
 def check_plan(plan: list[Step]) -> None:
-    """Every cache a step reads was written earlier by a step of the same batch (CFG on or off).
+    """Every cache a step reads was written earlier by a step of the same batch (CFG on or off) and the
+    same resolution; low-resolution steps come first.
 
     The cross-attention cache is the exception by design: it is written from a CFG batch and reduced to
-    one half by the write mode (cond, ave, cfg), so it is read by steps without CFG.
+    one half by the write mode (cond, ave, cfg), so it is read by steps without CFG; and the runtime
+    resizes it at the switch, so it may be read at full resolution.
     """
     from .passes.cross_attn import CACHE as CROSS_ATTN
 
-    written: dict[str, bool] = {}
+    if any(step.low_res and not before.low_res for before, step in zip(plan, plan[1:])):
+        raise PostDiffError("plan has a low-resolution step after a full-resolution one")
+    written: dict[str, tuple[bool, bool]] = {}
     for step in plan:
         for name in step.reads:
             if name not in written:
                 raise PostDiffError(f"plan step {step.index} reads cache {name!r} before any step writes it")
-            if written[name] != step.cfg:
+            cfg, low_res = written[name]
+            if cfg != step.cfg:
                 raise PostDiffError(f"plan step {step.index} reads cache {name!r} written at a different batch")
+            if low_res != step.low_res and name != CROSS_ATTN:
+                raise PostDiffError(f"plan step {step.index} reads cache {name!r} written at another resolution")
         for name in step.writes:
-            written[name] = False if name == CROSS_ATTN else step.cfg
+            written[name] = (False if name == CROSS_ATTN else step.cfg, step.low_res)

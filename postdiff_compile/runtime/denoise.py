@@ -14,8 +14,9 @@ import torch
 
 from ..capture import Bucket
 from ..passes.cross_attn import CACHE as CROSS_ATTN
-from ..plan import Step
+from ..plan import Step, switch_of
 from ..variants import VariantStore
+from .transition import Switch, switch_resolution
 
 
 @dataclass
@@ -29,6 +30,7 @@ class DenoiseRequest:
     extra_step_kwargs: dict | None = None
     cache_branch: int = 0                 # DeepCache branch of the shallow variants
     cross_attn_cache: str = "off"         # how a CFG step's attn2 outputs become the cache: cond, ave, cfg
+    switch: Switch | None = None          # mixed resolution: latents start at low resolution
 
 
 def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> torch.Tensor:
@@ -61,6 +63,10 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
                          f"{req.cross_attn_cache!r} does not say how (cond, ave or cfg)")
     kwargs = req.extra_step_kwargs or {}
     caches: dict[str, torch.Tensor] = {}
+    if switch_of(plan) != (req.switch.step if req.switch is not None else 0):
+        raise ValueError(f"the plan switches resolution at step {switch_of(plan)}, the request at "
+                         f"{req.switch.step if req.switch is not None else 'none'}")
+    last_low = req.switch.step - 1 if req.switch is not None else None
     for step, t in zip(plan, req.timesteps):
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
@@ -86,7 +92,13 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
             noise_pred = uncond + req.guidance_scale * (text - uncond)
             if req.guidance_rescale > 0:
                 noise_pred = rescale_noise_cfg(noise_pred, text, req.guidance_rescale)
-        latents = scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
+        if step.index == last_low:
+            # The transition replaces this step's scheduler update: x0 from this output, re-noised to the
+            # next timestep at full resolution.
+            t_next = req.timesteps[step.index + 1]
+            latents = switch_resolution(scheduler, req.switch, latents, noise_pred, t, t_next, caches)
+        else:
+            latents = scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
         if on_step is not None:
             on_step(step.index)
     return latents

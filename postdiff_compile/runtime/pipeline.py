@@ -6,6 +6,7 @@ runs the loop in `denoise.py` over captured variants of its own denoiser.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +17,10 @@ from ..errors import PostDiffError
 from ..models.families import FamilySpec
 from ..models.load import load_denoiser
 from ..passes.deepcache import check_branch
-from ..plan import build_plan
+from ..plan import build_plan, switch_of
+from ..resolution import low_res_latent
 from .denoise import DenoiseRequest, denoise
+from .transition import Switch, check_scheduler
 from ..variants import VariantStore
 
 _SUPPORTED_FAMILIES = ("sd15", "sd2")
@@ -55,7 +58,9 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any)
             f"{type(pipe).__name__} with a {loaded.detection.family} denoiser"
         )
     config = request.resolve(loaded.family.name)
-    build_plan(config, 1)  # fail now, not at the first call, if a feature is not available
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # about a 1-step plan, which is only built to validate the config
+        build_plan(config, 1)  # fail now, not at the first call, if a feature is not available
     if config.cache_interval > 1:
         check_branch(len(loaded.module.up_blocks), config.cache_branch)
     base = getattr(type(pipe), "_postdiff_base", type(pipe))
@@ -116,9 +121,8 @@ def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, ti
     prompt_embeds, negative_prompt_embeds = self.encode_prompt(
         prompt, device, num_images_per_prompt, do_cfg, negative_prompt,
         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+    requested_timesteps = timesteps
     timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
-    latents = self.prepare_latents(batch_size * num_images_per_prompt, unet.config.in_channels, height, width,
-                                   prompt_embeds.dtype, device, generator, latents)
     if getattr(self.scheduler, "order", 1) > 1 and not runtime.config.is_identity:
         # Second-order schedulers call the denoiser twice per step with repeated timesteps; a plan that
         # counts calls would split a step's two halves between cached and uncached work.
@@ -126,9 +130,33 @@ def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, ti
                             "step); the caches support first-order schedulers (DDIM, Euler, DPM-Solver++, ...)")
     plan = build_plan(runtime.config, len(timesteps), cfg=do_cfg)
     runtime.last_plan = plan
+    full_latent = start_latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+    switch = None
+    if switch_of(plan):
+        check_scheduler(self.scheduler)
+        start_latent = low_res_latent(runtime.family, full_latent, runtime.config.low_res_scale)
+
+        def restart_scheduler(begin: int) -> None:
+            # set_timesteps clears a multistep scheduler's history; the timesteps come out the same.
+            again, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, requested_timesteps, sigmas)
+            if not torch.equal(again.cpu(), timesteps.cpu()):
+                raise PostDiffError("the scheduler gave other timesteps when restarted at the resolution switch")
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(begin)
+
+        switch = Switch(switch_of(plan), full_latent, self.scheduler.config.prediction_type,
+                        runtime.config.renoise, runtime.config.clamp_x0, generator, restart_scheduler)
+    if latents is not None and tuple(latents.shape[2:]) != start_latent:
+        which = "low-resolution " if switch is not None else ""
+        raise PostDiffError(f"the initial latents must be {which}{start_latent[0]}x{start_latent[1]}; got "
+                            f"{tuple(latents.shape[2:])}")
+    # With mixed resolution, drawn exactly as diffusers would draw them for an image of the low-resolution size.
+    latents = self.prepare_latents(batch_size * num_images_per_prompt, unet.config.in_channels,
+                                   start_latent[0] * self.vae_scale_factor, start_latent[1] * self.vae_scale_factor,
+                                   prompt_embeds.dtype, device, generator, latents)
     request = DenoiseRequest(latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale,
                              guidance_rescale, self.prepare_extra_step_kwargs(generator, eta),
-                             runtime.config.cache_branch, runtime.config.cross_attn_cache)
+                             runtime.config.cache_branch, runtime.config.cross_attn_cache, switch)
     with self.progress_bar(total=len(timesteps)) as bar:
         latents = denoise(runtime.store, self.scheduler, plan, request, on_step=lambda _: bar.update())
 

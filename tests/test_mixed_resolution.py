@@ -1,0 +1,170 @@
+"""Mixed-resolution denoising end to end, against an eager loop that writes the equations itself.
+
+The reference below does not call the library's transition, resize or plan: diffusers' UNet and
+scheduler, torch.randn and F.interpolate, and the paper's equations (paper-numbers.md section 1).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import text_embeddings, tiny_sd_pipeline
+
+from postdiff_compile import PostDiffError, optimize
+from postdiff_compile.capture import rel_l2
+
+TOLERANCE = 1e-5
+STEPS, GUIDANCE = 8, 7.5
+
+
+def _call(pipe, height, width, seed=0, steps=STEPS, generator=True, **kw):
+    cond, uncond = text_embeddings(1, width=pipe.unet.config.cross_attention_dim)
+    gen = torch.Generator().manual_seed(seed) if generator else None
+    return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                guidance_scale=GUIDANCE, output_type="latent", height=height, width=width, generator=gen,
+                **kw).images
+
+
+def _grid(latent, tokens):
+    """The token grid of a block at `latent`: sides halved (rounding up) until the count matches."""
+    h, w = latent
+    halvings = 0
+    while h * w != tokens:
+        h, w, halvings = -(-h // 2), -(-w // 2), halvings + 1
+    return halvings, (h, w)
+
+
+@torch.no_grad()
+def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, prediction="epsilon"):
+    """Low resolution for round(fraction * N) steps, then x0 -> bilinear up -> re-noise, then full resolution.
+
+    With `cache_step` m, the Cond cross-attention cache (attn2 outputs of step m - 1, positive half) is
+    read from step m on without CFG, resized at the switch when it was written at low resolution.
+    """
+    unet = pipe.unet
+    make = lambda: type(pipe.scheduler).from_config(pipe.scheduler.config)  # noqa: E731
+    scheduler = make()
+    scheduler.set_timesteps(STEPS)
+    timesteps = scheduler.timesteps
+    cond, uncond = text_embeddings(1, width=unet.config.cross_attention_dim)
+    full = (height // 8, width // 8)
+    low = (round(full[0] * scale), round(full[1] * scale))
+    switch = math.floor(fraction * STEPS + 0.5)
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn((1, 4, *low), generator=gen)
+
+    cache, phase = {}, {"now": "compute"}
+
+    def hook(name):
+        def fn(module, args, output):
+            if phase["now"] == "read":
+                return cache[name]
+            if phase["now"] == "write":
+                cache[name] = output.chunk(2)[1]
+            return None
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in unet.named_modules() if n.endswith("attn2")]
+    try:
+        for i, t in enumerate(timesteps):
+            if cache_step is not None and i >= cache_step:
+                phase["now"] = "read"
+                eps = unet(latents, t, encoder_hidden_states=uncond).sample
+            else:
+                phase["now"] = "write" if cache_step is not None and i == cache_step - 1 else "compute"
+                u, c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+                eps = u + GUIDANCE * (c - u)
+            if i == switch - 1:
+                a = scheduler.alphas_cumprod[t]
+                a_next = scheduler.alphas_cumprod[timesteps[i + 1]]
+                if prediction == "epsilon":
+                    x0 = (latents - (1 - a).sqrt() * eps) / a.sqrt()
+                else:   # v_prediction
+                    x0 = a.sqrt() * latents - (1 - a).sqrt() * eps
+                x0 = F.interpolate(x0, size=full, mode="bilinear", align_corners=False)
+                noise = torch.randn((1, 4, *full), generator=gen)
+                latents = a_next.sqrt() * x0 + (1 - a_next).sqrt() * noise
+                for name, value in cache.items():
+                    halvings, (h, w) = _grid(low, value.shape[1])
+                    dst = full
+                    for _ in range(halvings):
+                        dst = (-(-dst[0] // 2), -(-dst[1] // 2))
+                    grid = value.permute(0, 2, 1).reshape(1, -1, h, w)
+                    cache[name] = F.interpolate(grid, size=dst, mode="bilinear",
+                                                align_corners=False).flatten(2).permute(0, 2, 1)
+                scheduler = make()          # a multistep solver starts its history afresh
+                scheduler.set_timesteps(STEPS)
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(switch)
+            else:
+                latents = scheduler.step(eps, t, latents).prev_sample
+    finally:
+        for h in handles:
+            h.remove()
+    return latents
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp"])
+@pytest.mark.parametrize("size", [(128, 128), (128, 192)])
+def test_mixed_resolution_matches_eager(scheduler, size):
+    pipe = tiny_sd_pipeline("sd15", scheduler)
+    expected = eager_mixed(pipe, *size, scale=0.5, fraction=0.5)
+    got = _call(optimize(pipe, preset="none", low_res_scale=0.5, low_res_fraction=0.5), *size)
+    assert got.shape == (1, 4, size[0] // 8, size[1] // 8)
+    err = rel_l2(got, expected)
+    print(f"{scheduler} {size}: rel L2 {err:.2e}")
+    assert err <= TOLERANCE
+    # Not vacuous: the switch changes the result against full resolution throughout.
+    assert rel_l2(_call(optimize(pipe, preset="none"), *size), expected) > 0.05
+
+
+def test_v_prediction_and_three_quarter_scale():
+    pipe = tiny_sd_pipeline("sd2", "ddim")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    expected = eager_mixed(pipe, 128, 128, scale=0.75, fraction=0.375, prediction="v_prediction")
+    got = _call(optimize(pipe, preset="none", low_res_scale=0.75, low_res_fraction=0.375), 128, 128)
+    assert rel_l2(got, expected) <= TOLERANCE
+
+
+def test_cross_attention_cache_written_at_low_resolution_is_resized():
+    pipe = tiny_sd_pipeline("sd15", "ddim")
+    expected = eager_mixed(pipe, 128, 192, scale=0.5, fraction=0.5, cache_step=3)
+    got = _call(optimize(pipe, preset="none", low_res_scale=0.5, low_res_fraction=0.5, cross_attn_cache="cond",
+                         cross_attn_cache_step=3), 128, 192)
+    assert rel_l2(got, expected) <= TOLERANCE
+    plan = pipe._postdiff.last_plan
+    assert [s.low_res for s in plan] == [True] * 4 + [False] * 4
+    assert "cross_attn" in plan[2].writes and all("cross_attn" in s.reads for s in plan[3:])
+
+
+def test_reproducible_with_a_generator_and_runs_without_one():
+    pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset="quality")
+    first, second = _call(pipe, 128, 128, seed=3), _call(pipe, 128, 128, seed=3)
+    assert torch.equal(first, second)
+    assert rel_l2(_call(pipe, 128, 128, seed=4), first) > 0.05
+    torch.manual_seed(0)
+    unseeded = _call(pipe, 128, 128, generator=False)
+    assert unseeded.shape == first.shape and torch.isfinite(unseeded).all()
+
+
+@pytest.mark.parametrize("preset", ["balanced", "fast"])
+def test_presets_with_caches_run_mixed_resolution(preset):
+    pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset=preset, cross_attn_cache_step=3)
+    out = _call(pipe, 128, 128)
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+    plan = pipe._postdiff.last_plan
+    switch = sum(s.low_res for s in plan)
+    assert switch == 4 and plan[switch].variant.startswith("full")
+
+
+def test_initial_latents_must_be_low_resolution():
+    pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset="quality")
+    with pytest.raises(PostDiffError, match="low-resolution 8x8"):
+        _call(pipe, 128, 128, latents=torch.randn(1, 4, 16, 16))
+    assert _call(pipe, 128, 128, latents=torch.randn(1, 4, 8, 8)).shape == (1, 4, 16, 16)
+
+
+def test_sigma_space_scheduler_is_refused():
+    pipe = optimize(tiny_sd_pipeline("sd15", "euler"), preset="quality")
+    with pytest.raises(PostDiffError, match="sigma space"):
+        _call(pipe, 128, 128)
