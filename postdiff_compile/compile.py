@@ -15,7 +15,8 @@ from .exporters.atomic_dir import atomic_dir, check_target
 from .exporters.manifest import sha256_file, toolchain, write_manifest
 from .exporters.pt2 import save_pt2
 from .models.load import load_denoiser
-from .plan import build_plan
+from .plan import build_plan, switch_of
+from .resolution import low_res_latent
 from .variants import VariantStore, variant_input_specs, variant_output_specs, verify_variant
 
 # An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
@@ -64,6 +65,8 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     height, width = resolution or family.default_resolution
     latent_h, latent_w = family.check_resolution(height, width, loaded.source)
     plan = build_plan(config, steps, cfg=True)
+    switch = switch_of(plan)
+    low_latent = low_res_latent(family, (latent_h, latent_w), config.low_res_scale) if switch else None
     dtype_name = str(loaded.dtype).removeprefix("torch.")
 
     hashes = []
@@ -72,18 +75,20 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         for path in loaded.files:
             hashes.append({"file": str(path), "sha256": sha256_file(path, advance), "bytes": path.stat().st_size})
 
-    # One capture per batch (CFG steps run the CFG batch, gated steps batch 1), one rewrite per variant.
-    wanted = sorted({(step.variant, 2 if step.cfg else 1) for step in plan}, key=lambda v: (-v[1], v[0]))
+    # One capture per batch and resolution (CFG steps run the CFG batch, gated steps batch 1; low-resolution
+    # steps the low-resolution latent), one rewrite per variant.
+    wanted = sorted({(step.variant, 2 if step.cfg else 1, low_latent if step.low_res else (latent_h, latent_w))
+                     for step in plan}, key=lambda v: (-v[1], -v[2][0] * v[2][1], v[0]))
     variants = []
     store = VariantStore(loaded.module, family)
     with atomic_dir(out, force) as tmp:
-        for name, batch in wanted:
-            bucket = Bucket(batch, latent_h, latent_w, family.text_length, loaded.dtype)
+        for name, batch, size in wanted:
+            bucket = Bucket(batch, *size, family.text_length, loaded.dtype)
             if bucket not in store.captured:
-                with timed(f"capture b{batch}@{latent_h}x{latent_w}"):
+                with timed(f"capture {bucket.tag}"):
                     store.prepare(bucket)
             captured, root = store.prepare(bucket)
-            tag = f"{name}@b{batch}_{latent_h}x{latent_w}"
+            tag = f"{name}@{bucket.tag}"
             with timed(f"rewrite {tag}"):
                 variant = store.get(name, bucket, config.cache_branch)
             with timed(f"verify {tag}"):
@@ -95,7 +100,7 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
                 file = save_pt2(variant, tmp / f"{tag.replace('+', '-')}.pt2")
             variants.append({
                 "name": name, "file": file.name, "format": "torch.export", "sha256": sha256_file(file),
-                "bytes": file.stat().st_size, "batch": batch, "latent_size": [latent_h, latent_w],
+                "bytes": file.stat().st_size, "batch": batch, "latent_size": list(size),
                 "text_length": bucket.text_length, "dtype": dtype_name, "upsample_path": captured.upsample_path,
                 "inputs": [s.to_json() for s in variant_input_specs(variant)],
                 "outputs": [s.to_json() for s in variant_output_specs(variant)],
@@ -113,9 +118,34 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
             "resolution": {"height": height, "width": width, "latent_height": latent_h, "latent_width": latent_w},
             "steps": steps,
             "plan": [step.to_json() for step in plan],
+            "transition": transition_manifest(config, switch, low_latent, (latent_h, latent_w),
+                                              loaded.detection.prediction_type),
             "variants": variants,
             "denoiser": {"class": family.denoiser_class, "config": loaded.detection.config, "dtype": dtype_name},
             "scheduler": scheduler,
         }
         write_manifest(tmp, manifest)
     return CompileResult(out, manifest, time.perf_counter() - start, stages)
+
+
+def transition_manifest(config: PostDiffConfig, switch: int, low: tuple[int, int] | None, full: tuple[int, int],
+                        prediction_type: str) -> dict | None:
+    """What a runtime does between step `switch - 1` and step `switch`; None without mixed resolution."""
+    if not switch:
+        return None
+    return {
+        "switch_step": switch,          # the first full-resolution step; step switch - 1 ends with the transition
+        "low_res_scale": config.low_res_scale, "low_res_fraction": config.low_res_fraction,
+        "low_latent_size": list(low), "full_latent_size": list(full),
+        "prediction_type": prediction_type,
+        "x0": {"epsilon": "(x - sqrt(1 - abar_t) * out) / sqrt(abar_t)",
+               "v_prediction": "sqrt(abar_t) * x - sqrt(1 - abar_t) * out", "sample": "out"}[prediction_type],
+        "clamp_x0": config.clamp_x0,
+        "upsample": {"mode": "bilinear", "align_corners": False},
+        "renoise": config.renoise,      # fresh: randn(full shape, generator) drawn at the switch; predicted: up(eps)
+        "formula": "x = sqrt(abar_next) * up(x0) + sqrt(1 - abar_next) * noise",
+        "abar": "scheduler alphas_cumprod at the last low-resolution timestep (t) and the next one (next)",
+        "scheduler_restart": "set_timesteps again, then set_begin_index(switch_step): multistep history starts afresh",
+        "caches": {"cross_attn": "token grid resized bilinearly to the full-resolution grid", "deepcache": "dropped"},
+        "op": "postdiff::resolution_transition",
+    }

@@ -24,7 +24,12 @@ def low_res_latent(family, latent: tuple[int, int], scale: float) -> tuple[int, 
     def side(full: int) -> int:
         return min(full, max(floor, multiple * math.floor(scale * full / multiple + 0.5)))
 
-    return side(latent[0]), side(latent[1])
+    low = side(latent[0]), side(latent[1])
+    if low == tuple(latent):
+        raise PostDiffError(
+            f"low_res_scale {scale} leaves the {latent[0]}x{latent[1]} latent at {low[0]}x{low[1]} ({family.name} "
+            f"takes no side below {floor}); use a larger image or low_res_fraction 0")
+    return low
 
 
 def switch_step(low_res_scale: float, low_res_fraction: float, num_steps: int) -> int:

@@ -73,7 +73,7 @@ def test_compile_writes_a_verified_artifact(ckpt, tmp_path, capsys):
 def test_compile_fast_preset_writes_every_variant(ckpt, tmp_path, capsys):
     out = tmp_path / "fast"
     code, stdout, _ = run_cli(capsys, ckpt, "--out", out, "--resolution", "64x64", "--steps", "6", "--preset", "fast",
-                              "--cross-attn-cache-step", "3")
+                              "--cross-attn-cache-step", "3", "--low-res-fraction", "0")
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["variant"] for s in manifest["plan"]] == [
@@ -97,6 +97,30 @@ def test_compile_fast_preset_writes_every_variant(ckpt, tmp_path, capsys):
         (noise,) = program.module()(*example_inputs(specs))
     assert noise.shape == (2, 4, 8, 8)
     assert "shallow+read_ca" in stdout
+
+
+def test_compile_mixed_resolution_writes_both_resolutions(ckpt, tmp_path, capsys):
+    out = tmp_path / "mix"
+    code, _, err = run_cli(capsys, ckpt, "--out", out, "--resolution", "128x192", "--steps", "4",
+                           "--low-res-scale", "0.5", "--low-res-fraction", "0.5")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["resolution"] for s in manifest["plan"]] == ["low", "low", "full", "full"]
+    sizes = sorted(tuple(v["latent_size"]) for v in manifest["variants"])
+    assert sizes == [(8, 12), (16, 24)]
+    for v in manifest["variants"]:
+        assert v["verification"]["rel_l2_error"] <= 1e-6 and (out / v["file"]).is_file()
+        assert v["inputs"][0]["shape"] == [2, 4, *v["latent_size"]]
+    transition = manifest["transition"]
+    assert transition["switch_step"] == 2 and transition["low_latent_size"] == [8, 12]
+    assert transition["full_latent_size"] == [16, 24] and transition["renoise"] == "fresh"
+    assert transition["prediction_type"] == "epsilon" and transition["upsample"]["align_corners"] is False
+
+
+def test_mixed_resolution_too_small_is_one_error(ckpt, tmp_path, capsys):
+    code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "small", "--resolution", "64x64", "--preset", "quality")
+    assert_one_error(code, err, "low_res_scale 0.5", "8x8")
+    assert not (tmp_path / "small").exists()
 
 
 def test_config_file_and_flags(ckpt, tmp_path, capsys):

@@ -11,17 +11,24 @@ def test_none_is_identity_and_overrides_apply():
                          cross_attn_cache_step=4)
     assert (cfg.cache_interval, cfg.cache_branch, cfg.cross_attn_cache) == (3, 1, "cond")
     assert not cfg.is_identity
-    assert cfg.unsupported_features() == []
-    assert cfg.replace(low_res_scale=0.5, low_res_fraction=0.5).unsupported_features() == [
-        "mixed resolution (low_res_scale/low_res_fraction)"]
+    assert not cfg.mixed_resolution
+    assert cfg.replace(low_res_scale=0.5, low_res_fraction=0.5).mixed_resolution
+    assert not cfg.replace(low_res_scale=0.5).mixed_resolution   # a scale without a fraction switches nothing
 
 
 def test_presets_per_family():
-    for family in ("sd15", "sd2", "sdxl"):
-        assert resolve_config("balanced", family=family) == PostDiffConfig(cache_interval=2, cache_branch=1)
+    # The paper's beta: 1/2 for SD1.5 (and SD2, same U-Net design), 3/4 for SDXL and PixArt-alpha; s = 1/2.
+    betas = {"sd15": 0.5, "sd2": 0.5, "sdxl": 0.75, "pixart_alpha": 0.75}
+    for family, beta in betas.items():
+        mix = PostDiffConfig(low_res_scale=beta, low_res_fraction=0.5)
+        assert resolve_config("quality", family=family) == mix
         fast = resolve_config("fast", family=family)
-        assert (fast.cache_interval, fast.cache_branch, fast.cross_attn_cache) == (2, 1, "cond")
+        assert (fast.low_res_scale, fast.low_res_fraction, fast.cross_attn_cache) == (beta, 0.5, "cond")
         assert 5 <= fast.cross_attn_cache_step <= 15   # the paper's range for m
+        if family == "pixart_alpha":
+            continue
+        assert resolve_config("balanced", family=family) == mix.replace(cache_interval=2, cache_branch=1)
+        assert (fast.cache_interval, fast.cache_branch) == (2, 1)
     with pytest.raises(PostDiffError, match="needs a U-Net"):
         resolve_config("balanced", family="pixart_alpha")
     pixart = resolve_config("fast", family="pixart_alpha")
@@ -36,6 +43,8 @@ def test_presets_per_family():
     (dict(cache_interval=2.5), "must be of type int"),
     (dict(low_res_scale=1.5), "low_res_scale"),
     (dict(low_res_fraction=1.0), "low_res_fraction"),
+    (dict(renoise="old"), "renoise must be one of"),
+    (dict(clamp_x0=-1), "clamp_x0 must be >= 0"),
     (dict(cross_attn_cache="maybe"), "cross_attn_cache must be one of"),
     (dict(cross_attn_cache="cond"), "cross_attn_cache_step must be >= 1"),
     (dict(cache_schedule="random"), "cache_schedule must be one of"),
