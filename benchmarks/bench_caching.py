@@ -1,4 +1,4 @@
-"""Speed of the caching presets against plain diffusers and DeepCacheSDHelper, in one process.
+"""Speed of the presets and their parts against plain diffusers and DeepCacheSDHelper, in one process.
 
 An SD1.5-architecture UNet (bundled config, random weights) in a StableDiffusionPipeline without text
 encoder (random embeddings) and with a tiny VAE that is not run (output_type="latent"), so only the
@@ -6,7 +6,12 @@ denoising loop is timed. Runs are interleaved (one of each configuration per rou
 reported, so drift on a shared machine hits every configuration alike. The FLOPs of each preset come from
 `explain` (the same variant graphs, on the meta device); the target is speedup >= 0.9 x FLOPs reduction.
 
-    python benchmarks/bench_caching.py [--resolution 256] [--steps 20] [--rounds 5] [--out benchmarks/results]
+    python benchmarks/bench_caching.py [--resolution 256] [--steps 20] [--rounds 5] [--configs a,b,...]
+                                       [--name caching_cpu] [--out benchmarks/results]
+
+Configs (named by what they run, since presets change as features join them): the presets `none`,
+`quality`, `balanced`, `fast`; `deepcache` (k=2, branch 1) and `deepcache+ca` (plus Cond m=10), both
+at full resolution; `diffusers` and `DeepCacheSDHelper` (k=2, branch 1, as `deepcache`).
 """
 from __future__ import annotations
 
@@ -46,32 +51,57 @@ def build_pipelines(resolution: int):
     return unet, pipe
 
 
+def configs():
+    from postdiff_compile import resolve_config
+
+    deepcache = resolve_config("none", cache_interval=2, cache_branch=1)
+    return {
+        "none": resolve_config("none", family="sd15"),
+        "quality": resolve_config("quality", family="sd15"),
+        "balanced": resolve_config("balanced", family="sd15"),
+        "fast": resolve_config("fast", family="sd15"),
+        "deepcache": deepcache,
+        "deepcache+ca": deepcache.replace(cross_attn_cache="cond", cross_attn_cache_step=10),
+    }
+
+
+HELPER = "DeepCacheSDHelper"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--configs", default="diffusers,none,deepcache,deepcache+ca,quality,balanced,fast," + HELPER,
+                        help="comma-separated; diffusers and none always run (the baselines)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="caching_cpu")
     args = parser.parse_args()
 
     from DeepCache import DeepCacheSDHelper
 
-    from postdiff_compile import optimize, resolve_config
+    from postdiff_compile import optimize
     from postdiff_compile.explain import explain
     from postdiff_compile.models.families import get_family
 
     torch.set_grad_enabled(False)
     family = get_family("sd15")
     res = (args.resolution, args.resolution)
+    known = configs()
+    wanted = ["diffusers", "none"] + [c for c in args.configs.split(",") if c not in ("diffusers", "none")]
+    unknown = [c for c in wanted if c not in known and c not in ("diffusers", HELPER)]
+    if unknown:
+        parser.error(f"unknown config(s) {', '.join(unknown)}; known: diffusers, {', '.join(known)}, {HELPER}")
     flops = {}
-    for preset in ("none", "balanced", "fast"):
-        ex = explain(family, resolve_config(preset, family="sd15"), args.steps, res)
-        flops[preset] = ex.total
-        print(f"{preset}: {ex.total.true / 1e12:.3f} true TFLOPs, {ex.total.paper / 1e12:.3f} paper TFLOPs",
+    for name in {"none", *wanted} - {"diffusers", HELPER}:
+        ex = explain(family, known[name], args.steps, res)
+        flops[name] = ex.total
+        print(f"{name}: {ex.total.true / 1e12:.3f} true TFLOPs, {ex.total.paper / 1e12:.3f} paper TFLOPs",
               file=sys.stderr)
     flops["diffusers"] = flops["none"]
-    flops["DeepCacheSDHelper k=2 branch 1"] = flops["balanced"]   # the same computation as balanced
+    if HELPER in wanted:
+        flops[HELPER] = explain(family, known["deepcache"], args.steps, res).total   # the same computation
 
     unet, make_pipe = build_pipelines(args.resolution)
     pipe_check = make_pipe()
@@ -82,7 +112,7 @@ def main() -> int:
                 guidance_scale=7.5, output_type="latent", height=args.resolution, width=args.resolution)
 
     plain = make_pipe()
-    ours = {preset: optimize(make_pipe(), preset=preset) for preset in ("none", "balanced", "fast")}
+    ours = {name: optimize(make_pipe(), known[name]) for name in wanted if name in known}
     helper_pipe = make_pipe()
     helper = DeepCacheSDHelper(pipe=helper_pipe)
     helper.set_params(cache_interval=2, cache_branch_id=1)
@@ -95,8 +125,10 @@ def main() -> int:
             helper.disable()
 
     runs = {"diffusers": lambda: plain(**call, generator=torch.Generator().manual_seed(0)).images,
-            **{p: (lambda p=p: ours[p](**call, generator=torch.Generator().manual_seed(0)).images) for p in ours},
-            "DeepCacheSDHelper k=2 branch 1": run_helper}
+            **{p: (lambda p=p: ours[p](**call, generator=torch.Generator().manual_seed(0)).images) for p in ours}}
+    if HELPER in wanted:
+        runs[HELPER] = run_helper
+    runs = {name: runs[name] for name in wanted}
 
     outputs, warmup = {}, {}
     for name, fn in runs.items():   # first call: captures and rewrites the graphs (not timed below)
@@ -132,7 +164,8 @@ def main() -> int:
             "rel_l2_vs_diffusers": float((outputs[name] - outputs["diffusers"]).norm() / outputs["diffusers"].norm()),
         })
     result = {
-        "benchmark": "caching presets vs diffusers and DeepCacheSDHelper",
+        "benchmark": "presets and their parts vs diffusers and DeepCacheSDHelper",
+        "configs": {name: known[name].to_dict() for name in wanted if name in known},
         "model": "SD1.5-architecture UNet (bundled config), random weights, float32",
         "resolution": args.resolution, "latent": args.resolution // 8, "steps": args.steps, "scheduler": "DDIM",
         "guidance_scale": 7.5, "rounds": args.rounds,
@@ -143,7 +176,7 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Caching presets, SD1.5-architecture UNet (random weights), {args.resolution}x{args.resolution} "
+    lines = [f"# Presets, SD1.5-architecture UNet (random weights), {args.resolution}x{args.resolution} "
              f"(latent {args.resolution // 8}x{args.resolution // 8}), {args.steps} DDIM steps, CFG 7.5",
              "", f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}; median of {args.rounds} interleaved rounds (order rotated each round); speedup "

@@ -35,7 +35,8 @@ def _grid(latent, tokens):
 
 
 @torch.no_grad()
-def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, prediction="epsilon"):
+def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, prediction="epsilon",
+                renoise="fresh", clamp=0.0):
     """Low resolution for round(fraction * N) steps, then x0 -> bilinear up -> re-noise, then full resolution.
 
     With `cache_step` m, the Cond cross-attention cache (attn2 outputs of step m - 1, positive half) is
@@ -81,8 +82,13 @@ def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, p
                     x0 = (latents - (1 - a).sqrt() * eps) / a.sqrt()
                 else:   # v_prediction
                     x0 = a.sqrt() * latents - (1 - a).sqrt() * eps
+                if clamp:
+                    x0 = x0.clamp(-clamp, clamp)
                 x0 = F.interpolate(x0, size=full, mode="bilinear", align_corners=False)
-                noise = torch.randn((1, 4, *full), generator=gen)
+                if renoise == "fresh":
+                    noise = torch.randn((1, 4, *full), generator=gen)
+                else:   # the predicted noise (epsilon prediction: the guided output itself), upsampled
+                    noise = F.interpolate(eps, size=full, mode="bilinear", align_corners=False)
                 latents = a_next.sqrt() * x0 + (1 - a_next).sqrt() * noise
                 for name, value in cache.items():
                     halvings, (h, w) = _grid(low, value.shape[1])
@@ -124,6 +130,14 @@ def test_v_prediction_and_three_quarter_scale():
     expected = eager_mixed(pipe, 128, 128, scale=0.75, fraction=0.375, prediction="v_prediction")
     got = _call(optimize(pipe, preset="none", low_res_scale=0.75, low_res_fraction=0.375), 128, 128)
     assert rel_l2(got, expected) <= TOLERANCE
+
+
+def test_predicted_noise_and_clamped_x0():
+    pipe = tiny_sd_pipeline("sd15", "ddim")
+    expected = eager_mixed(pipe, 128, 128, scale=0.5, fraction=0.5, renoise="predicted", clamp=1.0)
+    got = _call(optimize(pipe, preset="quality", renoise="predicted", clamp_x0=1.0), 128, 128)
+    assert rel_l2(got, expected) <= TOLERANCE
+    assert rel_l2(_call(optimize(pipe, preset="quality"), 128, 128), expected) > 0.05
 
 
 def test_cross_attention_cache_written_at_low_resolution_is_resized():

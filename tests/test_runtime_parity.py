@@ -67,8 +67,8 @@ def test_config_overrides_are_checked():
         optimize(pipe, preset="none", cache_intervall=2)
     with pytest.raises(PostDiffError, match="unknown preset"):
         optimize(pipe, preset="turbo")
-    with pytest.raises(PostDiffError, match="mixed resolution"):
-        optimize(pipe, preset="none", low_res_scale=0.5, low_res_fraction=0.5)
+    with pytest.raises(PostDiffError, match="low_res_fraction must be in"):
+        optimize(pipe, preset="none", low_res_scale=0.5, low_res_fraction=1.0)
     with pytest.raises(PostDiffError, match="cache_branch 6 does not exist.*0..5"):
         optimize(pipe, preset="none", cache_interval=2, cache_branch=6)
     assert type(pipe).__name__ == "StableDiffusionPipeline"  # a refused optimize leaves the pipeline alone
