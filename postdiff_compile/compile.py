@@ -67,6 +67,12 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     plan = build_plan(config, steps, cfg=True)
     switch = switch_of(plan)
     low_latent = low_res_latent(family, (latent_h, latent_w), config.low_res_scale) if switch else None
+    scheduler = family.scheduler()
+    scheduler["prediction_type"] = loaded.detection.prediction_type
+    try:   # before any slow work: a transition the artifact's scheduler cannot run is a bad request
+        transition = transition_manifest(config, switch, low_latent, (latent_h, latent_w), scheduler, steps)
+    except PostDiffError as err:
+        raise PostDiffError(str(err), loaded.source) from None
     dtype_name = str(loaded.dtype).removeprefix("torch.")
 
     hashes = []
@@ -106,8 +112,6 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
                 "outputs": [s.to_json() for s in variant_output_specs(variant)],
                 "verification": check.to_json(), "capture_seconds": round(captured.seconds, 3),
             })
-        scheduler = family.scheduler()
-        scheduler["prediction_type"] = loaded.detection.prediction_type
         manifest = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"path": loaded.source, "files": hashes, "family": family.name,
@@ -118,8 +122,7 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
             "resolution": {"height": height, "width": width, "latent_height": latent_h, "latent_width": latent_w},
             "steps": steps,
             "plan": [step.to_json() for step in plan],
-            "transition": transition_manifest(config, switch, low_latent, (latent_h, latent_w),
-                                              loaded.detection.prediction_type),
+            "transition": transition,
             "variants": variants,
             "denoiser": {"class": family.denoiser_class, "config": loaded.detection.config, "dtype": dtype_name},
             "scheduler": scheduler,
@@ -129,23 +132,53 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
 
 
 def transition_manifest(config: PostDiffConfig, switch: int, low: tuple[int, int] | None, full: tuple[int, int],
-                        prediction_type: str) -> dict | None:
-    """What a runtime does between step `switch - 1` and step `switch`; None without mixed resolution."""
+                        scheduler_config: dict, steps: int) -> dict | None:
+    """What a runtime does between step `switch - 1` and step `switch`, exactly; None without mixed resolution.
+
+    The numbers are those of the artifact's own scheduler at `steps` steps; a runtime with another scheduler
+    or step count recomputes them by the rules written here.
+    """
     if not switch:
         return None
+    import diffusers
+
+    from .runtime.transition import alpha_bars, check_scheduler, sigma_space
+
+    cls = getattr(diffusers, scheduler_config["_class_name"])
+    scheduler = cls.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
+    check_scheduler(scheduler)
+    scheduler.set_timesteps(steps)
+    abar, abar_next = alpha_bars(scheduler, scheduler.timesteps, switch - 1)
+    prediction = scheduler_config["prediction_type"]
     return {
         "switch_step": switch,          # the first full-resolution step; step switch - 1 ends with the transition
         "low_res_scale": config.low_res_scale, "low_res_fraction": config.low_res_fraction,
         "low_latent_size": list(low), "full_latent_size": list(full),
-        "prediction_type": prediction_type,
-        "x0": {"epsilon": "(x - sqrt(1 - abar_t) * out) / sqrt(abar_t)",
-               "v_prediction": "sqrt(abar_t) * x - sqrt(1 - abar_t) * out", "sample": "out"}[prediction_type],
-        "clamp_x0": config.clamp_x0,
-        "upsample": {"mode": "bilinear", "align_corners": False},
-        "renoise": config.renoise,      # fresh: randn(full shape, generator) drawn at the switch; predicted: up(eps)
-        "formula": "x = sqrt(abar_next) * up(x0) + sqrt(1 - abar_next) * noise",
-        "abar": "scheduler alphas_cumprod at the last low-resolution timestep (t) and the next one (next)",
+        "timestep_t": int(scheduler.timesteps[switch - 1]), "timestep_next": int(scheduler.timesteps[switch]),
+        "alpha_bar_t": abar, "alpha_bar_next": abar_next,
+        "alpha_bar_rule": "1 / (1 + sigma_i^2) from the scheduler's sigma table at steps switch-1 and switch when it "
+                          "has one (Euler, DPM-Solver++, UniPC), else alphas_cumprod[timestep]",
+        "latent_space": "sigma" if sigma_space(scheduler) else "vp",
+        "latent_space_rule": "sigma: x_t = x * sqrt(abar_t) before the transition, x = x_next / sqrt(abar_next) after",
+        "compute_dtype": "float32",
+        "prediction_type": prediction,
+        "x0": {"epsilon": "(x_t - sqrt(1 - abar_t) * out) / sqrt(abar_t)",
+               "v_prediction": "sqrt(abar_t) * x_t - sqrt(1 - abar_t) * out", "sample": "out"}[prediction],
+        "eps": {"epsilon": "out", "v_prediction": "sqrt(abar_t) * out + sqrt(1 - abar_t) * x_t",
+                "sample": "(x_t - sqrt(abar_t) * x0) / sqrt(1 - abar_t)"}[prediction],
+        "clamp_x0": config.clamp_x0,    # > 0: x0 clamped to [-c, c] before the upsample; eps from the unclamped x0
+        "upsample": {"mode": "bilinear", "align_corners": False,
+                     "rule": "per axis, scale = in / out in float32, src = max((o + 0.5) * scale - 0.5, 0), "
+                             "i0 = floor(src), i1 = min(i0 + 1, in - 1), w1 = src - i0"},
+        "renoise": config.renoise,      # fresh: new noise; predicted: up(eps)
+        "noise": "fresh: randn(full shape) from the pipeline's generator at the switch, right after the steps' own "
+                 "draws (one tensor per generator for a generator list); on CUDA without a generator, Philox "
+                 "tl.randn(seed, linear index) inside the kernel",
+        "formula": "x_next = sqrt(abar_next) * up(x0) + sqrt(1 - abar_next) * noise",
         "scheduler_restart": "set_timesteps again, then set_begin_index(switch_step): multistep history starts afresh",
-        "caches": {"cross_attn": "token grid resized bilinearly to the full-resolution grid", "deepcache": "dropped"},
+        "caches": {"cross_attn": "each [B, tokens, C] cache back to its grid (the latent with each side halved, "
+                                 "rounding up, until the token count matches), bilinear as above to the same level "
+                                 "of the full latent, flattened row-major",
+                   "deepcache": "dropped: the switch step is a full step"},
         "op": "postdiff::resolution_transition",
     }

@@ -51,8 +51,8 @@ class PostDiffConfig:
             raise PostDiffError(f"low_res_fraction must be in [0, 1), got {self.low_res_fraction}")
         if self.renoise not in RENOISE_MODES:
             raise PostDiffError(f"renoise must be one of {', '.join(RENOISE_MODES)}, got {self.renoise!r}")
-        if self.clamp_x0 < 0:
-            raise PostDiffError(f"clamp_x0 must be >= 0 (0 = off), got {self.clamp_x0}")
+        if not 0 <= self.clamp_x0 < float("inf"):   # also refuses NaN
+            raise PostDiffError(f"clamp_x0 must be a finite number >= 0 (0 = off), got {self.clamp_x0}")
         if self.cache_interval < 1:
             raise PostDiffError(f"cache_interval must be >= 1 (1 = off), got {self.cache_interval}")
         if self.cache_branch < 0:

@@ -41,6 +41,9 @@ def switch_step(low_res_scale: float, low_res_fraction: float, num_steps: int) -
     if low_res_scale >= 1 or low_res_fraction <= 0:
         return 0
     low = math.floor(low_res_fraction * num_steps + 0.5)
+    if low == 0:
+        warnings.warn(f"low_res_fraction {low_res_fraction} of {num_steps} steps rounds to no low-resolution step; "
+                      f"mixed resolution is off for this call", stacklevel=3)
     if low >= num_steps:
         warnings.warn(f"low_res_fraction {low_res_fraction} of {num_steps} steps leaves no full-resolution step; "
                       f"the last step runs at full resolution", stacklevel=3)

@@ -115,6 +115,9 @@ def test_compile_mixed_resolution_writes_both_resolutions(ckpt, tmp_path, capsys
     assert transition["switch_step"] == 2 and transition["low_latent_size"] == [8, 12]
     assert transition["full_latent_size"] == [16, 24] and transition["renoise"] == "fresh"
     assert transition["prediction_type"] == "epsilon" and transition["upsample"]["align_corners"] is False
+    # The numbers of the artifact's own scheduler (DDIM, 4 steps): the switch re-noises to a less noisy level.
+    assert transition["timestep_t"] > transition["timestep_next"] and transition["latent_space"] == "vp"
+    assert 0 < transition["alpha_bar_t"] < transition["alpha_bar_next"] < 1
 
 
 def test_mixed_resolution_too_small_is_one_error(ckpt, tmp_path, capsys):

@@ -36,23 +36,26 @@ def _grid(latent, tokens):
 
 @torch.no_grad()
 def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, prediction="epsilon",
-                renoise="fresh", clamp=0.0):
+                renoise="fresh", clamp=0.0, images=1, deepcache=None):
     """Low resolution for round(fraction * N) steps, then x0 -> bilinear up -> re-noise, then full resolution.
 
     With `cache_step` m, the Cond cross-attention cache (attn2 outputs of step m - 1, positive half) is
-    read from step m on without CFG, resized at the switch when it was written at low resolution.
+    read from step m on without CFG, resized at the switch when it was written at low resolution. With
+    `deepcache` (k, branch) the UNet runs under DeepCacheSDHelper (full every k-th step by step index).
+    A sigma-space scheduler (Euler) gets the k-diffusion form: x0 = x - sigma * eps, x' = up(x0) + sigma' * noise.
     """
     unet = pipe.unet
     make = lambda: type(pipe.scheduler).from_config(pipe.scheduler.config)  # noqa: E731
     scheduler = make()
     scheduler.set_timesteps(STEPS)
     timesteps = scheduler.timesteps
-    cond, uncond = text_embeddings(1, width=unet.config.cross_attention_dim)
+    euler = type(scheduler).__name__ == "EulerDiscreteScheduler"
+    cond, uncond = (e.repeat(images, 1, 1) for e in text_embeddings(1, width=unet.config.cross_attention_dim))
     full = (height // 8, width // 8)
     low = (round(full[0] * scale), round(full[1] * scale))
     switch = math.floor(fraction * STEPS + 0.5)
     gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn((1, 4, *low), generator=gen)
+    latents = torch.randn((images, 4, *low), generator=gen) * scheduler.init_noise_sigma
 
     cache, phase = {}, {"now": "compute"}
 
@@ -66,51 +69,69 @@ def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, p
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in unet.named_modules() if n.endswith("attn2")]
+    helper = None
+    if deepcache is not None:
+        from DeepCache import DeepCacheSDHelper
+
+        pipe.scheduler.set_timesteps(STEPS)      # the helper finds the step index in the pipe's scheduler
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=deepcache[0], cache_branch_id=deepcache[1])
+        helper.enable()
     try:
         for i, t in enumerate(timesteps):
             if cache_step is not None and i >= cache_step:
                 phase["now"] = "read"
-                eps = unet(latents, t, encoder_hidden_states=uncond).sample
+                eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=uncond).sample
             else:
                 phase["now"] = "write" if cache_step is not None and i == cache_step - 1 else "compute"
-                u, c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+                x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                u, c = unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
                 eps = u + GUIDANCE * (c - u)
-            if i == switch - 1:
+            if i != switch - 1:
+                latents = scheduler.step(eps, t, latents, **({"generator": gen} if euler else {})).prev_sample
+                continue
+            if euler:
+                sigma, sigma_next = scheduler.sigmas[i], scheduler.sigmas[i + 1]
+                x0 = latents - sigma * eps
+            else:
                 a = scheduler.alphas_cumprod[t]
                 a_next = scheduler.alphas_cumprod[timesteps[i + 1]]
                 if prediction == "epsilon":
                     x0 = (latents - (1 - a).sqrt() * eps) / a.sqrt()
                 else:   # v_prediction
                     x0 = a.sqrt() * latents - (1 - a).sqrt() * eps
-                if clamp:
-                    x0 = x0.clamp(-clamp, clamp)
-                x0 = F.interpolate(x0, size=full, mode="bilinear", align_corners=False)
-                if renoise == "fresh":
-                    noise = torch.randn((1, 4, *full), generator=gen)
-                else:   # the predicted noise (epsilon prediction: the guided output itself), upsampled
-                    noise = F.interpolate(eps, size=full, mode="bilinear", align_corners=False)
-                latents = a_next.sqrt() * x0 + (1 - a_next).sqrt() * noise
-                for name, value in cache.items():
-                    halvings, (h, w) = _grid(low, value.shape[1])
-                    dst = full
-                    for _ in range(halvings):
-                        dst = (-(-dst[0] // 2), -(-dst[1] // 2))
-                    grid = value.permute(0, 2, 1).reshape(1, -1, h, w)
-                    cache[name] = F.interpolate(grid, size=dst, mode="bilinear",
-                                                align_corners=False).flatten(2).permute(0, 2, 1)
-                scheduler = make()          # a multistep solver starts its history afresh
-                scheduler.set_timesteps(STEPS)
-                if hasattr(scheduler, "set_begin_index"):
-                    scheduler.set_begin_index(switch)
+            if clamp:
+                x0 = x0.clamp(-clamp, clamp)
+            x0 = F.interpolate(x0, size=full, mode="bilinear", align_corners=False)
+            if renoise == "fresh":
+                noise = torch.randn((images, 4, *full), generator=gen)
+            else:   # the predicted noise (epsilon prediction: the guided output itself), upsampled
+                noise = F.interpolate(eps, size=full, mode="bilinear", align_corners=False)
+            if euler:
+                latents = x0 + sigma_next * noise
             else:
-                latents = scheduler.step(eps, t, latents).prev_sample
+                latents = a_next.sqrt() * x0 + (1 - a_next).sqrt() * noise
+            for name, value in cache.items():
+                halvings, (h, w) = _grid(low, value.shape[1])
+                dst = full
+                for _ in range(halvings):
+                    dst = (-(-dst[0] // 2), -(-dst[1] // 2))
+                grid = value.permute(0, 2, 1).reshape(images, -1, h, w)
+                cache[name] = F.interpolate(grid, size=dst, mode="bilinear",
+                                            align_corners=False).flatten(2).permute(0, 2, 1)
+            scheduler = make()          # a multistep solver starts its history afresh
+            scheduler.set_timesteps(STEPS)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(switch)
     finally:
         for h in handles:
             h.remove()
+        if helper is not None:
+            helper.disable()
     return latents
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
 @pytest.mark.parametrize("size", [(128, 128), (128, 192)])
 def test_mixed_resolution_matches_eager(scheduler, size):
     pipe = tiny_sd_pipeline("sd15", scheduler)
@@ -122,6 +143,25 @@ def test_mixed_resolution_matches_eager(scheduler, size):
     assert err <= TOLERANCE
     # Not vacuous: the switch changes the result against full resolution throughout.
     assert rel_l2(_call(optimize(pipe, preset="none"), *size), expected) > 0.05
+
+
+def test_two_images_per_prompt():
+    pipe = tiny_sd_pipeline("sd15", "dpmpp")
+    expected = eager_mixed(pipe, 128, 128, scale=0.5, fraction=0.5, images=2)
+    got = _call(optimize(pipe, preset="quality"), 128, 128, num_images_per_prompt=2)
+    assert got.shape == (2, 4, 16, 16) and rel_l2(got, expected) <= TOLERANCE
+    assert rel_l2(got[0], got[1]) > 0.05
+
+
+def test_deepcache_across_the_switch_matches_deepcache_sd_helper():
+    # balanced's shape: DeepCache k=2 with the switch at step 4, a full step, so no low-resolution feature is read
+    # at full resolution. The reference runs the UNet under the DeepCache package's own helper.
+    pipe = tiny_sd_pipeline("sd15", "ddim")
+    expected = eager_mixed(pipe, 128, 128, scale=0.5, fraction=0.5, deepcache=(2, 1))
+    got = _call(optimize(pipe, preset="balanced"), 128, 128)
+    assert [s.variant for s in pipe._postdiff.last_plan[3:5]] == ["shallow", "full+write_dc"]
+    assert rel_l2(got, expected) <= TOLERANCE
+    assert rel_l2(_call(optimize(pipe, preset="quality"), 128, 128), expected) > 1e-3   # DeepCache did something
 
 
 def test_v_prediction_and_three_quarter_scale():
@@ -140,15 +180,25 @@ def test_predicted_noise_and_clamped_x0():
     assert rel_l2(_call(optimize(pipe, preset="quality"), 128, 128), expected) > 0.05
 
 
-def test_cross_attention_cache_written_at_low_resolution_is_resized():
+@pytest.mark.parametrize("m", [3, 4])   # written at a low-resolution step before the last, and at the last
+def test_cross_attention_cache_written_at_low_resolution_is_resized(m):
     pipe = tiny_sd_pipeline("sd15", "ddim")
-    expected = eager_mixed(pipe, 128, 192, scale=0.5, fraction=0.5, cache_step=3)
+    expected = eager_mixed(pipe, 128, 192, scale=0.5, fraction=0.5, cache_step=m)
     got = _call(optimize(pipe, preset="none", low_res_scale=0.5, low_res_fraction=0.5, cross_attn_cache="cond",
-                         cross_attn_cache_step=3), 128, 192)
+                         cross_attn_cache_step=m), 128, 192)
     assert rel_l2(got, expected) <= TOLERANCE
     plan = pipe._postdiff.last_plan
     assert [s.low_res for s in plan] == [True] * 4 + [False] * 4
-    assert "cross_attn" in plan[2].writes and all("cross_attn" in s.reads for s in plan[3:])
+    assert "cross_attn" in plan[m - 1].writes and all("cross_attn" in s.reads for s in plan[m:])
+
+
+def test_cross_attention_cache_on_odd_grids():
+    # 144x208 px: latent 18x26 -> 9x13 at low resolution; attn2 runs at levels 0 and 1 (9x13 and 5x7 grids).
+    pipe = tiny_sd_pipeline("sd15_deep", "ddim")
+    expected = eager_mixed(pipe, 144, 208, scale=0.5, fraction=0.5, cache_step=4)
+    got = _call(optimize(pipe, preset="none", low_res_scale=0.5, low_res_fraction=0.5, cross_attn_cache="cond",
+                         cross_attn_cache_step=4), 144, 208)
+    assert got.shape == (1, 4, 18, 26) and rel_l2(got, expected) <= TOLERANCE
 
 
 def test_reproducible_with_a_generator_and_runs_without_one():
@@ -178,7 +228,30 @@ def test_initial_latents_must_be_low_resolution():
     assert _call(pipe, 128, 128, latents=torch.randn(1, 4, 8, 8)).shape == (1, 4, 16, 16)
 
 
-def test_sigma_space_scheduler_is_refused():
-    pipe = optimize(tiny_sd_pipeline("sd15", "euler"), preset="quality")
-    with pytest.raises(PostDiffError, match="sigma space"):
-        _call(pipe, 128, 128)
+def test_pndm_is_refused_when_optimizing():
+    from diffusers import PNDMScheduler
+
+    pipe = tiny_sd_pipeline("sd15", "ddim")
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)   # SD1.5's default scheduler
+    with pytest.raises(PostDiffError, match="PNDMScheduler cannot start mid-schedule.*DDIMScheduler.from_config"):
+        optimize(pipe, preset="quality")
+    optimize(pipe, preset="quality", low_res_fraction=0)   # the caches alone are fine with it
+
+
+def test_alpha_bars_follow_the_schedulers_own_sigmas():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from postdiff_compile.runtime.transition import alpha_bars
+
+    pipe = tiny_sd_pipeline("sd15", "dpmpp")
+    plain = pipe.scheduler
+    plain.set_timesteps(20)
+    got = alpha_bars(plain, plain.timesteps, 9)
+    assert got == pytest.approx([float(plain.alphas_cumprod[int(plain.timesteps[i])]) for i in (9, 10)], rel=1e-5)
+    karras = DPMSolverMultistepScheduler.from_config(plain.config, use_karras_sigmas=True)
+    karras.set_timesteps(20)
+    got = alpha_bars(karras, karras.timesteps, 9)
+    # The scheduler's own conversion of its sigma, not alphas_cumprod at the rounded timestep.
+    own = [float(karras._sigma_to_alpha_sigma_t(karras.sigmas[i])[0] ** 2) for i in (9, 10)]
+    assert got == pytest.approx(own, rel=1e-6)
+    assert got[0] != pytest.approx(float(karras.alphas_cumprod[int(karras.timesteps[9])]), rel=1e-5)

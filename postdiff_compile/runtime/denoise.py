@@ -95,8 +95,7 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
         if step.index == last_low:
             # The transition replaces this step's scheduler update: x0 from this output, re-noised to the
             # next timestep at full resolution.
-            t_next = req.timesteps[step.index + 1]
-            latents = switch_resolution(scheduler, req.switch, latents, noise_pred, t, t_next, caches)
+            latents = switch_resolution(scheduler, req.switch, latents, noise_pred, req.timesteps, caches)
         else:
             latents = scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
         if on_step is not None:

@@ -63,6 +63,8 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any)
         build_plan(config, 1)  # fail now, not at the first call, if a feature is not available
     if config.cache_interval > 1:
         check_branch(len(loaded.module.up_blocks), config.cache_branch)
+    if config.mixed_resolution:
+        check_scheduler(pipe.scheduler)   # again at each call: the scheduler may be swapped in between
     base = getattr(type(pipe), "_postdiff_base", type(pipe))
     previous = getattr(pipe, "_postdiff", None)
     if previous is not None and previous.store.denoiser is loaded.module:
