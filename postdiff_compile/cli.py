@@ -1,7 +1,8 @@
 """postdiff-compile: compile a diffusion checkpoint into a verified artifact folder.
 
     postdiff-compile [SOURCE] --preset NAME --out DIR [--resolution HxW] [--steps N] [--force]
-    postdiff-compile explain (--family NAME | SOURCE) --preset NAME [--resolution HxW] [--steps N] [--json]
+    postdiff-compile explain (--family NAME | SOURCE) (--preset NAME | --all-presets) [--resolution HxW]
+                             [--steps N] [--json]
 
 Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
 config. Bad input prints one `error:` line naming the problem and the file, and exits with status 2.
@@ -81,6 +82,8 @@ def build_explain_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     parser.add_argument("--no-cfg", action="store_true", help="a pipeline without classifier-free guidance")
     parser.add_argument("--json", action="store_true", help="print one JSON object (FLOPs in FLOPs, not TFLOPs)")
+    parser.add_argument("--all-presets", action="store_true",
+                        help="one line per preset (flags still override each): its FLOPs and fraction of the baseline")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     add_config_flags(parser)
     return parser
@@ -131,7 +134,7 @@ def _compile(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     import json
 
-    from .explain import architecture_of, explain, format_explanation
+    from .explain import architecture_of, explain, format_explanation, format_preset_table
     from .models.families import get_family
 
     request = config_from_args(args)
@@ -143,8 +146,23 @@ def _explain(args: argparse.Namespace) -> int:
         family, denoiser_config = get_family(args.family), None
     else:
         family, denoiser_config = architecture_of(args.source)
-    config = request.resolve(family.name)
     stage = None if args.json else (lambda text: print(text, file=sys.stderr))
+    if args.all_presets:
+        if args.config is not None:
+            raise PostDiffError("--all-presets explains the named presets; it does not take --config")
+        results = {}
+        for name in PRESETS:
+            try:
+                config = ConfigRequest(name, None, request.overrides).resolve(family.name)
+            except PostDiffError as err:
+                results[name] = str(err)
+                continue
+            results[name] = explain(family, config, args.steps, args.resolution, denoiser_config, not args.no_cfg,
+                                    stage)
+        print(json.dumps({k: v if isinstance(v, str) else v.to_json() for k, v in results.items()}, indent=2)
+              if args.json else format_preset_table(family.name, args.steps, results))
+        return 0
+    config = request.resolve(family.name)
     result = explain(family, config, args.steps, args.resolution, denoiser_config, not args.no_cfg, stage)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_explanation(result))
     return 0

@@ -125,3 +125,18 @@ def format_explanation(ex: Explanation) -> str:
               f"total, true FLOPs (2 x MACs, attention included):                {tera(total.true)} T "
               f"= {total.true / ex.baseline.true:.1%} of the baseline's {tera(ex.baseline.true)} T"]
     return "\n".join(lines)
+
+
+def format_preset_table(family: str, steps: int, results: dict[str, "Explanation | str"]) -> str:
+    """One line per preset: FLOPs in both conventions and the fraction of the baseline (str: unavailable)."""
+    any_result = next((r for r in results.values() if not isinstance(r, str)), None)
+    head = f"{family}, {steps} steps" + (f", {any_result.resolution[0]}x{any_result.resolution[1]}" if any_result else "")
+    lines = [head, "", f"{'preset':<10} {'paper T':>9} {'fraction':>9} {'true T':>9} {'fraction':>9}"]
+    for name, r in results.items():
+        if isinstance(r, str):
+            lines.append(f"{name:<10} unavailable: {r}")
+            continue
+        total = r.total
+        lines.append(f"{name:<10} {total.paper / 1e12:>9.3f} {total.paper / r.baseline.paper:>9.1%} "
+                     f"{total.true / 1e12:>9.3f} {total.true / r.baseline.true:>9.1%}")
+    return "\n".join(lines)

@@ -60,6 +60,19 @@ def test_fast_preset_plan(capsys):
                                                "--preset", "balanced")["total_flops_true"]
 
 
+def test_all_presets(capsys):
+    rows = _explain(capsys, "--family", "sd15", "--resolution", "256x256", "--steps", "20", "--all-presets")
+    assert list(rows) == ["none", "quality", "balanced", "fast"]
+    fractions = [rows[name]["fraction_paper"] for name in rows]
+    assert fractions[0] == 1.0 and fractions == sorted(fractions, reverse=True)
+    assert rows["quality"]["switch_step"] == 10
+    # Overrides apply to every preset; a preset a family cannot take is reported, not fatal.
+    assert main(["explain", "--family", "pixart_alpha", "--resolution", "256x256", "--steps", "4", "--all-presets",
+                 "--low-res-fraction", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "balanced   unavailable" in out and "quality" in out
+
+
 def test_explain_errors(capsys):
     assert main(["explain", "--preset", "none"]) == 2
     assert "exactly one of --family" in capsys.readouterr().err
