@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import RENOISE_MODES
 from ..errors import PostDiffError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-RENOISE_MODES = ("fresh", "predicted")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -133,8 +133,8 @@ def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, ti
     plan = build_plan(runtime.config, len(timesteps), cfg=do_cfg)
     runtime.last_plan = plan
     full_latent = start_latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-    switch = None
-    if switch_of(plan):
+    switch, switch_step = None, switch_of(plan)
+    if switch_step:
         check_scheduler(self.scheduler)
         start_latent = low_res_latent(runtime.family, full_latent, runtime.config.low_res_scale)
 
@@ -146,7 +146,7 @@ def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, ti
             if hasattr(self.scheduler, "set_begin_index"):
                 self.scheduler.set_begin_index(begin)
 
-        switch = Switch(switch_of(plan), full_latent, self.scheduler.config.prediction_type,
+        switch = Switch(switch_step, full_latent, self.scheduler.config.prediction_type,
                         runtime.config.renoise, runtime.config.clamp_x0, generator, restart_scheduler)
     if latents is not None and tuple(latents.shape[2:]) != start_latent:
         which = "low-resolution " if switch is not None else ""

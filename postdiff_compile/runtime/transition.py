@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import PostDiffError
+from ..kernels.transition_ref import PREDICTION_TYPES
 from ..passes.cross_attn import CACHE as CROSS_ATTN
 from ..resolution import resize_tokens
 
@@ -20,7 +21,6 @@ from ..resolution import resize_tokens
 # step counter lands on the switch step after its history (DPM-Solver++'s model outputs, ...) is cleared by
 # set_timesteps. PNDM has neither: its PLMS warm-up repeats the first timestep and cannot start mid-schedule.
 _STATELESS = ("DDIMScheduler", "DDPMScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
-_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
@@ -47,7 +47,7 @@ def check_scheduler(scheduler: Any) -> None:
                             f"mid-schedule (no set_begin_index){instead}")
     if not hasattr(scheduler, "alphas_cumprod"):
         raise PostDiffError(f"mixed resolution needs the scheduler's alphas_cumprod; {name} has none{instead}")
-    if config.get("prediction_type", "epsilon") not in _PREDICTIONS or config.get("use_flow_sigmas"):
+    if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES or config.get("use_flow_sigmas"):
         raise PostDiffError(f"mixed resolution re-noises on the diffusion (not flow-matching) path; {name} is "
                             f"configured for {config.get('prediction_type')!r}"
                             f"{' with flow sigmas' if config.get('use_flow_sigmas') else ''}{instead}")
