@@ -181,7 +181,8 @@ def _detect_unet(view: _UNetView, layout: str, prefix: str) -> Detection:
         f"{len(view.levels)} levels with channels {[lv.channels for lv in view.levels]}",
     ]
     key = (view.context_dim, view.linear_projection, view.adm_channels)
-    family = {(768, False, None): "sd15", (1024, True, None): "sd2", (2048, True, 2816): "sdxl"}.get(key)
+    family = {(768, False, None): "sd15", (1024, True, None): "sd2", (2048, True, 2816): "sdxl",
+              (128, False, None): "scenes32"}.get(key)
     if family is None or not view.levels:
         raise _NotMatched(evidence)
     spec = get_family(family)
@@ -198,10 +199,9 @@ def _detect_unet(view: _UNetView, layout: str, prefix: str) -> Detection:
         down_block_types=["CrossAttnDownBlock2D" if lv.attention_depth else "DownBlock2D" for lv in view.levels],
         up_block_types=["CrossAttnUpBlock2D" if lv.attention_depth else "UpBlock2D" for lv in reversed(view.levels)],
     )
-    if family == "sd15":
-        config["attention_head_dim"] = 8  # SD1.x: 8 heads at every level
-    else:
-        # SD2.x and SDXL: 64-channel heads (the config field counts heads, a diffusers legacy name).
+    if family in ("sd2", "sdxl"):
+        # 64-channel heads (the config field counts heads, a diffusers legacy name); SD1.x and the reference
+        # model have a fixed head count at every level, as in their bundled configs.
         config["attention_head_dim"] = [max(1, c // 64) for c in channels]
     if family == "sdxl":
         config["transformer_layers_per_block"] = [max(1, lv.attention_depth) for lv in view.levels]

@@ -66,6 +66,9 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("sdxl", "UNet2DConditionModel", "sdxl_unet.json", "sdxl_scheduler.json", "epsilon", 2048, 77),
         FamilySpec("pixart_alpha", "PixArtTransformer2DModel", "pixart_alpha_transformer.json",
                    "pixart_alpha_scheduler.json", "epsilon", 4096, 120, latent_multiple=2),
+        # The reference model trained here (postdiff_compile/reference): pixel space, 32x32, two downsamples.
+        FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
+                   128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),
     )
 }
 
