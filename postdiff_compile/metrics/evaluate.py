@@ -1,0 +1,108 @@
+"""Generate images with one sampler setting and score them: the measuring step shared by `study` and `tune`.
+
+A prompt set is `n` scenes drawn from a seed at or above the classifier's held-out seed base, so the
+classifier never trained on them; their captions are the prompts and their attributes the answer key.
+The starting noise comes from one torch.Generator per chunk of `CHUNK` prompts, seeded from the prompt
+set, so two settings with the same latent shape start from the same noise (fidelity is paired).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import PostDiffConfig
+from .attributes import score, targets
+from .classifier import TEST_SEED_BASE, AttributeClassifier
+from .quality import frechet_distance, psnr, ssim
+
+CHUNK = 128
+SCHEDULERS = ("ddim", "dpmsolver++")
+REAL_SEED = TEST_SEED_BASE + 777       # the real images the Frechet distance compares against
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One way of sampling: a scheduler, a step count and a PostDiff config (identity = diffusers' own loop)."""
+    name: str
+    scheduler: str = "ddim"
+    steps: int = 20
+    config: PostDiffConfig = field(default_factory=PostDiffConfig)
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+
+
+@dataclass
+class PromptSet:
+    seed: int
+    captions: list[str]
+    targets: np.ndarray
+
+    @classmethod
+    def make(cls, seed: int, n: int) -> "PromptSet":
+        from ..reference.scenes import make_batch
+
+        _, captions, scenes = make_batch(TEST_SEED_BASE + seed, n)
+        return cls(seed, captions, targets(scenes))
+
+
+def real_features(classifier: AttributeClassifier, n: int, seed: int = REAL_SEED) -> torch.Tensor:
+    from ..reference.scenes import make_batch
+
+    images, _, _ = make_batch(seed, n)
+    with torch.no_grad():
+        return classifier.features(torch.from_numpy(images))
+
+
+def make_scheduler(name: str, base_config: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(base_config)
+    return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def generate(pipe, sampler: Sampler, prompts: PromptSet, guidance: float,
+             on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Images in [0, 1], float32 [n, 3, H, W]. `pipe` is a plain StableDiffusionPipeline; it is left plain."""
+    from ..runtime.pipeline import optimize, restore
+
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(sampler.scheduler, original.config)
+    if not sampler.config.is_identity:
+        optimize(pipe, sampler.config)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        out = []
+        for start in range(0, len(prompts.captions), CHUNK):
+            chunk = prompts.captions[start:start + CHUNK]
+            generator = torch.Generator().manual_seed(prompts.seed * 1_000_003 + start)
+            images = pipe(chunk, num_inference_steps=sampler.steps, guidance_scale=guidance, generator=generator,
+                          output_type="pt").images
+            out.append(images.float())
+            if on_chunk:
+                on_chunk(len(chunk))
+        return torch.cat(out)
+    finally:
+        restore(pipe)
+        pipe.scheduler = original
+
+
+def evaluate(images: torch.Tensor, prompts: PromptSet, classifier: AttributeClassifier, real: torch.Tensor,
+             baseline: torch.Tensor | None = None) -> dict:
+    """Attribute scores, Frechet distance to `real` features and, given the baseline's images on the same
+    prompts and seeds, PSNR and SSIM against them."""
+    x = images * 2 - 1
+    with torch.no_grad():
+        predicted = classifier.predict(x)
+        features = classifier.features(x)
+    result = {**score(predicted, prompts.targets).to_json(), "frechet": frechet_distance(features, real)}
+    if baseline is not None:
+        p = psnr(images, baseline)
+        result.update(psnr=float(p[torch.isfinite(p)].mean()) if torch.isfinite(p).any() else float("inf"),
+                      ssim=float(ssim(images, baseline).mean()))
+    return result
