@@ -3,6 +3,7 @@
     postdiff-compile [SOURCE] --preset NAME --out DIR [--resolution HxW] [--steps N] [--force]
     postdiff-compile explain (--family NAME | SOURCE) (--preset NAME | --all-presets) [--resolution HxW]
                              [--steps N] [--json]
+    postdiff-compile study | tune | samples [MODEL] ...   (quality on the reference model: cli_quality.py)
 
 Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
 config. Bad input prints one `error:` line naming the problem and the file, and exits with status 2.
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from .config import PRESETS, ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
+
+QUALITY_COMMANDS = ("study", "tune", "samples")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="postdiff-compile",
         description="Compile a diffusion checkpoint (SD1.x, SD2.x, SDXL, PixArt-alpha) into an artifact folder: "
                     "exported graphs, the step plan and a manifest with each graph's verification error. "
-                    "With no SOURCE, compiles a small bundled model with random weights.")
-    parser.add_argument("source", nargs="?", help=".safetensors file or diffusers folder (default: embedded demo)")
+                    "With no SOURCE, compiles the small reference model trained for this project, shipped in the package.")
+    parser.add_argument("source", nargs="?", help=".safetensors file or diffusers folder (default: the shipped reference model)")
     parser.add_argument("--out", type=Path, help="artifact folder to write (default: ./postdiff-out/NAME-PRESET)")
     parser.add_argument("--resolution", type=parse_resolution, metavar="HxW", help="image size (default: the family's)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps the plan covers (default: 20)")
@@ -91,10 +94,18 @@ def build_explain_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    explaining = bool(argv) and argv[0] == "explain"
-    args = (build_explain_parser() if explaining else build_parser()).parse_args(argv[1:] if explaining else argv)
+    from . import cli_quality
+
+    command = argv[0] if argv and argv[0] in ("explain", *QUALITY_COMMANDS) else None
+    if command in QUALITY_COMMANDS:
+        parser = cli_quality.build_parser(command)
+    else:
+        parser = build_explain_parser() if command == "explain" else build_parser()
+    args = parser.parse_args(argv[1:] if command else argv)
     try:
-        return _explain(args) if explaining else _compile(args)
+        if command in QUALITY_COMMANDS:
+            return cli_quality.run(command, args)
+        return _explain(args) if command == "explain" else _compile(args)
     except PostDiffError as err:
         if args.debug:
             raise
@@ -112,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compile(args: argparse.Namespace) -> int:
     from .compile import compile_artifact
-    from .models.default_model import embedded_default_path
+    from .models.default_model import DESCRIPTION, embedded_default_path
+    from .reference import is_reference_folder
     from .report import RichProgress, print_summary
 
     config = config_from_args(args)
@@ -121,9 +133,11 @@ def _compile(args: argparse.Namespace) -> int:
     source = args.source
     if source is None:
         source = str(embedded_default_path())
-        print(f"no SOURCE given: compiling the embedded demo model (tiny SD1.5 architecture, RANDOM weights) "
-              f"from {source}", file=sys.stderr)
-    out = args.out or Path("postdiff-out") / f"{Path(source).name.split('.')[0]}-{args.preset}"
+        print(f"no SOURCE given: compiling {DESCRIPTION} from {source}", file=sys.stderr)
+    if is_reference_folder(source):
+        args.dtype = args.dtype or "float32"     # shipped in float16 to stay small; CPUs compute in float32
+    stem = "scenes32" if args.source is None else Path(source).name.split(".")[0]
+    out = args.out or Path("postdiff-out") / f"{stem}-{args.preset}"
     with RichProgress() as progress:
         result = compile_artifact(source, config, out, args.resolution, args.steps, args.force, args.dtype,
                                   args.prediction_type, progress)

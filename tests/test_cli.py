@@ -217,15 +217,15 @@ def test_console_script_and_debug(ckpt, tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "PostDiffError" in proc.stderr
 
 
-def test_embedded_default_runs_with_no_source(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("POSTDIFF_CACHE", str(tmp_path / "cache"))
-    code, _, err = run_cli(capsys, "--out", tmp_path / "demo", "--steps", "3", "--resolution", "128x128")
+def test_embedded_default_is_the_reference_model(tmp_path, capsys):
+    from postdiff_compile.reference import reference_folder
+
+    code, _, err = run_cli(capsys, "--out", tmp_path / "demo", "--steps", "3", "--preset", "fast")
     assert code == 0, err
-    assert "RANDOM weights" in err
+    assert "reference model" in err
     manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
-    assert manifest["source"]["family"] == "sd15"
-    first_hash = manifest["source"]["files"][0]["sha256"]
-    # Generated deterministically: a fresh cache gives the same checkpoint.
-    monkeypatch.setenv("POSTDIFF_CACHE", str(tmp_path / "cache2"))
-    run_cli(capsys, "--out", tmp_path / "demo2", "--steps", "1", "--resolution", "64x64")
-    assert json.loads((tmp_path / "demo2" / "manifest.json").read_text())["source"]["files"][0]["sha256"] == first_hash
+    assert manifest["source"]["family"] == "scenes32"
+    assert manifest["source"]["path"] == str(reference_folder())
+    assert manifest["denoiser"]["dtype"] == "float32"        # shipped in float16, compiled in float32
+    assert (manifest["resolution"]["height"], manifest["resolution"]["width"]) == (32, 32)
+    assert manifest["transition"] is not None

@@ -64,9 +64,21 @@ class ClassifierTrainConfig:
     noise_std: float = 0.03     # a little pixel noise, so generated images' grain is not out of distribution
 
 
+def check_training_seeds(seed: int, steps: int) -> None:
+    """Training draws batch `step` from seed * 1_000_003 + step: all of it must stay below the metrics' seeds."""
+    from ..errors import PostDiffError
+
+    if seed < 0:
+        raise PostDiffError(f"the training seed must be >= 0, got {seed}")
+    if seed * 1_000_003 + steps > TEST_SEED_BASE:
+        raise PostDiffError(f"training seed {seed} with {steps} steps would draw scenes from the metrics' held-out "
+                            f"seeds (>= {TEST_SEED_BASE}); use a seed below {TEST_SEED_BASE // 1_000_003}")
+
+
 def train_classifier(cfg: ClassifierTrainConfig, log=print) -> AttributeClassifier:
     from ..reference.scenes import make_batch
 
+    check_training_seeds(cfg.seed, cfg.steps)
     torch.manual_seed(cfg.seed)
     model = AttributeClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)

@@ -21,6 +21,8 @@ from .quality import frechet_distance, psnr, ssim
 CHUNK = 128
 SCHEDULERS = ("ddim", "dpmsolver++")
 REAL_SEED = TEST_SEED_BASE + 777       # the real images the Frechet distance compares against
+FRESH_REAL_SEED = TEST_SEED_BASE + 31_337   # other real images: the Frechet distance's own floor
+MAX_PSNR = 100.0                       # dB, for identical images
 
 
 @dataclass(frozen=True)
@@ -71,25 +73,26 @@ def generate(pipe, sampler: Sampler, prompts: PromptSet, guidance: float,
     """Images in [0, 1], float32 [n, 3, H, W]. `pipe` is a plain StableDiffusionPipeline; it is left plain."""
     from ..runtime.pipeline import optimize, restore
 
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler(sampler.scheduler, original.config)
-    if not sampler.config.is_identity:
-        optimize(pipe, sampler.config)
-    pipe.set_progress_bar_config(disable=True)
+    original, progress = pipe.scheduler, dict(getattr(pipe, "_progress_bar_config", {}))
     try:
+        pipe.scheduler = make_scheduler(sampler.scheduler, original.config)
+        if not sampler.config.is_identity:
+            optimize(pipe, sampler.config)
+        pipe.set_progress_bar_config(disable=True)
         out = []
         for start in range(0, len(prompts.captions), CHUNK):
             chunk = prompts.captions[start:start + CHUNK]
             generator = torch.Generator().manual_seed(prompts.seed * 1_000_003 + start)
             images = pipe(chunk, num_inference_steps=sampler.steps, guidance_scale=guidance, generator=generator,
                           output_type="pt").images
-            out.append(images.float())
+            out.append(images.float().cpu())
             if on_chunk:
                 on_chunk(len(chunk))
         return torch.cat(out)
     finally:
         restore(pipe)
         pipe.scheduler = original
+        pipe._progress_bar_config = progress
 
 
 def evaluate(images: torch.Tensor, prompts: PromptSet, classifier: AttributeClassifier, real: torch.Tensor,
@@ -102,7 +105,7 @@ def evaluate(images: torch.Tensor, prompts: PromptSet, classifier: AttributeClas
         features = classifier.features(x)
     result = {**score(predicted, prompts.targets).to_json(), "frechet": frechet_distance(features, real)}
     if baseline is not None:
-        p = psnr(images, baseline)
-        result.update(psnr=float(p[torch.isfinite(p)].mean()) if torch.isfinite(p).any() else float("inf"),
+        # Identical images have infinite PSNR; capped at MAX_PSNR so that they still count in the mean.
+        result.update(psnr=float(psnr(images, baseline).clamp(max=MAX_PSNR).mean()),
                       ssim=float(ssim(images, baseline).mean()))
     return result

@@ -18,7 +18,7 @@ from ..models.families import get_family
 from .scenes import vocabulary
 
 FAMILY = "scenes32"       # its UNet and scheduler configs are the family's bundled JSON files
-TEXT_LENGTH = get_family(FAMILY).text_length       # BOS + longest caption (21 words and commas) + EOS
+TEXT_LENGTH = get_family(FAMILY).text_length       # 24: BOS + longest caption (21 words and commas) + EOS, + 1
 CONTEXT_DIM = get_family(FAMILY).context_dim
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 

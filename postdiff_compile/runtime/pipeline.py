@@ -23,7 +23,7 @@ from .denoise import DenoiseRequest, denoise
 from .transition import Switch, check_scheduler
 from ..variants import VariantStore
 
-_SUPPORTED_FAMILIES = ("sd15", "sd2")
+_SUPPORTED_FAMILIES = ("sd15", "sd2", "scenes32")
 # Arguments of StableDiffusionPipeline.__call__ that this runtime does not implement; passing a non-default
 # value is an error rather than silently ignored.
 _UNSUPPORTED = ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback_on_step_end",
@@ -54,7 +54,7 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any)
     loaded = load_denoiser(pipe)
     if loaded.detection.family not in _SUPPORTED_FAMILIES or not hasattr(pipe, "encode_prompt"):
         raise PostDiffError(
-            f"optimize() supports Stable Diffusion 1.x/2.x pipelines in this version; got "
+            f"optimize() supports Stable Diffusion 1.x/2.x pipelines (and the reference model) in this version; got "
             f"{type(pipe).__name__} with a {loaded.detection.family} denoiser"
         )
     config = request.resolve(loaded.family.name)

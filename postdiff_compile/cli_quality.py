@@ -1,0 +1,129 @@
+"""The quality subcommands, on the reference model (or one trained like it):
+
+    postdiff-compile study   [MODEL] [--prompts N] [--seed-sets K] [--guidance G] [--out DIR] [--name NAME]
+    postdiff-compile tune    [MODEL] --flops-budget F [--calibration N] [--full N] [--metric M] [--out DIR]
+    postdiff-compile samples [MODEL] [--prompts N] [--steps N] [--seed S] [--out FILE.png]
+
+MODEL is a reference-model folder (written by python -m postdiff_compile.reference.train); the default is
+the one shipped in the package. The metrics' classifier knows this model's scenes only, so other models
+are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from .errors import PostDiffError
+
+RESULTS = Path("benchmarks/results")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", type=Path, help="reference-model folder (default: the shipped one)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    if command == "study":
+        parser = argparse.ArgumentParser(
+            prog="postdiff-compile study",
+            description="Fewer steps (DDIM, DPM-Solver++) against PostDiff configurations on the reference model: "
+                        "a FLOPs-versus-quality table (.md, .json) and a Pareto plot (.png).")
+        _common(parser)
+        parser.add_argument("--prompts", type=int, default=256, help="images per point (default: 256)")
+        parser.add_argument("--seed-sets", type=int, default=3,
+                            help="prompt/noise sets the baseline runs on, for the noise floor (default: 3)")
+        parser.add_argument("--steps", default="4,6,8,10,14", help="fewer-steps counts (default: 4,6,8,10,14)")
+        parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
+        parser.add_argument("--name", default="study_scenes32", help="file name stem (default: study_scenes32)")
+    elif command == "tune":
+        parser = argparse.ArgumentParser(
+            prog="postdiff-compile tune",
+            description="The best configuration under a FLOPs budget on a small calibration set, and how well "
+                        "the calibration ranking predicts the ranking on a larger set (Spearman).")
+        _common(parser)
+        parser.add_argument("--flops-budget", type=float, required=True, help="fraction of the baseline's FLOPs")
+        parser.add_argument("--calibration", type=int, default=48, help="calibration prompts (default: 48)")
+        parser.add_argument("--full", type=int, default=192,
+                            help="prompts of the check set (default: 192; 0 skips the check)")
+        parser.add_argument("--metric", default="frechet",
+                            help="frechet, caption_match, attribute_accuracy, psnr or ssim (default: frechet)")
+        parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+        parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
+        parser.add_argument("--name", help="file name stem (default: tune_scenes32_<budget>)")
+    else:
+        parser = argparse.ArgumentParser(prog="postdiff-compile samples",
+                                         description="A grid of samples: the baseline beside each preset, "
+                                                     "same prompts and noise.")
+        _common(parser)
+        parser.add_argument("--prompts", type=int, default=8, help="rows (default: 8)")
+        parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+        parser.add_argument("--seed", type=int, default=0, help="prompt set seed (default: 0)")
+        parser.add_argument("--out", type=Path, default=RESULTS / "samples_scenes32.png",
+                            help="PNG to write (default: benchmarks/results/samples_scenes32.png)")
+    return parser
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    import torch
+
+    from .models.families import get_family
+    from .reference import load_pipeline
+    from .reference.model import FAMILY
+    from .report import RichProgress
+
+    # Every argument is checked before the model loads: a study runs for many minutes.
+    minimum = {"prompts": 2 if command == "study" else 1, "seed_sets": 1, "threads": 1}
+    for name, least in minimum.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise PostDiffError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if command == "study":
+        try:
+            steps = tuple(int(s) for s in args.steps.split(","))
+        except ValueError:
+            steps = ()
+        if not steps or min(steps) < 1:
+            raise PostDiffError(f"--steps takes a comma-separated list of step counts >= 1, got {args.steps!r}")
+    elif isinstance(args.steps, int) and args.steps < 1:
+        raise PostDiffError(f"--steps must be at least 1, got {args.steps}")
+    if command == "study" and importlib.util.find_spec("matplotlib") is None:   # the plot is drawn last
+        raise PostDiffError("study draws its plot with matplotlib: pip install 'postdiff-compile[study]'")
+    if command == "tune":
+        from .tune import TuneSettings
+
+        tune_settings = TuneSettings(args.flops_budget, args.calibration, args.full, args.metric, args.guidance,
+                                     args.steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    family = get_family(FAMILY)
+    pipe = load_pipeline(args.model)
+    if command == "study":
+        from .study import StudySettings, format_table, run_study, write_results
+
+        settings = StudySettings(args.prompts, args.seed_sets, args.guidance, steps=steps)
+        with RichProgress() as progress:
+            result = run_study(pipe, family, settings, progress.stage)
+        paths = write_results(result, args.out, args.name)
+        print(format_table(result))
+    elif command == "tune":
+        from .tune import format_tune, run_tune, write_tune
+
+        with RichProgress() as progress:
+            result = run_tune(pipe, family, tune_settings, progress.stage)
+        paths = write_tune(result, args.out, args.name or f"tune_scenes32_{args.flops_budget:g}")
+        print(format_tune(result))
+    else:
+        from .metrics.evaluate import PromptSet
+        from .samples import sample_grid, write_grid
+
+        with RichProgress() as progress:
+            sheet, captions = sample_grid(pipe, family.name, PromptSet.make(args.seed, args.prompts), args.steps,
+                                          args.guidance, progress.stage)
+        paths = write_grid(sheet, captions, args.out)
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0

@@ -1,0 +1,247 @@
+"""The study the paper is about, on the reference model: fewer steps against cheaper steps.
+
+Every point is a `Sampler` (scheduler, steps, PostDiff config). Each is run on the same prompts and noise,
+scored by `metrics.evaluate` and costed with `explain` (true FLOPs: 2 x MACs, attention included, as a
+fraction of the 20-step DDIM baseline with CFG). The baseline is also run on further prompt sets: the spread
+of its numbers over those sets is the metric's noise floor, and a difference smaller than twice it is not
+a finding.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .config import PRESETS, PostDiffConfig
+from .metrics.evaluate import (FRESH_REAL_SEED, MAX_PSNR, SCHEDULERS, PromptSet, Sampler, evaluate, generate,
+                               real_features)
+
+BASELINE = Sampler("ddim-20 (baseline)", "ddim", 20)
+METRICS = ("caption_match", "attribute_accuracy", "frechet", "psnr", "ssim")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    prompts: int = 256          # prompts (images) per point
+    seed_sets: int = 3          # prompt/noise sets the baseline is run on: the noise floor
+    guidance: float = 4.0
+    real: int = 2048            # real images the Frechet distance compares against
+    steps: tuple[int, ...] = (4, 6, 8, 10, 14)   # the fewer-steps baselines, per scheduler
+
+
+def postdiff_points(family: str) -> list[Sampler]:
+    """The PostDiff configurations swept (all at 20 DDIM steps): each technique alone, then the presets."""
+    mix = PostDiffConfig(low_res_scale=0.5, low_res_fraction=0.5)
+    points = [
+        Sampler("mix b1/2 s1/4", config=mix.replace(low_res_fraction=0.25)),
+        Sampler("mix b1/2 s1/2", config=mix),
+        Sampler("mix b3/4 s1/2", config=mix.replace(low_res_scale=0.75)),
+        Sampler("mix b1/2 s3/4", config=mix.replace(low_res_fraction=0.75)),
+        Sampler("deepcache k2 b1", config=PostDiffConfig(cache_interval=2, cache_branch=1)),
+        Sampler("deepcache k3 b1", config=PostDiffConfig(cache_interval=3, cache_branch=1)),
+        Sampler("ca-cache cond m10", config=PostDiffConfig(cross_attn_cache="cond", cross_attn_cache_step=10)),
+        Sampler("ca-cache cond m5", config=PostDiffConfig(cross_attn_cache="cond", cross_attn_cache_step=5)),
+        Sampler("ca-cache ave m10", config=PostDiffConfig(cross_attn_cache="ave", cross_attn_cache_step=10)),
+    ]
+    for name in ("balanced", "fast"):
+        points.append(Sampler(f"preset {name}", config=PRESETS[name].for_family(family)))
+    points.append(Sampler("preset fast, 10 steps", steps=10,
+                          config=PRESETS["fast"].for_family(family).replace(cross_attn_cache_step=5)))
+    return points
+
+
+def fewer_step_points(settings: StudySettings) -> list[Sampler]:
+    return [Sampler(f"{s}-{k}", s, k) for s in SCHEDULERS for k in settings.steps] + \
+        [Sampler("dpmsolver++-20", "dpmsolver++", 20)]
+
+
+def flops_fraction(family, sampler: Sampler, resolution: tuple[int, int], baseline_total: float | None) -> float:
+    total = _true_flops(family, sampler.config, sampler.steps, resolution)
+    return total / baseline_total if baseline_total else total
+
+
+@lru_cache(maxsize=None)
+def _true_flops(family, config: PostDiffConfig, steps: int, resolution: tuple[int, int]) -> float:
+    from .explain import explain
+
+    return explain(family, config, steps, resolution).total.true
+
+
+@dataclass
+class StudyResult:
+    settings: StudySettings
+    rows: list[dict]             # one per point: name, kind, scheduler, steps, config, flops_fraction, metrics
+    noise: dict[str, float]      # std of each metric of the baseline over the seed sets
+    real_floor: float            # Frechet distance of fresh real images at the same n: the metric's floor
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"settings": asdict(self.settings), "rows": self.rows, "noise_std": self.noise,
+                "frechet_real_floor": self.real_floor, "seconds": self.seconds}
+
+
+def run_study(pipe, family, settings: StudySettings, stage: Callable[[str, int], Callable[[int], None]],
+              points: list[Sampler] | None = None) -> StudyResult:
+    from .metrics.classifier import load_classifier
+
+    start = time.perf_counter()
+    classifier = load_classifier()
+    real = real_features(classifier, settings.real)
+    resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    base_total = flops_fraction(family, BASELINE, resolution, None)
+    prompt_sets = [PromptSet.make(seed, settings.prompts) for seed in range(settings.seed_sets)]
+    baselines = []
+    for i, prompts in enumerate(prompt_sets):
+        images = generate(pipe, BASELINE, prompts, settings.guidance,
+                          stage(f"{BASELINE.name}, prompt set {i}", settings.prompts))
+        baselines.append((images, evaluate(images, prompts, classifier, real)))
+    noise = {m: float(np.std([b[1][m] for b in baselines], ddof=1)) if len(baselines) > 1 else float("nan")
+             for m in ("caption_match", "attribute_accuracy", "frechet")}
+    from .reference.scenes import make_batch
+    import torch
+
+    fresh, _, _ = make_batch(FRESH_REAL_SEED, settings.prompts)
+    with torch.no_grad():
+        real_floor = float(_frechet(classifier.features(torch.from_numpy(fresh)), real))
+    reference_images = baselines[0][0]
+    rows = [_row(BASELINE, "baseline", 1.0, {**baselines[0][1], "psnr": MAX_PSNR, "ssim": 1.0})]
+    for sampler in points if points is not None else fewer_step_points(settings) + postdiff_points(family.name):
+        kind = "fewer steps" if sampler.config.is_identity else "postdiff"
+        fraction = flops_fraction(family, sampler, resolution, base_total)
+        images = generate(pipe, sampler, prompt_sets[0], settings.guidance,
+                          stage(f"{sampler.name} ({fraction:.0%} FLOPs)", settings.prompts))
+        rows.append(_row(sampler, kind, fraction,
+                         evaluate(images, prompt_sets[0], classifier, real, reference_images)))
+    return StudyResult(settings, rows, noise, real_floor, time.perf_counter() - start)
+
+
+def _frechet(a, b) -> float:
+    from .metrics.quality import frechet_distance
+
+    return frechet_distance(a, b)
+
+
+def _row(sampler: Sampler, kind: str, fraction: float, metrics: dict) -> dict:
+    return {"name": sampler.name, "kind": kind, "scheduler": sampler.scheduler, "steps": sampler.steps,
+            "config": {k: v for k, v in sampler.config.to_dict().items() if k != "config_version"},
+            "flops_fraction": fraction, **metrics}
+
+
+def equal_flops_baseline(rows: list[dict], fraction: float, metric: str = "frechet") -> float | None:
+    """The best fewer-steps value of `metric` at `fraction` FLOPs, interpolating each scheduler's curve linearly
+    in FLOPs (None outside the range it covers)."""
+    lower_is_better = metric == "frechet"
+    best = None
+    for scheduler in SCHEDULERS:
+        curve = sorted((r["flops_fraction"], r[metric]) for r in rows if r["kind"] in ("fewer steps", "baseline")
+                       and r["scheduler"] == scheduler)
+        xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+        if len(xs) < 2 or not xs[0] <= fraction <= xs[-1]:
+            continue
+        value = float(np.interp(fraction, xs, ys))
+        if best is None or (value < best if lower_is_better else value > best):
+            best = value
+    return best
+
+
+def format_table(result: StudyResult) -> str:
+    noise = result.noise
+    lines = [
+        f"Reference model (scenes32), {result.settings.prompts} prompts per point, CFG {result.settings.guidance}, "
+        f"{result.settings.real} real images for the Frechet distance; {result.seconds / 60:.1f} min.",
+        "",
+        f"Noise floor: std over {result.settings.seed_sets} prompt/noise sets of the baseline: caption match "
+        f"{noise['caption_match']:.4f}, attribute accuracy {noise['attribute_accuracy']:.4f}, Frechet "
+        f"{noise['frechet']:.3f}; fresh real images at the same n score Frechet {result.real_floor:.3f}.",
+        "",
+        "| point | kind | FLOPs | caption match | attribute acc. | Frechet | d Frechet vs fewer steps at equal FLOPs "
+        "| PSNR vs baseline (dB) | SSIM vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(result.rows, key=lambda r: (r["kind"] != "baseline", r["kind"], -r["flops_fraction"])):
+        ref = equal_flops_baseline(result.rows, r["flops_fraction"]) if r["kind"] == "postdiff" else None
+        delta = f"{r['frechet'] - ref:+.3f}" if ref is not None else ""
+        lines.append(f"| {r['name']} | {r['kind']} | {r['flops_fraction']:.1%} | {r['caption_match']:.3f} | "
+                     f"{r['attribute_accuracy']:.4f} | {r['frechet']:.3f} | {delta} | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(result: StudyResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for ax, metric, label in ((axes[0], "frechet", "Frechet distance (lower is better)"),
+                              (axes[1], "caption_match", "caption match (higher is better)")):
+        for scheduler, style in zip(SCHEDULERS, ("o-", "s--")):
+            pts = sorted((r["flops_fraction"], r[metric]) for r in result.rows
+                         if r["kind"] in ("fewer steps", "baseline") and r["scheduler"] == scheduler)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color="grey" if scheduler == "ddim" else "black",
+                    label=f"fewer steps, {scheduler}", alpha=0.8)
+        post = [r for r in result.rows if r["kind"] == "postdiff"]
+        ax.scatter([r["flops_fraction"] for r in post], [r[metric] for r in post], color="tab:red", zorder=3,
+                   label="PostDiff configs (20 DDIM steps unless named)")
+        for r in post:
+            ax.annotate(r["name"], (r["flops_fraction"], r[metric]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        front = pareto_front(result.rows, metric)
+        ax.step([r["flops_fraction"] for r in front], [r[metric] for r in front], where="post", color="tab:blue",
+                alpha=0.5, label="Pareto front")
+        sd = result.noise.get(metric, float("nan"))
+        base = next(r for r in result.rows if r["kind"] == "baseline")[metric]
+        if math.isfinite(sd):
+            ax.axhspan(base - 2 * sd, base + 2 * sd, color="grey", alpha=0.15, label="baseline +- 2 std (noise)")
+        ax.set_xlabel("FLOPs, fraction of 20-step DDIM with CFG")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Fewer steps or cheaper steps: reference model, {result.settings.prompts} prompts per point")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def pareto_front(rows: list[dict], metric: str = "frechet") -> list[dict]:
+    """Points no other point beats in both FLOPs and `metric`, by increasing FLOPs."""
+    sign = 1 if metric == "frechet" else -1
+    front, best = [], math.inf
+    for r in sorted(rows, key=lambda r: (r["flops_fraction"], sign * r[metric])):
+        if sign * r[metric] < best:
+            front.append(r)
+            best = sign * r[metric]
+    return front
+
+
+def finite(data):
+    """`data` with NaN and infinities as None: strict JSON."""
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+def write_results(result: StudyResult, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
+    for path, text in ((paths[0], json.dumps(finite(result.to_json()), indent=1)),
+                       (paths[1], format_table(result) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    plot(result, paths[2])
+    return paths

@@ -1,0 +1,179 @@
+"""`tune`: the best PostDiff configuration under a FLOPs budget, chosen on a small calibration set.
+
+The paper picks its settings on a small calibration set. Here every configuration of a grid (beta, s,
+DeepCache interval, cross-attention cache step) whose FLOPs fit the budget is scored on `calibration`
+prompts; the best is the answer. To say how far that choice can be trusted, the same candidates are
+scored on a larger, disjoint `full` prompt set, and the Spearman rank correlation of the two rankings is
+reported (1 = the calibration set ranks the candidates exactly as the full set does).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import PostDiffConfig
+from .errors import PostDiffError
+from .metrics.evaluate import PromptSet, Sampler, evaluate, generate, real_features
+from .study import finite, flops_fraction
+
+LOWER_IS_BETTER = {"frechet": True, "caption_match": False, "attribute_accuracy": False, "psnr": False,
+                   "ssim": False}
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    flops_budget: float = 0.4
+    calibration: int = 48        # prompts in the calibration set
+    full: int = 192              # prompts in the disjoint set the ranking is checked on (0: skip the check)
+    metric: str = "frechet"
+    guidance: float = 4.0
+    steps: int = 20
+    real: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.metric not in LOWER_IS_BETTER:
+            raise PostDiffError(f"--metric must be one of {', '.join(LOWER_IS_BETTER)}, got {self.metric!r}")
+        if not 0 < self.flops_budget <= 1:
+            raise PostDiffError(f"--flops-budget is a fraction of the baseline's FLOPs in (0, 1], "
+                                f"got {self.flops_budget}")
+        if self.calibration < 2 or self.full < 0 or self.full == 1:
+            raise PostDiffError("--calibration must be at least 2 prompts, --full 0 or at least 2 (a Frechet "
+                                "distance needs two samples)")
+
+
+def grid(steps: int) -> list[PostDiffConfig]:
+    """Mixed resolution (beta, s) x DeepCache interval (branch 1) x cross-attention cache step (Cond mode)."""
+    configs: list[PostDiffConfig] = []
+    mixes = [(1.0, 0.0)] + [(b, s) for b in (0.75, 0.5) for s in (0.5, 0.75)]
+    for (beta, s), k, m in itertools.product(mixes, (1, 2, 3), sorted({0, steps // 2, steps // 4})):
+        configs.append(PostDiffConfig(low_res_scale=beta, low_res_fraction=s, cache_interval=k,
+                                      cache_branch=1 if k > 1 else 0,
+                                      cross_attn_cache="cond" if m else "off", cross_attn_cache_step=m))
+    return configs
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho with average ranks for ties."""
+    def ranks(values: list[float]) -> np.ndarray:
+        values = np.asarray(values, dtype=float)
+        order = values.argsort(kind="stable")
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values))
+        for v in np.unique(values):
+            r[values == v] = r[values == v].mean()
+        return r
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("spearman needs two equally long lists of at least 2 values")
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def name_of(config: PostDiffConfig) -> str:
+    parts = []
+    if config.mixed_resolution:
+        parts.append(f"mix b{config.low_res_scale:g} s{config.low_res_fraction:g}")
+    if config.cache_interval > 1:
+        parts.append(f"deepcache k{config.cache_interval} b{config.cache_branch}")
+    if config.cross_attn_cache != "off":
+        parts.append(f"ca {config.cross_attn_cache} m{config.cross_attn_cache_step}")
+    return ", ".join(parts) or "none"
+
+
+@dataclass
+class TuneResult:
+    settings: TuneSettings
+    candidates: list[dict]       # name, config, flops_fraction, calibration metrics, full metrics
+    best: dict
+    best_on_full: dict | None
+    spearman: float | None
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"settings": asdict(self.settings), "best": self.best, "best_on_full": self.best_on_full,
+                "spearman": self.spearman, "candidates": self.candidates, "seconds": self.seconds}
+
+
+def run_tune(pipe, family, settings: TuneSettings,
+             stage: Callable[[str, int], Callable[[int], None]]) -> TuneResult:
+    from .metrics.classifier import load_classifier
+
+    start = time.perf_counter()
+    resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    base_total = flops_fraction(family, Sampler("base", steps=settings.steps), resolution, None)
+    fits = []
+    for config in grid(settings.steps):
+        fraction = flops_fraction(family, Sampler("c", steps=settings.steps, config=config), resolution, base_total)
+        if fraction <= settings.flops_budget:
+            fits.append((config, fraction))
+    if not fits:
+        raise PostDiffError(f"no configuration of the grid fits a FLOPs budget of {settings.flops_budget:.0%}; "
+                            "the cheapest is above it")
+    classifier = load_classifier()
+    real = real_features(classifier, settings.real)
+    # Prompt sets disjoint from each other and from the study's (seeds 0..): calibration 100, full 200.
+    calibration = PromptSet.make(100, settings.calibration)
+    full = PromptSet.make(200, settings.full) if settings.full else None
+    reference = {}
+    for label, prompts in (("calibration", calibration), ("full", full)):
+        if prompts is not None and settings.metric in ("psnr", "ssim"):
+            reference[label] = generate(pipe, Sampler("base", steps=settings.steps), prompts, settings.guidance,
+                                        stage(f"baseline on the {label} set", len(prompts.captions)))
+    candidates = []
+    for config, fraction in fits:
+        row = {"name": name_of(config), "config": {k: v for k, v in config.to_dict().items()
+                                                   if k != "config_version"}, "flops_fraction": fraction}
+        sampler = Sampler(row["name"], steps=settings.steps, config=config)
+        for label, prompts in (("calibration", calibration), ("full", full)):
+            if prompts is None:
+                continue
+            images = generate(pipe, sampler, prompts, settings.guidance,
+                              stage(f"{row['name']} ({fraction:.0%} FLOPs), {label}", len(prompts.captions)))
+            row[label] = evaluate(images, prompts, classifier, real, reference.get(label))
+        candidates.append(row)
+    sign = 1 if LOWER_IS_BETTER[settings.metric] else -1
+    best = min(candidates, key=lambda r: sign * r["calibration"][settings.metric])
+    rho = best_full = None
+    if full is not None:
+        best_full = min(candidates, key=lambda r: sign * r["full"][settings.metric])
+        if len(candidates) > 1:
+            rho = spearman([r["calibration"][settings.metric] for r in candidates],
+                           [r["full"][settings.metric] for r in candidates])
+    return TuneResult(settings, candidates, best, best_full, rho, time.perf_counter() - start)
+
+
+def format_tune(result: TuneResult) -> str:
+    s = result.settings
+    m = s.metric
+    lines = [f"Tuning under {s.flops_budget:.0%} of the baseline FLOPs ({s.steps} DDIM steps, CFG {s.guidance}); "
+             f"metric {m}; {len(result.candidates)} candidates fit; {result.seconds / 60:.1f} min.", "",
+             f"| candidate | FLOPs | {m}, calibration ({s.calibration}) | {m}, full ({s.full}) |", "|---|---|---|---|"]
+    sign = 1 if LOWER_IS_BETTER[m] else -1
+    for r in sorted(result.candidates, key=lambda r: sign * r["calibration"][m]):
+        full = f"{r['full'][m]:.4f}" if "full" in r else ""
+        lines.append(f"| {r['name']} | {r['flops_fraction']:.1%} | {r['calibration'][m]:.4f} | {full} |")
+    lines += ["", f"Chosen on the calibration set: **{result.best['name']}** ({result.best['flops_fraction']:.1%} "
+                  "FLOPs)."]
+    if result.best_on_full is not None:
+        rho = "n/a (one candidate)" if result.spearman is None else f"{result.spearman:.3f}"
+        lines.append(f"Best on the full set: {result.best_on_full['name']}. Spearman correlation of the two "
+                     f"rankings: {rho} over {len(result.candidates)} candidates.")
+    return "\n".join(lines)
+
+
+def write_tune(result: TuneResult, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
+    for path, text in ((paths[0], json.dumps(finite(result.to_json()), indent=1)), (paths[1], format_tune(result) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
