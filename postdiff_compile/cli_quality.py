@@ -34,7 +34,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             description="Fewer steps (DDIM, DPM-Solver++) against PostDiff configurations on the reference model: "
                         "a FLOPs-versus-quality table (.md, .json) and a Pareto plot (.png).")
         _common(parser)
-        parser.add_argument("--prompts", type=int, default=256, help="images per point (default: 256)")
+        parser.add_argument("--prompts", type=int, default=192, help="images per point (default: 192)")
         parser.add_argument("--seed-sets", type=int, default=3,
                             help="prompt/noise sets the baseline runs on, for the noise floor (default: 3)")
         parser.add_argument("--steps", default="4,6,8,10,14", help="fewer-steps counts (default: 4,6,8,10,14)")

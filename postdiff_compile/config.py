@@ -161,16 +161,21 @@ _MIX_3_4 = PostDiffConfig(low_res_scale=0.75, low_res_fraction=0.5)
 # cache_branch_id 1 (paper-numbers.md section 3; `postdiff-compile explain` reproduces it within 0.1%).
 _DEEPCACHE = dict(cache_interval=2, cache_branch=1)
 _NO_UNET = "it uses DeepCache, which needs a U-Net's skip branches; PixArt-alpha is a transformer"
+# The reference model is pixel space and its DDIM clips x0 to [-1, 1] (clip_sample), as pixel-space DDIM does:
+# an epsilon model's x0 is 1 / sqrt(abar) times its error at high noise. The transition's x0 is clipped the same.
+_PIXEL = dict(clamp_x0=1.0)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("none", "identity: the plain denoiser at every step", PostDiffConfig()),
     Preset("quality", "mixed resolution: the first half of the steps at low resolution (beta 1/2, or 3/4 for "
-           "SDXL and PixArt-alpha)", _MIX, {"sdxl": _MIX_3_4, "pixart_alpha": _MIX_3_4}),
+           "SDXL and PixArt-alpha)", _MIX, {"sdxl": _MIX_3_4, "pixart_alpha": _MIX_3_4,
+                                            "scenes32": _MIX.replace(**_PIXEL)}),
     # balanced = quality + DeepCache: for SD1.5 the paper's "Mix + Cache" row reading (a), 11.128 T of 11.129 T.
     # At interval 2 and 10 low-res steps the switch step is a full step anyway.
     Preset("balanced", "mixed resolution (as quality) + DeepCache, full step every 2nd step, branch 1",
-           _MIX.replace(**_DEEPCACHE), {"sdxl": _MIX_3_4.replace(**_DEEPCACHE), "pixart_alpha": _NO_UNET}),
+           _MIX.replace(**_DEEPCACHE), {"sdxl": _MIX_3_4.replace(**_DEEPCACHE), "pixart_alpha": _NO_UNET,
+                                        "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL)}),
     # fast adds the cross-attention cache in the paper's adopted "Cond" mode. m counts steps, tuned for 20:
     # - SD1.x/2.x, m = 10: the paper's SD1.5 ablation (Table B) trades FID for text alignment as m grows;
     #   m = 5 loses 1.6 CLIP points against the baseline, m = 10 keeps CLIP within 0.7 of it, and the
@@ -183,7 +188,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("fast", "balanced + cross-attention cache, Cond mode, CFG off from step m",
            _MIX.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
            {"sdxl": _MIX_3_4.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
-            "pixart_alpha": _MIX_3_4.replace(cross_attn_cache="cond", cross_attn_cache_step=15)}),
+            "pixart_alpha": _MIX_3_4.replace(cross_attn_cache="cond", cross_attn_cache_step=15),
+            "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL, cross_attn_cache="cond", cross_attn_cache_step=10)}),
 )}
 
 

@@ -5,6 +5,7 @@ captured like a real model, so the FLOPs are read off exactly the graphs a compi
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ def architecture_of(source: str) -> tuple[FamilySpec, dict]:
     return get_family(detection.family), detection.config
 
 
+_VARIANT_FLOPS: dict[tuple[str, str, int], FlopCount] = {}
+
+
 def explain(family: FamilySpec, config: PostDiffConfig, steps: int, resolution: tuple[int, int] | None = None,
             denoiser_config: dict | None = None, cfg: bool = True,
             on_stage: Callable[[str], None] | None = None) -> Explanation:
@@ -85,13 +89,20 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int, resolution: 
     dtype = next(denoiser.parameters()).dtype
     costs: dict[str, FlopCount] = {}
 
+    architecture = json.dumps(denoiser_config, sort_keys=True) if denoiser_config else family.name
+
     def cost(name: str, batch: int, size: tuple[int, int]) -> FlopCount:
         bucket = Bucket(batch, *size, family.text_length, dtype)
         key = f"{name}@{bucket.tag}"
         if key not in costs:
-            if on_stage:
-                on_stage(f"capturing {key}")
-            costs[key] = count_flops(store.get(name, bucket, config.cache_branch).module.graph)
+            # A variant's count depends only on the architecture, the bucket and the branch: sweeps that explain
+            # many configs (tune, study) capture each variant once per process.
+            memo = (architecture, key, config.cache_branch)
+            if memo not in _VARIANT_FLOPS:
+                if on_stage:
+                    on_stage(f"capturing {key}")
+                _VARIANT_FLOPS[memo] = count_flops(store.get(name, bucket, config.cache_branch).module.graph)
+            costs[key] = _VARIANT_FLOPS[memo]
         return costs[key]
 
     per_step = [StepCost(step, cost(step.variant, 2 if step.cfg else 1, low if step.low_res else latent))

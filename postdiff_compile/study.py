@@ -28,7 +28,7 @@ METRICS = ("caption_match", "attribute_accuracy", "frechet", "psnr", "ssim")
 
 @dataclass(frozen=True)
 class StudySettings:
-    prompts: int = 256          # prompts (images) per point
+    prompts: int = 192          # prompts (images) per point
     seed_sets: int = 3          # prompt/noise sets the baseline is run on: the noise floor
     guidance: float = 4.0
     real: int = 2048            # real images the Frechet distance compares against
@@ -37,7 +37,8 @@ class StudySettings:
 
 def postdiff_points(family: str) -> list[Sampler]:
     """The PostDiff configurations swept (all at 20 DDIM steps): each technique alone, then the presets."""
-    mix = PostDiffConfig(low_res_scale=0.5, low_res_fraction=0.5)
+    clamp = PRESETS["quality"].for_family(family).clamp_x0      # the family's transition clamp (pixel space: 1)
+    mix = PostDiffConfig(low_res_scale=0.5, low_res_fraction=0.5, clamp_x0=clamp)
     points = [
         Sampler("mix b1/2 s1/4", config=mix.replace(low_res_fraction=0.25)),
         Sampler("mix b1/2 s1/2", config=mix),

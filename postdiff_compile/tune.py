@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PostDiffConfig
+from .config import PRESETS, PostDiffConfig
 from .errors import PostDiffError
 from .metrics.evaluate import PromptSet, Sampler, evaluate, generate, real_features
 from .study import finite, flops_fraction
@@ -47,12 +47,13 @@ class TuneSettings:
                                 "distance needs two samples)")
 
 
-def grid(steps: int) -> list[PostDiffConfig]:
+def grid(steps: int, clamp_x0: float = 0.0) -> list[PostDiffConfig]:
     """Mixed resolution (beta, s) x DeepCache interval (branch 1) x cross-attention cache step (Cond mode)."""
     configs: list[PostDiffConfig] = []
     mixes = [(1.0, 0.0)] + [(b, s) for b in (0.75, 0.5) for s in (0.5, 0.75)]
     for (beta, s), k, m in itertools.product(mixes, (1, 2, 3), sorted({0, steps // 2, steps // 4})):
-        configs.append(PostDiffConfig(low_res_scale=beta, low_res_fraction=s, cache_interval=k,
+        configs.append(PostDiffConfig(low_res_scale=beta, low_res_fraction=s, clamp_x0=clamp_x0 if s else 0.0,
+                                      cache_interval=k,
                                       cache_branch=1 if k > 1 else 0,
                                       cross_attn_cache="cond" if m else "off", cross_attn_cache_step=m))
     return configs
@@ -110,7 +111,7 @@ def run_tune(pipe, family, settings: TuneSettings,
     resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     base_total = flops_fraction(family, Sampler("base", steps=settings.steps), resolution, None)
     fits = []
-    for config in grid(settings.steps):
+    for config in grid(settings.steps, PRESETS["quality"].for_family(family.name).clamp_x0):
         fraction = flops_fraction(family, Sampler("c", steps=settings.steps, config=config), resolution, base_total)
         if fraction <= settings.flops_budget:
             fits.append((config, fraction))

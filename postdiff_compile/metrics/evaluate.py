@@ -18,7 +18,7 @@ from .attributes import score, targets
 from .classifier import TEST_SEED_BASE, AttributeClassifier
 from .quality import frechet_distance, psnr, ssim
 
-CHUNK = 128
+CHUNK = 96
 SCHEDULERS = ("ddim", "dpmsolver++")
 REAL_SEED = TEST_SEED_BASE + 777       # the real images the Frechet distance compares against
 FRESH_REAL_SEED = TEST_SEED_BASE + 31_337   # other real images: the Frechet distance's own floor
@@ -65,7 +65,10 @@ def make_scheduler(name: str, base_config: dict):
 
     if name == "ddim":
         return DDIMScheduler.from_config(base_config)
-    return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    # DDIM's clip_sample is, for DPM-Solver++, thresholding with a maximum of the clip range.
+    clip = dict(thresholding=True, sample_max_value=base_config.get("clip_sample_range", 1.0)) \
+        if base_config.get("clip_sample") else {}
+    return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2, **clip)
 
 
 def generate(pipe, sampler: Sampler, prompts: PromptSet, guidance: float,

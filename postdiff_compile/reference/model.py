@@ -90,9 +90,14 @@ def make_pipeline(parts: ReferenceParts, scheduler=None):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     scheduler = scheduler or DDIMScheduler.from_config(get_family(FAMILY).scheduler())
-    return StableDiffusionPipeline(vae=pixel_space(), text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+    # StableDiffusionPipeline's constructor turns clip_sample off (right for latents, with a warning); a pixel-space
+    # DDIM needs it, so the pipeline is built around a copy without it and then given the real scheduler.
+    stand_in = scheduler.__class__.from_config(scheduler.config, clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=pixel_space(), text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=stand_in, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.scheduler = scheduler
+    return pipe
 
 
 def save_folder(parts: ReferenceParts, folder: Path, metadata: dict[str, str] | None = None) -> None:
@@ -124,5 +129,6 @@ def load_parts(folder: Path, dtype: torch.dtype = torch.float32) -> ReferencePar
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True,
                                                  torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True, torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True, torch_dtype=dtype,
+                                                low_cpu_mem_usage=False)
     return ReferenceParts(tokenizer, text_encoder.eval(), unet.eval())
