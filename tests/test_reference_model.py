@@ -146,3 +146,11 @@ def test_peers_run_unchanged_on_the_shipped_model(shipped):
     finally:
         tomesd.remove_patch(shipped)
     assert torch.isfinite(merged).all() and rel_l2(merged, baseline) > 1e-4
+
+
+def test_training_refuses_seeds_that_reach_the_metrics_prompts(tmp_path):
+    from postdiff_compile.errors import PostDiffError
+
+    with pytest.raises(PostDiffError, match="held-out"):
+        train(TrainConfig(seed=10, steps=5), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
