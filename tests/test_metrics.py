@@ -93,6 +93,8 @@ def test_targets_and_scores_by_hand():
     assert s.caption_match == 0.0
     assert s.attribute_accuracy == pytest.approx((2 * statements - 2) / (2 * statements))
     assert list(s.per_image_match) == [False, False]
+    assert s.breakdown == {"colour": 1.0, "shape": 0.75, "size": 1.0, "empty": 13 / 14, "background": 1.0,
+                           "pattern": 1.0}
 
 
 def test_shipped_classifier_reads_real_scenes():

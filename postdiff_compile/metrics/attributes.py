@@ -43,9 +43,14 @@ class AttributeScores:
     caption_match: float          # fraction of images matching their caption in every attribute
     attribute_accuracy: float     # fraction of the captions' statements that hold
     per_image_match: np.ndarray   # bool [n]
+    # The statements by kind: each attribute over the captioned objects, "empty" over the cells the caption
+    # leaves empty, background and pattern over the images. Empty cells are most statements, so a model that
+    # draws little scores well on attribute_accuracy; `colour` is where a weak model shows what it learned.
+    breakdown: dict[str, float]
 
     def to_json(self) -> dict:
-        return {"caption_match": self.caption_match, "attribute_accuracy": self.attribute_accuracy}
+        return {"caption_match": self.caption_match, "attribute_accuracy": self.attribute_accuracy,
+                **{f"acc_{k}": v for k, v in self.breakdown.items()}}
 
 
 def score(predicted: np.ndarray, wanted: np.ndarray) -> AttributeScores:
@@ -62,4 +67,8 @@ def score(predicted: np.ndarray, wanted: np.ndarray) -> AttributeScores:
     statements = 3 * occupied.sum(1) + (~occupied).sum(1) + 2
     correct = object_ok.sum((1, 2)) + empty_ok.sum(1) + image_ok.sum(1)
     match = correct == statements
-    return AttributeScores(float(match.mean()), float(correct.sum() / statements.sum()), match)
+    breakdown = {name: float((cells_p[:, :, i] == cells_w[:, :, i])[occupied].mean()) if occupied.any() else 1.0
+                 for i, (name, _) in enumerate(CELL_HEADS)}
+    breakdown["empty"] = float(empty_ok[~occupied].mean()) if (~occupied).any() else 1.0
+    breakdown.update({name: float(image_ok[:, i].mean()) for i, (name, _) in enumerate(IMAGE_HEADS)})
+    return AttributeScores(float(match.mean()), float(correct.sum() / statements.sum()), match, breakdown)

@@ -80,7 +80,12 @@ def generate(pipe, sampler: Sampler, prompts: PromptSet, guidance: float,
     try:
         pipe.scheduler = make_scheduler(sampler.scheduler, original.config)
         if not sampler.config.is_identity:
+            # The graphs captured for earlier settings are reused (optimize keeps the store of the runtime it
+            # replaces): a sweep captures each variant once, not once per setting.
+            if getattr(pipe, "_postdiff_stash", None) is not None:
+                pipe._postdiff = pipe._postdiff_stash
             optimize(pipe, sampler.config)
+            pipe._postdiff_stash = pipe._postdiff
         pipe.set_progress_bar_config(disable=True)
         out = []
         for start in range(0, len(prompts.captions), CHUNK):

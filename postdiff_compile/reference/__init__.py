@@ -37,4 +37,9 @@ def load_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.f
     if not is_reference_folder(folder):
         raise PostDiffError("not a reference-model folder (model_index.json without postdiff_family "
                             "'scenes32'); train one with python -m postdiff_compile.reference.train", folder)
-    return make_pipeline(load_parts(folder, dtype))
+    scheduler = None
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
+    return make_pipeline(load_parts(folder, dtype), scheduler)
