@@ -7,6 +7,7 @@ import torch
 
 from .config import PRESETS
 from .metrics.evaluate import PromptSet, Sampler, generate
+from .study import write_text_atomic
 
 SCALE = 4           # 32x32 images are shown at 128x128, nearest neighbour, so pixels stay pixels
 LABEL_HEIGHT = 18
@@ -45,6 +46,6 @@ def write_grid(sheet, captions: list[str], path: Path) -> list[Path]:
     sheet.save(tmp)
     tmp.replace(path)
     text = path.with_suffix(".md")
-    text.write_text("Rows of " + path.name + ":\n\n" + "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
-                    + "\n")
+    rows = "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
+    write_text_atomic(text, f"Rows of {path.name}:\n\n{rows}\n")
     return [path, text]

@@ -21,6 +21,7 @@ import numpy as np
 from .config import PRESETS, PostDiffConfig
 from .metrics.evaluate import (FRESH_REAL_SEED, MAX_PSNR, SCHEDULERS, PromptSet, Sampler, evaluate, generate,
                                real_features)
+from .metrics.quality import frechet_distance
 
 BASELINE = Sampler("ddim-20 (baseline)", "ddim", 20)
 METRICS = ("caption_match", "attribute_accuracy", "frechet", "psnr", "ssim")
@@ -104,12 +105,7 @@ def run_study(pipe, family, settings: StudySettings, stage: Callable[[str, int],
         baselines.append((images, evaluate(images, prompts, classifier, real)))
     noise = {m: float(np.std([b[1][m] for b in baselines], ddof=1)) if len(baselines) > 1 else float("nan")
              for m in ("caption_match", "attribute_accuracy", "frechet")}
-    from .reference.scenes import make_batch
-    import torch
-
-    fresh, _, _ = make_batch(FRESH_REAL_SEED, settings.prompts)
-    with torch.no_grad():
-        real_floor = float(_frechet(classifier.features(torch.from_numpy(fresh)), real))
+    real_floor = frechet_distance(real_features(classifier, settings.prompts, FRESH_REAL_SEED), real)
     reference_images = baselines[0][0]
     rows = [_row(BASELINE, "baseline", 1.0, {**baselines[0][1], "psnr": MAX_PSNR, "ssim": 1.0})]
     for sampler in points if points is not None else fewer_step_points(settings) + postdiff_points(family.name):
@@ -120,12 +116,6 @@ def run_study(pipe, family, settings: StudySettings, stage: Callable[[str, int],
         rows.append(_row(sampler, kind, fraction,
                          evaluate(images, prompt_sets[0], classifier, real, reference_images)))
     return StudyResult(settings, rows, noise, real_floor, time.perf_counter() - start)
-
-
-def _frechet(a, b) -> float:
-    from .metrics.quality import frechet_distance
-
-    return frechet_distance(a, b)
 
 
 def _row(sampler: Sampler, kind: str, fraction: float, metrics: dict) -> dict:
@@ -247,13 +237,17 @@ def load_result(path: Path) -> StudyResult:
     return StudyResult(settings, rows, noise, data["frechet_real_floor"], data["seconds"])
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, then rename: a results file is complete or absent, never half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_results(result: StudyResult, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
-    for path, text in ((paths[0], json.dumps(finite(result.to_json()), indent=1)),
-                       (paths[1], format_table(result) + "\n")):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_atomic(paths[0], json.dumps(finite(result.to_json()), indent=1))
+    write_text_atomic(paths[1], format_table(result) + "\n")
     plot(result, paths[2])
     return paths

@@ -20,7 +20,7 @@ import numpy as np
 from .config import PRESETS, PostDiffConfig
 from .errors import PostDiffError
 from .metrics.evaluate import PromptSet, Sampler, evaluate, generate, real_features
-from .study import finite, flops_fraction
+from .study import finite, flops_fraction, write_text_atomic
 
 LOWER_IS_BETTER = {"frechet": True, "caption_match": False, "attribute_accuracy": False, "psnr": False,
                    "ssim": False}
@@ -173,8 +173,6 @@ def format_tune(result: TuneResult) -> str:
 def write_tune(result: TuneResult, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
-    for path, text in ((paths[0], json.dumps(finite(result.to_json()), indent=1)), (paths[1], format_tune(result) + "\n")):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_atomic(paths[0], json.dumps(finite(result.to_json()), indent=1))
+    write_text_atomic(paths[1], format_tune(result) + "\n")
     return paths
