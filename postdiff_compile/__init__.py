@@ -3,6 +3,7 @@
 Public API (imports stay light: torch, diffusers and the exporters load on first use):
     optimize(pipe, preset="none", **overrides)   run a diffusers pipeline through the postdiff runtime
     restore(pipe)                                undo optimize
+    load(DIR, backend="torch")                   run a compiled artifact (torch, onnxruntime or tensorrt)
     load_denoiser(source, dtype=None)            offline loading with family detection
     PostDiffConfig, PRESETS, resolve_config      what to apply
 """
@@ -14,10 +15,11 @@ from .config import PRESETS, PostDiffConfig, resolve_config
 from .errors import PostDiffError
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "restore", "load_denoiser", "PostDiffConfig", "PostDiffError", "PRESETS", "resolve_config"]
+__all__ = ["optimize", "restore", "load", "load_denoiser", "PostDiffConfig", "PostDiffError", "PRESETS", "resolve_config"]
 
 if TYPE_CHECKING:
     from .models.load import load_denoiser
+    from .runtime.artifact import load
     from .runtime.pipeline import optimize, restore
 
 
@@ -26,6 +28,10 @@ def __getattr__(name: str) -> Any:
         from .runtime import pipeline
 
         return getattr(pipeline, name)
+    if name == "load":
+        from .runtime.artifact import load
+
+        return load
     if name == "load_denoiser":
         from .models.load import load_denoiser
 

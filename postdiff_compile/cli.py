@@ -1,6 +1,8 @@
 """postdiff-compile: compile a diffusion checkpoint into a verified artifact folder.
 
-    postdiff-compile [SOURCE] --preset NAME --out DIR [--resolution HxW] [--steps N] [--force]
+    postdiff-compile [SOURCE] --preset NAME --out DIR [--format pt2,onnx,tensorrt] [--resolution HxW] [--steps N]
+    postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt] ...   (execute an artifact: cli_artifact.py)
+    postdiff-compile inspect DIR                                          (its plan, FLOPs and verification)
     postdiff-compile explain (--family NAME | SOURCE) (--preset NAME | --all-presets) [--resolution HxW]
                              [--steps N] [--json]
     postdiff-compile study | tune | samples [MODEL] ...   (quality on the reference model: cli_quality.py)
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
                         help="override the detected prediction type")
+    parser.add_argument("--format", default="pt2", metavar="FORMATS",
+                        help="comma-separated: pt2 (torch.export programs), onnx (ONNX graphs, one shared weights "
+                             "file, checked with onnxruntime), tensorrt (an engine per variant; needs a GPU and "
+                             "tensorrt; brings onnx along). Default: pt2")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     add_config_flags(parser)
@@ -94,15 +100,19 @@ def build_explain_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from . import cli_quality
+    from . import cli_artifact, cli_quality
 
-    command = argv[0] if argv and argv[0] in ("explain", *QUALITY_COMMANDS) else None
-    if command in QUALITY_COMMANDS:
+    command = argv[0] if argv and argv[0] in ("explain", *QUALITY_COMMANDS, *cli_artifact.ARTIFACT_COMMANDS) else None
+    if command in cli_artifact.ARTIFACT_COMMANDS:
+        parser = cli_artifact.build_parser(command)
+    elif command in QUALITY_COMMANDS:
         parser = cli_quality.build_parser(command)
     else:
         parser = build_explain_parser() if command == "explain" else build_parser()
     args = parser.parse_args(argv[1:] if command else argv)
     try:
+        if command in cli_artifact.ARTIFACT_COMMANDS:
+            return cli_artifact.run(command, args)
         if command in QUALITY_COMMANDS:
             return cli_quality.run(command, args)
         return _explain(args) if command == "explain" else _compile(args)
@@ -122,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from .compile import compile_artifact
+    from .compile import compile_artifact, parse_formats
     from .models.default_model import DESCRIPTION, embedded_default_path
     from .reference import is_reference_folder
     from .report import RichProgress, print_summary
 
     config = config_from_args(args)
+    formats = parse_formats(args.format)
     if args.steps < 1:
         raise PostDiffError(f"--steps must be at least 1, got {args.steps}")
     source = args.source
@@ -140,7 +151,7 @@ def _compile(args: argparse.Namespace) -> int:
     out = args.out or Path("postdiff-out") / f"{stem}-{args.preset}"
     with RichProgress() as progress:
         result = compile_artifact(source, config, out, args.resolution, args.steps, args.force, args.dtype,
-                                  args.prediction_type, progress)
+                                  args.prediction_type, progress, formats)
     print_summary(result)
     return 0
 

@@ -43,12 +43,16 @@ def print_summary(result: CompileResult) -> None:
                   f"{m['source']['prediction_type']}), {res['height']}x{res['width']} "
                   f"(latent {res['latent_height']}x{res['latent_width']}), {m['steps']} steps, "
                   f"{m['denoiser']['dtype']}")
-    table = Table("variant", "batch", "file", "MB", "max abs err", "rel L2 err")
+    formats = [f for f in m["formats"] if f != "pt2"]
+    table = Table("variant", "GFLOPs", "MB", "err torch", *(f"err {f}" for f in formats), title="relative L2 errors")
     for v in m["variants"]:
-        ver = v["verification"]
-        table.add_row(v["name"], str(v["batch"]), v["file"], f"{v['bytes'] / 1e6:.1f}", f"{ver['max_abs_error']:.2e}",
-                      f"{ver['rel_l2_error']:.2e}")
+        size = sum(f["bytes"] for f in v["files"].values()) / 1e6
+        table.add_row(v["id"], f"{v['flops']['paper'] / 1e9:.2f}", f"{size:.1f}", f"{v['verification']['rel_l2_error']:.2e}",
+                      *(f"{v['files'][f]['verification']['rel_l2_error']:.2e}" for f in formats))
     console.print(table)
+    if m["weights"]:
+        console.print(f"shared ONNX weights: {m['weights']['file']}, {m['weights']['tensors']} tensors, "
+                      f"{m['weights']['bytes'] / 1e6:.1f} MB")
     cfg = {k: v for k, v in m["config"].items() if k != "config_version"}
     console.print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     console.print(f"done in {result.seconds:.1f} s")

@@ -109,12 +109,20 @@ def variant_output_specs(variant: Variant) -> list[TensorSpec]:
             for name, node in zip(variant.outputs, graph_edit.outputs_of(variant.module.graph))]
 
 
-def verify_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Module, cache_branch: int = 0,
-                   root: torch.nn.Module | None = None, seed: int = 1) -> Verification:
+@dataclass
+class VariantCheck:
+    verification: Verification
+    inputs: tuple[torch.Tensor, ...]    # every input of the variant, caches included
+    outputs: tuple[torch.Tensor, ...]   # what the variant returned on them
+
+
+def check_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Module, cache_branch: int = 0,
+                  root: torch.nn.Module | None = None, seed: int = 1) -> VariantCheck:
     """The variant's noise prediction against eager on fixed random inputs.
 
     A variant that reads caches gets them from an oracle variant (the full graph writing exactly those
-    caches) run on the same inputs; with exact caches a rewrite must reproduce the full model.
+    caches) run on the same inputs; with exact caches a rewrite must reproduce the full model. The inputs
+    and outputs are returned so that an exported copy of the variant can be checked on the same ones.
     """
     device = next(denoiser.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(captured.inputs, seed))
@@ -129,8 +137,15 @@ def verify_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modu
             oracle = build_variant(captured, oracle_spec, cache_branch, root)
             _, *written = oracle(*args)
             caches = dict(zip(oracle.outputs[1:], written))
-        got = variant(*args, *(caches[name] for name in variant.inputs[len(args):]))[0].float()
-    return Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed)
+        inputs = args + tuple(caches[name] for name in variant.inputs[len(args):])
+        outputs = tuple(variant(*inputs))
+    got = outputs[0].float()
+    return VariantCheck(Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed), inputs, outputs)
+
+
+def verify_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Module, cache_branch: int = 0,
+                   root: torch.nn.Module | None = None, seed: int = 1) -> Verification:
+    return check_variant(captured, variant, denoiser, cache_branch, root, seed).verification
 
 
 class VariantStore:

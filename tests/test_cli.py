@@ -50,16 +50,18 @@ def test_compile_writes_a_verified_artifact(ckpt, tmp_path, capsys):
     assert manifest["resolution"] == {"height": 128, "width": 96, "latent_height": 16, "latent_width": 12}
     assert len(manifest["plan"]) == 5 and all(s["variant"] == "full" and s["cfg"] for s in manifest["plan"])
     (variant,) = manifest["variants"]
-    assert variant["sha256"] == sha256_file(out / variant["file"])
+    assert manifest["formats"] == ["pt2"] and manifest["weights"] is None
+    file = variant["files"]["pt2"]["file"]
+    assert variant["files"]["pt2"]["sha256"] == sha256_file(out / file)
     assert variant["verification"]["rel_l2_error"] <= 1e-6
     assert [i["name"] for i in variant["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert variant["inputs"][0]["shape"] == [2, 4, 16, 12]
     assert "full" in stdout and str(out) in stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", variant["file"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "manifest.sha256", file])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
     # The saved program loads and computes the same as the checkpoint's model.
-    program = torch.export.load(str(out / variant["file"]))
+    program = torch.export.load(str(out / file))
     from postdiff_compile.capture import example_inputs, TensorSpec
     specs = [TensorSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in variant["inputs"]]
     args = example_inputs(specs, seed=3)
@@ -84,13 +86,13 @@ def test_compile_fast_preset_writes_every_variant(ckpt, tmp_path, capsys):
     assert {v["batch"] for v in manifest["variants"]} == {1, 2}
     for v in manifest["variants"]:
         assert v["verification"]["rel_l2_error"] <= 1e-6, v["name"]
-        assert v["sha256"] == sha256_file(out / v["file"])
+        assert v["files"]["pt2"]["sha256"] == sha256_file(out / v["files"]["pt2"]["file"])
     shallow = by_name["shallow+read_ca"]
     assert [i["name"] for i in shallow["inputs"]][3] == "deepcache"
     assert all(i["name"].startswith("cross_attn:") for i in shallow["inputs"][4:]) and len(shallow["inputs"]) > 4
     assert [o["name"] for o in by_name["full+write_dc"]["outputs"]] == ["noise_pred", "deepcache"]
     # A saved shallow program takes its cache inputs and runs.
-    program = torch.export.load(str(out / by_name["shallow"]["file"]))
+    program = torch.export.load(str(out / by_name["shallow"]["files"]["pt2"]["file"]))
     from postdiff_compile.capture import TensorSpec, example_inputs
     specs = [TensorSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in by_name["shallow"]["inputs"]]
     with torch.no_grad():
@@ -109,7 +111,7 @@ def test_compile_mixed_resolution_writes_both_resolutions(ckpt, tmp_path, capsys
     sizes = sorted(tuple(v["latent_size"]) for v in manifest["variants"])
     assert sizes == [(8, 12), (16, 24)]
     for v in manifest["variants"]:
-        assert v["verification"]["rel_l2_error"] <= 1e-6 and (out / v["file"]).is_file()
+        assert v["verification"]["rel_l2_error"] <= 1e-6 and (out / v["files"]["pt2"]["file"]).is_file()
         assert v["inputs"][0]["shape"] == [2, 4, *v["latent_size"]]
     transition = manifest["transition"]
     assert transition["switch_step"] == 2 and transition["low_latent_size"] == [8, 12]

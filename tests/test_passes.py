@@ -123,3 +123,25 @@ def test_deepcache_needs_a_unet():
         build_variant(captured, VariantSpec("shallow"), 0)
     read = build_variant(captured, VariantSpec(cross_attn="read"))   # the cross-attention cache works on DiTs
     assert len(read.inputs) == 3 + 2 and not any(".attn2" in p for p in _paths(read))
+
+
+def test_noop_squeezes_are_dropped_and_real_ones_kept():
+    from postdiff_compile.passes.noop_squeeze import drop_noop_squeezes
+
+    class M(torch.nn.Module):
+        def forward(self, x):              # x: [2, 1, 5, 1]
+            return torch.squeeze(x, 2) * 2 + torch.squeeze(x, (1, 2)).sum() + torch.squeeze(x, 1).sum()
+
+    x = torch.randn(2, 1, 5, 1)
+    module = torch.export.export(M(), (x,)).module()
+    expected = module(x)
+
+    def squeezes():
+        return [n for n in module.graph.nodes if n.op == "call_function" and "squeeze" in str(n.target)
+                and "unsqueeze" not in str(n.target)]
+
+    before = len(squeezes())
+    assert drop_noop_squeezes(module.graph) == 2            # squeeze(x, 2) goes, squeeze(x, (1, 2)) keeps dim 1
+    module.recompile()
+    assert len(squeezes()) == before - 1
+    assert torch.equal(module(x), expected)

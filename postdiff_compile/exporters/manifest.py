@@ -1,17 +1,25 @@
 """manifest.json: what an artifact holds, where it came from and how well each graph was verified.
 
-Format version 0 is the foundation's draft; the exporters issue freezes version 1 with a JSON Schema.
+Format version 1, described by manifest.schema.json and, for runtime writers, docs/manifest.md. Beside it,
+`manifest.sha256` holds the sha256 of manifest.json's bytes (as `sha256sum` prints it), so that an edited
+manifest is refused like a corrupted graph file: every other file is listed in the manifest with its own
+sha256.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..errors import PostDiffError
+
 FORMAT = "postdiff-artifact"
-FORMAT_VERSION = 0
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHECKSUM = "manifest.sha256"
+SCHEMA = Path(__file__).with_name("manifest.schema.json")
 
 
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, chunk: int = 1 << 22) -> str:
@@ -24,19 +32,92 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, chunk
     return digest.hexdigest()
 
 
-def toolchain() -> dict[str, str]:
+def toolchain(formats: tuple[str, ...] = ()) -> dict[str, str]:
     import diffusers
     import safetensors
     import torch
 
     from .. import __version__
 
-    return {"postdiff_compile": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "safetensors": safetensors.__version__,
-            "platform": platform.platform()}
+    tools = {"postdiff_compile": __version__, "python": platform.python_version(), "torch": torch.__version__,
+             "diffusers": diffusers.__version__, "safetensors": safetensors.__version__,
+             "platform": platform.platform()}
+    if "onnx" in formats:
+        import onnx
+        import onnxruntime
+        import onnxscript
+
+        tools.update(onnx=onnx.__version__, onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
+    return tools
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
-    path = folder / "manifest.json"
-    path.write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}, indent=2) + "\n")
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    validate(data, folder / MANIFEST)   # a writer bug must not produce an artifact every loader refuses
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    path = folder / MANIFEST
+    path.write_bytes(text)
+    (folder / CHECKSUM).write_text(f"{hashlib.sha256(text).hexdigest()}  {MANIFEST}\n")
     return path
+
+
+def validate(data: dict, path: Path) -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.path) or "(top level)"
+        raise PostDiffError(f"not a valid format-{FORMAT_VERSION} manifest: at {where}: {first.message}"
+                            + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), path)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an artifact folder, after checking its checksum, its format version and its schema."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PostDiffError("not an artifact folder (no such folder)", folder)
+    path, checksum = folder / MANIFEST, folder / CHECKSUM
+    for required in (path, checksum):
+        if not required.is_file():
+            raise PostDiffError("missing from the artifact", required)
+    raw = path.read_bytes()
+    expected = checksum.read_text().split()[0] if checksum.read_text().split() else ""
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise PostDiffError(f"sha256 does not match {CHECKSUM}: the manifest was edited or damaged after it was "
+                            "written; recompile the artifact", path)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise PostDiffError(f"not JSON: {err}", path) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise PostDiffError(f"not a {FORMAT} manifest", path)
+    if data.get("format_version") != FORMAT_VERSION:
+        raise PostDiffError(f"format version {data.get('format_version')!r}; this postdiff-compile reads version "
+                            f"{FORMAT_VERSION}: recompile the artifact with it", path)
+    validate(data, path)
+    return data
+
+
+def listed_files(manifest: dict) -> Iterator[tuple[str, dict]]:
+    """(what, entry) for every file the manifest lists with a sha256."""
+    for variant in manifest["variants"]:
+        for fmt, entry in variant["files"].items():
+            yield f"{fmt} graph of variant {variant['id']}", entry
+    if manifest["weights"] is not None:
+        yield "shared weights", manifest["weights"]
+
+
+def check_files(folder: Path, manifest: dict, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Every listed file is present, has its size and its sha256."""
+    for what, entry in listed_files(manifest):
+        path = Path(folder) / entry["file"]
+        if not path.is_file():
+            raise PostDiffError(f"the {what} is missing from the artifact", path)
+        if path.stat().st_size != entry["bytes"]:
+            raise PostDiffError(f"the {what} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                                "the file is damaged or was replaced", path)
+        if sha256_file(path, on_bytes) != entry["sha256"]:
+            raise PostDiffError(f"the {what} does not match its sha256 in the manifest: the file is damaged or was "
+                                "replaced", path)

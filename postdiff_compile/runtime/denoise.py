@@ -9,14 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from ..capture import Bucket
 from ..passes.cross_attn import CACHE as CROSS_ATTN
 from ..plan import Step, switch_of
-from ..variants import VariantStore
 from .transition import Switch, switch_resolution
+
+
+class VariantSource(Protocol):
+    """Where the loop gets a step's graph: the in-memory VariantStore, or an artifact's files on a backend.
+    What it returns is called with the inputs its `.inputs` names and returns what its `.outputs` names."""
+
+    def get(self, name: str, bucket: Bucket, cache_branch: int = 0) -> Any: ...
 
 
 @dataclass
@@ -31,6 +38,9 @@ class DenoiseRequest:
     cache_branch: int = 0                 # DeepCache branch of the shallow variants
     cross_attn_cache: str = "off"         # how a CFG step's attn2 outputs become the cache: cond, ave, cfg
     switch: Switch | None = None          # mixed resolution: latents start at low resolution
+    added_cond: dict[str, torch.Tensor] | None = None           # SDXL text_embeds/time_ids, PixArt resolution/...
+    negative_added_cond: dict[str, torch.Tensor] | None = None  # the same for the negative half
+    latent_input: str = "sample"          # the denoiser's latent input name ("hidden_states" for PixArt)
 
 
 def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> torch.Tensor:
@@ -45,7 +55,7 @@ def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> 
     raise ValueError(f"unknown cross-attention cache mode {mode!r}")
 
 
-def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseRequest,
+def denoise(store: VariantSource, scheduler, plan: list[Step], req: DenoiseRequest,
             on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
@@ -61,6 +71,9 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
             req.cross_attn_cache not in ("cond", "ave", "cfg"):
         raise ValueError(f"the plan writes the cross-attention cache from a CFG batch, but the request's mode "
                          f"{req.cross_attn_cache!r} does not say how (cond, ave or cfg)")
+    added = {k: v.to(latents.dtype) for k, v in (req.added_cond or {}).items()}
+    negative_added = {k: v.to(latents.dtype) for k, v in (req.negative_added_cond or req.added_cond or {}).items()}
+    cfg_added = {k: torch.cat([negative_added[k], added[k]]) for k in added}
     kwargs = req.extra_step_kwargs or {}
     caches: dict[str, torch.Tensor] = {}
     if switch_of(plan) != (req.switch.step if req.switch is not None else 0):
@@ -71,18 +84,21 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         if step.cfg:
-            context = cfg_embeds
+            context, cond = cfg_embeds, cfg_added
         elif CROSS_ATTN in step.reads:
-            context = negative   # as T-GATE after its gate step; every attn2 reads the cache instead
+            context, cond = negative, negative_added   # as T-GATE after its gate step; every attn2 reads the cache
         else:
-            context = embeds
+            context, cond = embeds, added
         bucket = Bucket(model_input.shape[0], model_input.shape[2], model_input.shape[3], context.shape[1],
                         model_input.dtype)
         variant = store.get(step.variant, bucket, req.cache_branch)
         timestep = t.to(torch.float32).expand(model_input.shape[0])
-        inputs = [model_input, timestep, context]
-        inputs += [caches[name] for name in variant.inputs[len(inputs):]]
-        noise_pred, *written = variant(*inputs)
+        values = {req.latent_input: model_input, "timestep": timestep, "encoder_hidden_states": context, **cond,
+                  **caches}
+        missing = [name for name in variant.inputs if name not in values]
+        if missing:
+            raise ValueError(f"step {step.index} ({step.variant}) needs input(s) {', '.join(missing)}")
+        noise_pred, *written = variant(*(values[name] for name in variant.inputs))
         for name, value in zip(variant.outputs[1:], written):
             if name.startswith(CROSS_ATTN + ":") and step.cfg:
                 value = reduce_cross_attn(value, req.cross_attn_cache, req.guidance_scale)
@@ -92,6 +108,8 @@ def denoise(store: VariantStore, scheduler, plan: list[Step], req: DenoiseReques
             noise_pred = uncond + req.guidance_scale * (text - uncond)
             if req.guidance_rescale > 0:
                 noise_pred = rescale_noise_cfg(noise_pred, text, req.guidance_rescale)
+        if noise_pred.shape[1] == 2 * latents.shape[1]:
+            noise_pred = noise_pred.chunk(2, dim=1)[0]   # learned variance (PixArt): the pipeline keeps the mean
         if step.index == last_low:
             # The transition replaces this step's scheduler update: x0 from this output, re-noised to the
             # next timestep at full resolution.

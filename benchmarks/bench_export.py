@@ -1,0 +1,135 @@
+"""Export time and artifact size for a full-size architecture with random weights.
+
+    python benchmarks/bench_export.py [--family sd15] [--preset fast] [--resolution 768x768] [--dtype float16]
+                                      [--formats pt2,onnx] [--name NAME]
+
+Writes a seeded random-weight checkpoint of the family's real architecture as a diffusers model folder
+(no download), compiles it with `postdiff-compile` (the library call the CLI makes) and prints, and writes
+to benchmarks/results/NAME.{json,md}, the time of every stage and the size of every file. The machine is
+named in the results. Expect minutes to tens of minutes on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from postdiff_compile.cli import parse_resolution
+from postdiff_compile.compile import compile_artifact
+from postdiff_compile.config import ConfigRequest
+from postdiff_compile.models.families import get_family
+
+
+def random_checkpoint(family_name: str, dtype: torch.dtype, folder: Path, seed: int = 0) -> Path:
+    """A diffusers model folder (config.json + weights) of the family's architecture, random weights."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    family = get_family(family_name)
+    config = {k: v for k, v in family.config().items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    model = getattr(diffusers, family.denoiser_class).from_config(config).to(dtype)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": family.denoiser_class, **dict(model.config)},
+                                                   default=list))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="sd15")
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--resolution", type=parse_resolution, default=(768, 768))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--formats", default="pt2,onnx")
+    parser.add_argument("--name", help="results file stem (default: export_FAMILY_PRESET_RES_DTYPE)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--keep", type=Path, help="keep the artifact here instead of deleting it")
+    args = parser.parse_args()
+    h, w = args.resolution
+    name = args.name or f"export_{args.family}_{args.preset}_{h}x{w}_{args.dtype}"
+
+    work = Path(tempfile.mkdtemp(prefix="postdiff-bench-export-"))
+    try:
+        t = time.perf_counter()
+        source = random_checkpoint(args.family, getattr(torch, args.dtype), work / "unet")
+        source_seconds = time.perf_counter() - t
+        source_bytes = sum(p.stat().st_size for p in source.iterdir())
+        print(f"random {args.family} checkpoint: {source_bytes / 1e9:.3f} GB in {source_seconds:.1f} s", flush=True)
+
+        class Print:
+            def stage(self, stage, total=None):
+                self.t = time.perf_counter()
+                print(f"  {stage} ...", flush=True)
+                return lambda advance: None
+
+            def done(self, stage):
+                print(f"  {stage}: {time.perf_counter() - self.t:.1f} s", flush=True)
+
+        out = args.keep or work / "artifact"
+        result = compile_artifact(str(source), ConfigRequest(args.preset), out, args.resolution, args.steps,
+                                  force=args.keep is not None, dtype=args.dtype, progress=Print(), formats=args.formats)
+        files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+        by_format: dict[str, int] = {}
+        for v in result.manifest["variants"]:
+            for fmt, entry in v["files"].items():
+                by_format[fmt] = by_format.get(fmt, 0) + entry["bytes"]
+        if result.manifest["weights"]:
+            by_format["onnx"] = by_format.get("onnx", 0) + result.manifest["weights"]["bytes"]
+        stage_groups: dict[str, float] = {}
+        for stage, seconds in result.stages.items():
+            group = " ".join(stage.split(" ")[:-1]) if "@" in stage else stage
+            stage_groups[group] = stage_groups.get(group, 0.0) + seconds
+        record = {
+            "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU used",
+            "family": args.family, "preset": args.preset, "resolution": [h, w], "steps": args.steps,
+            "dtype": args.dtype, "formats": result.manifest["formats"], "source_bytes": source_bytes,
+            "total_seconds": result.seconds, "stages": result.stages, "stage_groups": stage_groups,
+            "artifact_bytes": sum(files.values()), "bytes_by_format": by_format, "files": files,
+            "variants": [{"id": v["id"], "rel_l2_error": v["verification"]["rel_l2_error"],
+                          "onnx_rel_l2_error": v["files"].get("onnx", {}).get("verification", {}).get("rel_l2_error"),
+                          "reference": v["verification"]["reference"]} for v in result.manifest["variants"]],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    lines = [f"# Export: {args.family} `{args.preset}` at {h}x{w}, {args.dtype}, formats {', '.join(record['formats'])}",
+             "", f"Machine: {record['machine']}. Random weights (seed 0), `{args.steps}` steps.", "",
+             f"Total compile time **{record['total_seconds']:.0f} s**; artifact **{record['artifact_bytes'] / 1e9:.2f} GB** "
+             f"(checkpoint {source_bytes / 1e9:.2f} GB).", "",
+             "| stage (summed over variants) | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in record["stage_groups"].items()]
+    lines += ["", "| format | bytes |", "|---|---|"] + [f"| {k} | {v / 1e9:.3f} GB |" for k, v in by_format.items()]
+    lines += ["", "| variant | rel L2 (torch rewrite) | rel L2 (onnxruntime) | reference |", "|---|---|---|---|"]
+    lines += [f"| {v['id']} | {v['rel_l2_error']:.2e} | "
+              f"{'' if v['onnx_rel_l2_error'] is None else format(v['onnx_rel_l2_error'], '.2e')} | {v['reference']} |"
+              for v in record["variants"]]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.results / f"{name}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

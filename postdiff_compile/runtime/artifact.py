@@ -1,0 +1,197 @@
+"""`load(DIR, backend)`: execute a compiled artifact from its files alone.
+
+The runner rebuilds the artifact's scheduler from the manifest, draws the initial latent as diffusers'
+`prepare_latents` does, and walks the manifest's plan with the same loop as `optimize(pipe)` (denoise.py),
+over the variant files opened on a backend, with the transition between resolutions. Before anything
+runs, the artifact is validated: manifest checksum, format version and schema, every file's size and
+sha256, and the toolchain the chosen backend needs. A mismatch is one error naming the file.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..capture import Bucket
+from ..errors import PostDiffError
+from ..exporters.manifest import MANIFEST, check_files, read_manifest
+from ..plan import Step, switch_of
+from .backends import BACKENDS, FORMAT_OF, BackendVariant, open_variant
+from .denoise import DenoiseRequest, denoise
+from .transition import Switch, alpha_bars
+
+ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = version.split("+")[0].split(".")
+    return int(parts[0]), int(parts[1])
+
+
+def check_toolchain(folder: Path, manifest: dict, backend: str) -> None:
+    """Refuse what this machine cannot run faithfully, naming the file and what to do."""
+    path = Path(folder) / MANIFEST
+    fmt = FORMAT_OF[backend]
+    if fmt not in manifest["formats"]:
+        raise PostDiffError(f"the artifact has no {fmt} files for backend {backend!r} (it has "
+                            f"{', '.join(manifest['formats'])}); recompile with --format {fmt}", path)
+    if backend == "torch":
+        built = manifest["toolchain"]["torch"]
+        if _major_minor(built) > _major_minor(torch.__version__):
+            raise PostDiffError(f"the .pt2 programs were saved by torch {built}, newer than this torch "
+                                f"{torch.__version__}; torch.export programs load on the same or a newer torch", path)
+    if backend == "tensorrt":
+        from ..exporters.tensorrt_export import check_tensorrt, device_key
+
+        check_tensorrt()
+        here = device_key()
+        for variant in manifest["variants"]:
+            engine = variant["files"]["tensorrt"]
+            for key in ("tensorrt", "compute_capability"):
+                if engine[key] != here[key]:
+                    raise PostDiffError(
+                        f"engine built with {key.replace('_', ' ')} {engine[key]}, this machine has {here[key]}: a "
+                        "TensorRT engine runs only where it was built; rebuild with --format tensorrt here",
+                        Path(folder) / engine["file"])
+
+
+def make_scheduler(config: dict) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"], None)
+    if cls is None:
+        raise PostDiffError(f"unknown scheduler class {config['_class_name']!r} in the manifest")
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+@dataclass
+class _Variants:
+    """The VariantSource of an artifact: variants by (name, batch, latent size)."""
+    by_key: dict[tuple[str, int, int, int], BackendVariant]
+
+    def get(self, name: str, bucket: Bucket, cache_branch: int = 0) -> BackendVariant:
+        key = (name, bucket.batch, bucket.latent_height, bucket.latent_width)
+        if key not in self.by_key:
+            raise PostDiffError(f"the artifact has no variant {name} for batch {bucket.batch} at latent "
+                                f"{bucket.latent_height}x{bucket.latent_width}")
+        return self.by_key[key]
+
+
+class ArtifactRunner:
+    """Text embeddings in, latents out, on one backend. Made by `load`."""
+
+    def __init__(self, folder: Path, manifest: dict, backend: str, device: torch.device):
+        self.folder, self.manifest, self.backend, self.device = Path(folder), manifest, backend, device
+        self.dtype = getattr(torch, manifest["denoiser"]["dtype"])
+        self.plan = [Step(s["index"], s["variant"], s["cfg"], tuple(s["reads"]), tuple(s["writes"]),
+                          s["resolution"] == "low") for s in manifest["plan"]]
+        self.variants = _Variants({(v["name"], v["batch"], *v["latent_size"]): open_variant(backend, folder, v, device)
+                                   for v in manifest["variants"]})
+        first = manifest["variants"][0]["inputs"]
+        self.latent_input = first[0]["name"]
+        self.latent_channels = first[0]["shape"][1]
+        self.text = {i["name"]: i for i in first}["encoder_hidden_states"]
+        self.added_inputs = [i["name"] for i in first if i["name"] in ADDED_INPUTS]
+        self.scheduler = make_scheduler(manifest["scheduler"])
+        self._check_scheduler()
+
+    @property
+    def steps(self) -> int:
+        return self.manifest["steps"]
+
+    def _check_scheduler(self) -> None:
+        """The transition's numbers come from the scheduler; a diffusers that computes others must not run it."""
+        transition = self.manifest["transition"]
+        if transition is None:
+            return
+        self.scheduler.set_timesteps(self.steps)
+        step = transition["switch_step"]
+        abar, abar_next = alpha_bars(self.scheduler, self.scheduler.timesteps, step - 1)
+        got = (int(self.scheduler.timesteps[step - 1]), int(self.scheduler.timesteps[step]))
+        if got != (transition["timestep_t"], transition["timestep_next"]) or \
+                abs(abar - transition["alpha_bar_t"]) > 1e-6 or abs(abar_next - transition["alpha_bar_next"]) > 1e-6:
+            raise PostDiffError(f"this diffusers' {type(self.scheduler).__name__} gives timesteps {got} and alpha_bar "
+                                f"({abar:.6g}, {abar_next:.6g}) at the switch, the manifest ({transition['timestep_t']}, "
+                                f"{transition['timestep_next']}) and ({transition['alpha_bar_t']:.6g}, "
+                                f"{transition['alpha_bar_next']:.6g})", self.folder / MANIFEST)
+
+    def _check_embeds(self, name: str, tensor: torch.Tensor | None, shape: list[int]) -> torch.Tensor:
+        if tensor is None:
+            raise PostDiffError(f"the artifact needs {name} of shape {[1, *shape[1:]]}")
+        if list(tensor.shape) != [1, *shape[1:]]:
+            raise PostDiffError(f"{name} must have shape {[1, *shape[1:]]} (one image per call; the artifact was "
+                                f"compiled for text length {shape[1]}), got {list(tensor.shape)}")
+        return tensor.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
+                 added_cond: dict[str, torch.Tensor] | None = None,
+                 negative_added_cond: dict[str, torch.Tensor] | None = None,
+                 seed: int | None = None, generator: torch.Generator | None = None, guidance_scale: float = 7.5,
+                 on_step=None) -> torch.Tensor:
+        """Latents [1, C, H, W] of one image. Without a generator, `seed` (default 0) seeds one on the device."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = self.text["shape"]
+        embeds = self._check_embeds("prompt_embeds", prompt_embeds, shape)
+        negative = None
+        if any(step.cfg for step in self.plan):
+            negative = self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, shape)
+        added = negative_added = None
+        if self.added_inputs:
+            specs = {i["name"]: i["shape"] for i in self.manifest["variants"][0]["inputs"]}
+            added = {k: self._check_embeds(k, (added_cond or {}).get(k), specs[k]) for k in self.added_inputs}
+            negative_added = {k: self._check_embeds(f"negative {k}", (negative_added_cond or added_cond or {}).get(k),
+                                                    specs[k]) for k in self.added_inputs}
+        if generator is None:
+            generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
+        scheduler = self.scheduler
+        scheduler.set_timesteps(self.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        transition = self.manifest["transition"]
+        full = (self.manifest["resolution"]["latent_height"], self.manifest["resolution"]["latent_width"])
+        start = tuple(transition["low_latent_size"]) if transition else full
+        switch = None
+        if transition is not None:
+            if switch_of(self.plan) != transition["switch_step"]:
+                raise PostDiffError("the plan and the transition disagree on the switch step", self.folder / MANIFEST)
+
+            def restart(begin: int) -> None:
+                scheduler.set_timesteps(self.steps, device=self.device)
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(begin)
+
+            switch = Switch(transition["switch_step"], full, transition["prediction_type"], transition["renoise"],
+                            transition["clamp_x0"], generator, restart)
+        # The draw diffusers' prepare_latents makes for this latent size.
+        latents = randn_tensor((1, self.latent_channels, *start), generator=generator, device=self.device,
+                               dtype=self.dtype) * scheduler.init_noise_sigma
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
+        request = DenoiseRequest(latents, timesteps, embeds, negative, guidance_scale, 0.0, extra,
+                                 self.manifest["config"].get("cache_branch", 0),
+                                 self.manifest["config"].get("cross_attn_cache", "off"), switch, added,
+                                 negative_added, self.latent_input)
+        return denoise(self.variants, scheduler, self.plan, request, on_step=on_step)
+
+
+def load(folder: str | Path, backend: str = "torch", device: str | torch.device | None = None,
+         verify_files: bool = True) -> ArtifactRunner:
+    """Validate an artifact folder and open it on `backend` ("torch", "onnxruntime" or "tensorrt").
+
+    Refuses, with an error naming the file: an edited or damaged manifest, a missing, damaged or replaced
+    file, a format version or schema it does not know, and a toolchain the backend cannot use (a TensorRT
+    engine from another TensorRT version or GPU architecture, .pt2 programs from a newer torch).
+    """
+    if backend not in BACKENDS:
+        raise PostDiffError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if verify_files:
+        check_files(folder, manifest)
+    check_toolchain(folder, manifest, backend)
+    device = torch.device(device if device is not None else ("cuda" if backend == "tensorrt" else "cpu"))
+    return ArtifactRunner(folder, manifest, backend, device)

@@ -1,0 +1,257 @@
+"""Artifacts on several backends: ONNX export, manifest v1, `load(DIR, backend)`, and refusal of damaged artifacts.
+
+The torch runner is checked against `optimize(pipe)` (the in-memory runtime, itself checked against diffusers
+and the peers), and the onnxruntime runner against the torch runner over whole 20-step generations.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from tiny_models import text_embeddings, tiny_denoiser, tiny_sd_pipeline
+
+import postdiff_compile
+from postdiff_compile.capture import rel_l2
+from postdiff_compile.compile import compile_artifact
+from postdiff_compile.config import PRESETS, ConfigRequest
+from postdiff_compile.errors import PostDiffError
+from postdiff_compile.exporters.manifest import SCHEMA, read_manifest, validate
+from postdiff_compile.runtime.artifact import make_scheduler
+
+PRESET_NAMES = list(PRESETS)          # none, quality, balanced, fast
+RESOLUTION = (128, 128)               # latent 16x16, low resolution 8x8
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline("sd15")
+
+
+@pytest.fixture(scope="module")
+def artifacts(pipe, tmp_path_factory):
+    """One pt2+onnx artifact per preset, compiled from the pipeline's own U-Net."""
+    root = tmp_path_factory.mktemp("artifacts")
+    return {name: compile_artifact(pipe.unet, ConfigRequest(name), root / name, RESOLUTION, 20,
+                                   formats="pt2,onnx").out for name in PRESET_NAMES}
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_onnxruntime_runner_equals_torch_runner(artifacts, preset):
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    by_torch = postdiff_compile.load(artifacts[preset], "torch")(cond, uncond, seed=3, guidance_scale=7.5)
+    by_ort = postdiff_compile.load(artifacts[preset], "onnxruntime")(cond, uncond, seed=3, guidance_scale=7.5)
+    assert by_torch.shape == (1, 4, 16, 16)
+    assert torch.isfinite(by_torch).all()
+    assert rel_l2(by_ort, by_torch) <= 1e-4
+    # A different seed gives a different image: the comparison is not between two constants.
+    other = postdiff_compile.load(artifacts[preset], "onnxruntime")(cond, uncond, seed=4, guidance_scale=7.5)
+    assert rel_l2(other, by_torch) > 1e-2
+
+
+@pytest.mark.parametrize("preset", ["none", "fast"])
+def test_torch_runner_equals_the_in_memory_runtime(pipe, artifacts, preset):
+    cond, uncond = text_embeddings(1, 77, 768, seed=6)
+    runner = postdiff_compile.load(artifacts[preset], "torch")
+    got = runner(cond, uncond, seed=11, guidance_scale=5.0)
+    pipe.scheduler = make_scheduler(runner.manifest["scheduler"])   # the artifact's own scheduler
+    postdiff_compile.optimize(pipe, preset=preset)
+    try:
+        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=RESOLUTION[0], width=RESOLUTION[1],
+                        num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(11),
+                        output_type="latent").images
+    finally:
+        postdiff_compile.restore(pipe)
+    assert rel_l2(got, expected) <= 1e-5
+
+
+def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    manifest = read_manifest(artifacts["fast"])
+    assert manifest["format_version"] == 1 and manifest["formats"] == ["pt2", "onnx"]
+    ids = {v["id"] for v in manifest["variants"]}
+    assert {s["variant_id"] for s in manifest["plan"]} == ids            # every variant is used, every step has one
+    for step in manifest["plan"]:
+        variant = next(v for v in manifest["variants"] if v["id"] == step["variant_id"])
+        assert variant["name"] == step["variant"] and variant["batch"] == (2 if step["cfg"] else 1)
+    kinds = {v["name"] for v in manifest["variants"]}
+    assert {"shallow", "full+write_dc", "full+write_ca", "shallow+read_ca", "full+write_dc+read_ca"} <= kinds
+    for v in manifest["variants"]:
+        assert v["flops"]["paper"] > 0 and v["flops"]["true"] > v["flops"]["paper"]
+        assert v["verification"]["rel_l2_error"] <= 1e-6
+        assert v["files"]["onnx"]["verification"]["rel_l2_error"] <= 1e-5
+    shallow = next(v for v in manifest["variants"] if v["name"] == "shallow")
+    full = next(v for v in manifest["variants"] if v["name"] == "full+write_dc" and v["batch"] == 2)
+    assert shallow["flops"]["paper"] < 0.6 * full["flops"]["paper"]   # the deep blocks are gone
+    broken = {k: v for k, v in manifest.items() if k != "plan"}
+    with pytest.raises(PostDiffError, match="plan"):
+        validate(broken, Path("manifest.json"))
+
+
+def test_onnx_graphs_name_inputs_and_weights_as_the_model_does(artifacts, pipe):
+    folder = artifacts["fast"]
+    manifest = read_manifest(folder)
+    state = pipe.unet.state_dict()
+    used = set()
+    for v in manifest["variants"]:
+        model = onnx.load(str(folder / v["files"]["onnx"]["file"]), load_external_data=False)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+        assert [i.name for i in model.graph.input] == [i["name"] for i in v["inputs"]]
+        assert [o.name for o in model.graph.output] == [o["name"] for o in v["outputs"]]
+        external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        for tensor in external:
+            info = {e.key: e.value for e in tensor.external_data}
+            assert info["location"] == "weights.bin"
+            assert tensor.name in state, tensor.name          # initializer name = diffusers state-dict key
+            assert list(tensor.dims) == list(state[tensor.name].shape)
+            used.add(tensor.name)
+        assert sum(t.ByteSize() for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL) < 4096
+    assert used == set(state)                       # every weight is in some graph, under its own name ...
+    weights = (folder / "weights.bin").stat().st_size
+    exact = sum(t.numel() * t.element_size() for t in state.values())
+    assert exact <= weights < exact * 1.05          # ... and stored once for all variants
+
+
+def test_a_weight_read_from_the_shared_file_is_the_models(artifacts, pipe):
+    folder = artifacts["balanced"]
+    v = read_manifest(folder)["variants"][0]
+    model = onnx.load(str(folder / v["files"]["onnx"]["file"]))   # resolves weights.bin
+    tensor = next(t for t in model.graph.initializer if t.name == "conv_in.weight")
+    assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(tensor).copy()), pipe.unet.state_dict()["conv_in.weight"])
+
+
+# --- a damaged artifact is refused, naming the file -------------------------------------------------------------
+
+
+@pytest.fixture
+def copy(artifacts, tmp_path):
+    folder = tmp_path / "art"
+    shutil.copytree(artifacts["balanced"], folder)
+    return folder
+
+
+def flip_byte(path: Path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def files_of(folder: Path, fmt: str) -> list[Path]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [folder / v["files"][fmt]["file"] for v in manifest["variants"]]
+
+
+@pytest.mark.parametrize("which", ["pt2", "onnx", "weights"])
+def test_a_corrupted_file_is_refused(copy, which):
+    path = copy / "weights.bin" if which == "weights" else files_of(copy, which)[-1]
+    flip_byte(path)
+    for backend in ("torch", "onnxruntime"):
+        with pytest.raises(PostDiffError, match="does not match its sha256") as err:
+            postdiff_compile.load(copy, backend)
+        assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("which", ["pt2", "onnx", "weights", "manifest.sha256", "manifest.json"])
+def test_a_deleted_file_is_refused(copy, which):
+    path = {"weights": copy / "weights.bin", "manifest.sha256": copy / "manifest.sha256",
+            "manifest.json": copy / "manifest.json"}.get(which) or files_of(copy, which)[0]
+    path.unlink()
+    with pytest.raises(PostDiffError, match="missing") as err:
+        postdiff_compile.load(copy, "onnxruntime")
+    assert str(path) in str(err.value)
+
+
+def test_an_edited_manifest_is_refused(copy):
+    path = copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["plan"][3]["cfg"] = not manifest["plan"][3]["cfg"]
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    with pytest.raises(PostDiffError, match="edited") as err:
+        postdiff_compile.load(copy, "torch")
+    assert str(path) in str(err.value)
+
+
+def test_a_manifest_edited_with_its_checksum_still_meets_the_schema_and_the_files(copy):
+    import hashlib
+
+    path = copy / "manifest.json"
+
+    def rewrite(manifest):
+        text = (json.dumps(manifest, indent=2) + "\n").encode()
+        path.write_bytes(text)
+        (copy / "manifest.sha256").write_text(f"{hashlib.sha256(text).hexdigest()}  manifest.json\n")
+
+    original = json.loads(path.read_text())
+    rewrite({**original, "plan": [{**s, "resolution": "half"} for s in original["plan"]]})
+    with pytest.raises(PostDiffError, match="not a valid format-1 manifest: at plan/0/resolution") as err:
+        postdiff_compile.load(copy, "torch")
+    assert str(path) in str(err.value)
+    rewrite({**original, "format_version": 2})
+    with pytest.raises(PostDiffError, match="format version 2"):
+        postdiff_compile.load(copy, "torch")
+    variants = json.loads(json.dumps(original["variants"]))
+    variants[0]["files"]["onnx"]["sha256"] = "0" * 64
+    rewrite({**original, "variants": variants})
+    with pytest.raises(PostDiffError, match="does not match its sha256") as err:
+        postdiff_compile.load(copy, "onnxruntime")
+    assert variants[0]["files"]["onnx"]["file"] in str(err.value)
+
+
+def test_a_backend_without_its_files_is_refused(tmp_path, pipe):
+    out = compile_artifact(pipe.unet, ConfigRequest("none"), tmp_path / "pt2only", RESOLUTION, 2).out
+    with pytest.raises(PostDiffError, match="no onnx files .* --format onnx"):
+        postdiff_compile.load(out, "onnxruntime")
+    with pytest.raises(PostDiffError, match="unknown backend"):
+        postdiff_compile.load(out, "tflite")
+
+
+def test_the_runner_checks_its_inputs(artifacts):
+    runner = postdiff_compile.load(artifacts["none"], "torch")
+    cond, uncond = text_embeddings(1, 77, 768)
+    with pytest.raises(PostDiffError, match=r"prompt_embeds must have shape \[1, 77, 768\]"):
+        runner(torch.cat([cond, cond]), uncond)
+    with pytest.raises(PostDiffError, match="negative_prompt_embeds"):
+        runner(cond, None)
+
+
+def test_an_onnx_graph_that_disagrees_with_torch_fails_the_build(tmp_path, pipe, monkeypatch):
+    from postdiff_compile.capture import Verification
+    from postdiff_compile.exporters import onnx_export
+
+    monkeypatch.setattr(onnx_export, "verify_onnx", lambda *args: Verification(0.5, 0.1, 1))
+    with pytest.raises(PostDiffError, match="ONNX graph of variant full@b2_16x16 differs .* 0.1 > 0.0001"):
+        compile_artifact(pipe.unet, ConfigRequest("none"), tmp_path / "bad", RESOLUTION, 2, formats="onnx")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())   # nothing half-written is left
+
+
+def test_format_names_are_checked():
+    from postdiff_compile.compile import parse_formats
+
+    assert parse_formats("onnx, PT2") == ("pt2", "onnx")
+    with pytest.raises(PostDiffError, match="unknown format tflite"):
+        parse_formats("pt2,tflite")
+
+
+# --- families with added conditioning -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,preset", [("sdxl", "balanced"), ("pixart_alpha", "quality")])
+def test_other_families_run_on_both_backends(tmp_path, family, preset):
+    model = tiny_denoiser(family)
+    out = compile_artifact(model, ConfigRequest(preset), tmp_path / family, (256, 256), 8, formats="pt2,onnx").out
+    runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
+    runner = runners["torch"]
+    spec = runner.text["shape"]
+    cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
+    added = {}
+    if family == "sdxl":
+        assert runner.added_inputs == ["text_embeds", "time_ids"]
+        added = {"text_embeds": torch.randn(1, 1280, generator=torch.Generator().manual_seed(1)),
+                 "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]])}
+    results = [r(cond, uncond, added_cond=added or None, seed=1, guidance_scale=4.5) for r in runners.values()]
+    assert results[0].shape == (1, 4, 32, 32) and torch.isfinite(results[0]).all()
+    assert rel_l2(results[1], results[0]) <= 1e-4

@@ -1,0 +1,119 @@
+"""`postdiff-compile --format`, `run DIR` and `inspect DIR` end to end."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_cli import assert_one_error, run_cli
+from tiny_models import text_embeddings, tiny_denoiser, write_checkpoint
+
+import postdiff_compile
+from postdiff_compile.capture import rel_l2
+from postdiff_compile.cli import main
+from postdiff_compile.exporters.tensorrt_export import unavailable_reason
+
+TRT_MISSING = unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def reference_artifact(tmp_path_factory):
+    """The embedded default (the reference model) compiled with `fast` into pt2 and ONNX."""
+    out = tmp_path_factory.mktemp("ref") / "fast"
+    assert main(["--preset", "fast", "--format", "pt2,onnx", "--out", str(out)]) == 0
+    return out
+
+
+def test_run_writes_latents_and_an_image_on_both_backends(reference_artifact, tmp_path, capsys):
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        code, stdout, err = run_cli(capsys, "run", reference_artifact, "--backend", backend, "--seed", "7", "--out", out)
+        assert code == 0, err
+        assert "latents.safetensors, image.png" in stdout and "20 steps" in stdout
+        results[backend] = load_file(str(out / "latents.safetensors"))["latents"]
+        from PIL import Image
+
+        assert Image.open(out / "image.png").size == (32, 32)
+    assert results["torch"].shape == (1, 3, 32, 32)
+    assert rel_l2(results["onnxruntime"], results["torch"]) <= 1e-4
+    # Another prompt gives another image.
+    code, _, err = run_cli(capsys, "run", reference_artifact, "--seed", "7", "--out", tmp_path / "p",
+                           "--prompt", "large green triangle bottom right, on plain white")
+    assert code == 0, err
+    assert rel_l2(load_file(str(tmp_path / "p" / "latents.safetensors"))["latents"], results["torch"]) > 0.05
+
+
+def test_inspect_prints_plan_flops_and_verification(reference_artifact, capsys):
+    code, stdout, _ = run_cli(capsys, "inspect", reference_artifact)
+    assert code == 0
+    manifest = json.loads((reference_artifact / "manifest.json").read_text())
+    for v in manifest["variants"]:
+        assert v["id"] in stdout
+    assert "transition after step 9" in stdout and "total" in stdout
+    step_lines = [line for line in stdout.splitlines() if line.strip().split(" ")[0].isdigit()]
+    assert len(step_lines) == 20
+    total = sum(next(v for v in manifest["variants"] if v["id"] == s["variant_id"])["flops"]["paper"]
+                for s in manifest["plan"])
+    assert f"{total / 1e9:.3f}" in stdout
+    code, stdout, _ = run_cli(capsys, "inspect", reference_artifact, "--json")
+    assert code == 0 and json.loads(stdout)["format_version"] == 1
+
+
+def test_run_on_a_checkpoint_artifact_needs_embeddings(tmp_path, capsys):
+    ckpt = write_checkpoint(tiny_denoiser("sd15"), tmp_path / "tiny.safetensors", "ldm")
+    art = tmp_path / "art"
+    code, _, err = run_cli(capsys, ckpt, "--out", art, "--resolution", "64x64", "--steps", "4")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "run", art, "--out", tmp_path / "r")
+    assert_one_error(code, err, "--embeddings", "[1, 77, 768]")
+    cond, uncond = text_embeddings(1, 77, 768)
+    save_file({"prompt_embeds": cond, "negative_prompt_embeds": uncond}, str(tmp_path / "e.safetensors"))
+    code, stdout, err = run_cli(capsys, "run", art, "--embeddings", tmp_path / "e.safetensors", "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "latents only" in stdout and sorted(p.name for p in (tmp_path / "r").iterdir()) == ["latents.safetensors"]
+    expected = postdiff_compile.load(art)(cond, uncond, seed=0, guidance_scale=7.5)
+    assert torch.equal(load_file(str(tmp_path / "r" / "latents.safetensors"))["latents"], expected)
+    save_file({"prompt_embeds": cond}, str(tmp_path / "half.safetensors"))
+    code, _, err = run_cli(capsys, "run", art, "--embeddings", tmp_path / "half.safetensors", "--out", tmp_path / "r2")
+    assert_one_error(code, err, "negative_prompt_embeds", "half.safetensors")
+
+
+def test_bad_artifact_folders_are_one_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", tmp_path / "nowhere")
+    assert_one_error(code, err, "nowhere")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "empty")
+    assert_one_error(code, err, "manifest.json", "missing")
+
+
+def test_unknown_format_is_one_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--format", "pt2,tflite", "--out", tmp_path / "x")
+    assert_one_error(code, err, "unknown format tflite")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT and a GPU are present: the build test below runs instead")
+def test_tensorrt_without_tensorrt_is_one_clear_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--format", "tensorrt", "--out", tmp_path / "x")
+    assert_one_error(code, err, "tensorrt", "--format pt2,onnx", TRT_MISSING)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(TRT_MISSING is not None, reason=f"TensorRT engines cannot be built here: {TRT_MISSING}")
+def test_tensorrt_engines_build_verify_and_run(tmp_path):
+    from postdiff_compile.compile import compile_artifact
+    from postdiff_compile.config import ConfigRequest
+
+    model = tiny_denoiser("sd15").cuda()
+    out = compile_artifact(model, ConfigRequest("fast"), tmp_path / "trt", (128, 128), 20, formats="pt2,tensorrt").out
+    assert json.loads((out / "manifest.json").read_text())["formats"] == ["pt2", "onnx", "tensorrt"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for v in manifest["variants"]:
+        engine = v["files"]["tensorrt"]
+        assert engine["file"].endswith(f".trt{engine['tensorrt']}.sm{engine['compute_capability'].replace('.', '')}.engine")
+        assert engine["verification"]["rel_l2_error"] <= 1e-3
+    cond, uncond = text_embeddings(1, 77, 768)
+    by_trt = postdiff_compile.load(out, "tensorrt")(cond, uncond, seed=0).cpu()
+    by_torch = postdiff_compile.load(out, "torch", device="cuda")(cond, uncond, seed=0).cpu()   # same CUDA noise
+    assert rel_l2(by_trt, by_torch) <= 1e-3
