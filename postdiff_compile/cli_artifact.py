@@ -177,7 +177,6 @@ def _decoder(manifest: dict):
 def _run(args: argparse.Namespace) -> int:
     import time
 
-    import torch
     from safetensors.torch import save_file
 
     from .exporters.atomic_dir import atomic_dir, check_target

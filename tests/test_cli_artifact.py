@@ -1,6 +1,5 @@
 """`postdiff-compile --format`, `run DIR` and `inspect DIR` end to end."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
