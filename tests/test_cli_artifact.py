@@ -17,9 +17,10 @@ TRT_MISSING = unavailable_reason()
 
 @pytest.fixture(scope="module")
 def reference_artifact(tmp_path_factory):
-    """The embedded default (the reference model) compiled with `fast` into pt2 and ONNX."""
-    out = tmp_path_factory.mktemp("ref") / "fast"
-    assert main(["--preset", "fast", "--format", "pt2,onnx", "--out", str(out)]) == 0
+    """The embedded default (the reference model) compiled with `quality` into pt2 and ONNX (two variants: the
+    presets' equality across backends is test_artifact.py's)."""
+    out = tmp_path_factory.mktemp("ref") / "quality"
+    assert main(["--preset", "quality", "--format", "pt2,onnx", "--out", str(out)]) == 0
     return out
 
 
@@ -116,3 +117,18 @@ def test_tensorrt_engines_build_verify_and_run(tmp_path):
     by_trt = postdiff_compile.load(out, "tensorrt")(cond, uncond, seed=0).cpu()
     by_torch = postdiff_compile.load(out, "torch", device="cuda")(cond, uncond, seed=0).cpu()   # same CUDA noise
     assert rel_l2(by_trt, by_torch) <= 1e-3
+
+
+def test_engine_names_and_timing_caches_are_keyed_by_everything_an_engine_depends_on(tmp_path, monkeypatch):
+    from postdiff_compile.exporters.tensorrt_export import engine_file_name, timing_cache_path
+
+    monkeypatch.setenv("POSTDIFF_CACHE_DIR", str(tmp_path))
+    h100 = {"tensorrt": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3"}
+    name = engine_file_name("shallow+read_ca@b1_96x96", "float16", h100)
+    assert name == "shallow-read_ca@b1_96x96.float16.trt10.9.0.sm90.engine"
+    assert engine_file_name("shallow+read_ca@b1_48x48", "float16", h100) != name          # resolution
+    assert engine_file_name("shallow+read_ca@b1_96x96", "bfloat16", h100) != name         # precision
+    assert engine_file_name("shallow+read_ca@b1_96x96", "float16", {**h100, "tensorrt": "10.8.0"}) != name
+    caches = {timing_cache_path(h100), timing_cache_path({**h100, "gpu": "NVIDIA L4", "compute_capability": "8.9"}),
+              timing_cache_path({**h100, "tensorrt": "10.8.0"})}
+    assert len(caches) == 3 and all(p.parent == tmp_path / "tensorrt" for p in caches)
