@@ -132,11 +132,18 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
     from transformers.utils import logging as transformers_logging
 
     from .reference import load_pipeline
+    from .reference.scenes import vocabulary
 
+    prompt = args.prompt or DEFAULT_PROMPT
+    known = set(vocabulary())
+    unknown = [w for w in dict.fromkeys(prompt.replace(",", " ").split()) if w not in known]
+    if unknown:   # the word-level tokenizer would read them as [UNK] and draw something else, silently
+        raise PostDiffError(f"the reference model does not know the word(s) {', '.join(unknown)}; its vocabulary: "
+                            f"{' '.join(vocabulary())} (captions like {DEFAULT_PROMPT!r})")
     transformers_logging.disable_progress_bar()
     pipe = load_pipeline()
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(args.prompt or DEFAULT_PROMPT, torch.device("cpu"), 1, True, "")
+        cond, uncond = pipe.encode_prompt(prompt, torch.device("cpu"), 1, True, "")
     return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}, 4.0
 
 

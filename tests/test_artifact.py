@@ -176,14 +176,10 @@ def test_an_edited_manifest_is_refused(copy):
 
 
 def test_a_manifest_edited_with_its_checksum_still_meets_the_schema_and_the_files(copy):
-    import hashlib
-
     path = copy / "manifest.json"
 
     def rewrite(manifest):
-        text = (json.dumps(manifest, indent=2) + "\n").encode()
-        path.write_bytes(text)
-        (copy / "manifest.sha256").write_text(f"{hashlib.sha256(text).hexdigest()}  manifest.json\n")
+        rewrite_manifest(copy, manifest)
 
     original = json.loads(path.read_text())
     rewrite({**original, "plan": [{**s, "resolution": "half"} for s in original["plan"]]})
@@ -255,3 +251,48 @@ def test_other_families_run_on_both_backends(tmp_path, family, preset):
     results = [r(cond, uncond, added_cond=added or None, seed=1, guidance_scale=4.5) for r in runners.values()]
     assert results[0].shape == (1, 4, 32, 32) and torch.isfinite(results[0]).all()
     assert rel_l2(results[1], results[0]) <= 1e-4
+
+
+def rewrite_manifest(folder: Path, manifest: dict) -> None:
+    """Write a manifest with a matching checksum, as a tool that knows the format would."""
+    import hashlib
+
+    text = (json.dumps(manifest, indent=2) + "\n").encode()
+    (folder / "manifest.json").write_bytes(text)
+    (folder / "manifest.sha256").write_text(f"{hashlib.sha256(text).hexdigest()}  manifest.json\n")
+
+
+def test_programs_from_a_newer_torch_are_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["toolchain"]["torch"] = "9.1.0"
+    rewrite_manifest(copy, manifest)
+    with pytest.raises(PostDiffError, match="saved by torch 9.1.0, newer than this torch") as err:
+        postdiff_compile.load(copy, "torch")
+    assert "manifest.json" in str(err.value)
+    postdiff_compile.load(copy, "onnxruntime")          # the ONNX graphs do not depend on the torch version
+
+
+def test_a_stale_tensorrt_engine_is_refused(copy, monkeypatch):
+    """An engine built for another GPU architecture or TensorRT version is refused before it is deserialised
+    (the TensorRT and GPU checks are simulated: this runs without either)."""
+    from postdiff_compile.exporters import tensorrt_export
+    from postdiff_compile.exporters.manifest import sha256_file
+
+    built = {"tensorrt": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3"}
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for v in manifest["variants"]:
+        engine = copy / tensorrt_export.engine_file_name(v["id"], "float32", built)
+        engine.write_bytes(b"not really an engine " + v["id"].encode())
+        v["files"]["tensorrt"] = {"file": engine.name, "sha256": sha256_file(engine), "bytes": engine.stat().st_size,
+                                  "precision": "float32", **built,
+                                  "verification": {"max_abs_error": 0.0, "rel_l2_error": 0.0, "inputs_seed": 1,
+                                                   "reference": "simulated"}}
+    manifest["formats"] = ["pt2", "onnx", "tensorrt"]
+    rewrite_manifest(copy, manifest)
+    monkeypatch.setattr(tensorrt_export, "check_tensorrt", lambda: None)
+    for here, what in [({**built, "compute_capability": "8.9", "gpu": "NVIDIA L4"}, "compute capability 9.0, this "
+                        "machine has 8.9"), ({**built, "tensorrt": "10.10.0"}, "tensorrt 10.9.0, this machine has 10.10.0")]:
+        monkeypatch.setattr(tensorrt_export, "device_key", lambda here=here: here)
+        with pytest.raises(PostDiffError, match=what) as err:
+            postdiff_compile.load(copy, "tensorrt")
+        assert ".trt10.9.0.sm90.engine" in str(err.value) and "rebuild" in str(err.value)

@@ -39,7 +39,7 @@ def test_run_writes_latents_and_an_image_on_both_backends(reference_artifact, tm
     assert rel_l2(results["onnxruntime"], results["torch"]) <= 1e-4
     # Another prompt gives another image.
     code, _, err = run_cli(capsys, "run", reference_artifact, "--seed", "7", "--out", tmp_path / "p",
-                           "--prompt", "large green triangle bottom right, on plain white")
+                           "--prompt", "large green triangle bottom right, on beige")
     assert code == 0, err
     assert rel_l2(load_file(str(tmp_path / "p" / "latents.safetensors"))["latents"], results["torch"]) > 0.05
 
@@ -77,6 +77,13 @@ def test_run_on_a_checkpoint_artifact_needs_embeddings(tmp_path, capsys):
     save_file({"prompt_embeds": cond}, str(tmp_path / "half.safetensors"))
     code, _, err = run_cli(capsys, "run", art, "--embeddings", tmp_path / "half.safetensors", "--out", tmp_path / "r2")
     assert_one_error(code, err, "negative_prompt_embeds", "half.safetensors")
+
+
+def test_a_prompt_outside_the_reference_vocabulary_is_one_error(reference_artifact, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", reference_artifact, "--prompt", "a purple cat on plain white",
+                           "--out", tmp_path / "r")
+    assert_one_error(code, err, "purple", "cat", "vocabulary")
+    assert not (tmp_path / "r").exists()
 
 
 def test_bad_artifact_folders_are_one_error(tmp_path, capsys):

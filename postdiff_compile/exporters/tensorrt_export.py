@@ -23,9 +23,9 @@ NEEDS = ("TensorRT engines need the `tensorrt` Python package (pip install tenso
 
 def unavailable_reason() -> str | None:
     """Why TensorRT cannot build or run here, or None if it can."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
         return "the tensorrt package is not installed"
     import torch
 
