@@ -92,7 +92,8 @@ def format_inspection(folder: Path, m: dict) -> str:
               f"{'variant':34}  {'torch rewrite':>13}  " + "  ".join(f"{fmt:>10}" for fmt in m["formats"] if fmt != "pt2")
               + f"  {'MB':>8}"]
     for v in m["variants"]:
-        errs = [f"{v['files'][fmt]['verification']['rel_l2_error']:10.2e}" for fmt in m["formats"] if fmt != "pt2"]
+        checks = [v["files"].get(fmt, {}).get("verification") for fmt in m["formats"] if fmt != "pt2"]
+        errs = [f"{c['rel_l2_error']:10.2e}" if c else f"{'-':>10}" for c in checks]
         size = sum(f["bytes"] for f in v["files"].values()) / 1e6
         lines.append(f"{v['id']:34}  {v['verification']['rel_l2_error']:13.2e}  " + "  ".join(errs) + f"  {size:8.2f}")
     if m["weights"]:

@@ -296,3 +296,21 @@ def test_a_stale_tensorrt_engine_is_refused(copy, monkeypatch):
         with pytest.raises(PostDiffError, match=what) as err:
             postdiff_compile.load(copy, "tensorrt")
         assert ".trt10.9.0.sm90.engine" in str(err.value) and "rebuild" in str(err.value)
+
+
+def test_a_format_this_reader_does_not_know_is_checked_and_ignored(copy):
+    from postdiff_compile.cli_artifact import format_inspection
+    from postdiff_compile.exporters.manifest import sha256_file
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    extra = copy / "future.bin"
+    extra.write_bytes(b"a later tool's package")
+    manifest["formats"].append("aoti")
+    manifest["variants"][0]["files"]["aoti"] = {"file": extra.name, "sha256": sha256_file(extra),
+                                                 "bytes": extra.stat().st_size}
+    rewrite_manifest(copy, manifest)
+    assert postdiff_compile.load(copy, "onnxruntime").manifest["formats"][-1] == "aoti"
+    assert manifest["variants"][0]["id"] in format_inspection(copy, read_manifest(copy))
+    flip_byte(extra, 0)
+    with pytest.raises(PostDiffError, match="aoti graph of variant .* does not match its sha256"):
+        postdiff_compile.load(copy, "onnxruntime")
