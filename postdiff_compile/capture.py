@@ -156,3 +156,9 @@ def rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
     """||got - expected|| / ||expected||, the error measure used throughout the tests."""
     got, expected = got.double(), expected.double()
     return float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def compare_outputs(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...], seed: int) -> Verification:
+    """An exported graph's outputs (on any backend) against the torch variant's; the worst output counts."""
+    pairs = [(g.detach().cpu().float(), e.detach().cpu().float()) for g, e in zip(got, expected)]
+    return Verification(max(float((g - e).abs().max()) for g, e in pairs), max(rel_l2(g, e) for g, e in pairs), seed)

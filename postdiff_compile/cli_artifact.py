@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -130,9 +131,6 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
         raise PostDiffError(f"a {family} artifact has no text encoder inside; give --embeddings FILE.safetensors with "
                             f"{' and '.join(EMBEDDING_KEYS)} of shape [1, {runner.text['shape'][1]}, "
                             f"{runner.text['shape'][2]}]")
-    from transformers.utils import logging as transformers_logging
-
-    from .reference import load_pipeline
     from .reference.scenes import vocabulary
 
     prompt = args.prompt or DEFAULT_PROMPT
@@ -141,44 +139,55 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
     if unknown:   # the word-level tokenizer would read them as [UNK] and draw something else, silently
         raise PostDiffError(f"the reference model does not know the word(s) {', '.join(unknown)}; its vocabulary: "
                             f"{' '.join(vocabulary())} (captions like {DEFAULT_PROMPT!r})")
-    transformers_logging.disable_progress_bar()
-    pipe = load_pipeline()
+    pipe = _reference_pipeline(runner.manifest)
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(prompt, torch.device("cpu"), 1, True, "")
     return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}, 4.0
 
 
+def _reference_pipeline(manifest: dict):
+    """The reference model an artifact was compiled from (the shipped one if its folder is gone), loaded once for
+    both encoding the prompt and decoding."""
+    from .reference import is_reference_folder
+
+    source = Path(manifest["source"]["path"])
+    return _load_reference(str(source) if is_reference_folder(source) else None)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_reference(folder: str | None):
+    from transformers.utils import logging as transformers_logging
+
+    from .reference import load_pipeline
+
+    transformers_logging.disable_progress_bar()
+    return load_pipeline(folder)
+
+
 def _decoder(manifest: dict):
     """A function latents -> PIL images when the source has a VAE we can load offline, else None."""
+    import torch
+
     from .reference import is_reference_folder
 
     source = Path(manifest["source"]["path"])
     if is_reference_folder(source):
-        from transformers.utils import logging as transformers_logging
-
-        from .reference import load_pipeline
-
-        transformers_logging.disable_progress_bar()
-        pipe = load_pipeline(source)
+        pipe = _reference_pipeline(manifest)
+        vae, processor = pipe.vae, pipe.image_processor
     elif (source / "vae" / "config.json").is_file():
         from diffusers import AutoencoderKL
         from diffusers.image_processor import VaeImageProcessor
 
-        class _Pipe:  # just what decoding needs
-            vae = AutoencoderKL.from_pretrained(str(source / "vae"), local_files_only=True)
-            image_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-        pipe = _Pipe
+        vae = AutoencoderKL.from_pretrained(str(source / "vae"), local_files_only=True)
+        processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
     else:
         return None
 
     def decode(latents):
-        import torch
-
         with torch.no_grad():
-            vae = pipe.vae
-            image = vae.decode(latents.to(next(vae.parameters(), torch.empty(0)).dtype) / vae.config.scaling_factor,
-                               return_dict=False)[0]
-        return pipe.image_processor.postprocess(image.float(), output_type="pil")
+            dtype = next(vae.parameters(), torch.empty(0)).dtype
+            image = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return processor.postprocess(image.float(), output_type="pil")
     return decode
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .capture import Bucket, Verification, rel_l2
+from .capture import Bucket, compare_outputs
 from .config import ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
 from .exporters.atomic_dir import atomic_dir, check_target
@@ -229,13 +229,6 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     return CompileResult(out, manifest, time.perf_counter() - start, stages)
 
 
-def compare_outputs(got: tuple, expected: tuple, seed: int) -> Verification:
-    """A backend's outputs against the torch variant's; the worst output counts."""
-    abs_err = max(float((g.detach().cpu().float() - e.detach().cpu().float()).abs().max()) for g, e in zip(got, expected))
-    rel_err = max(rel_l2(g.detach().cpu(), e.detach().cpu()) for g, e in zip(got, expected))
-    return Verification(abs_err, rel_err, seed)
-
-
 def transition_manifest(config: PostDiffConfig, switch: int, low: tuple[int, int] | None, full: tuple[int, int],
                         scheduler_config: dict, steps: int) -> dict | None:
     """What a runtime does between step `switch - 1` and step `switch`, exactly; None without mixed resolution.
@@ -245,12 +238,10 @@ def transition_manifest(config: PostDiffConfig, switch: int, low: tuple[int, int
     """
     if not switch:
         return None
-    import diffusers
-
+    from .runtime.artifact import make_scheduler
     from .runtime.transition import alpha_bars, check_scheduler, sigma_space
 
-    cls = getattr(diffusers, scheduler_config["_class_name"])
-    scheduler = cls.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
+    scheduler = make_scheduler(scheduler_config)   # the one a runner of this artifact builds
     check_scheduler(scheduler)
     scheduler.set_timesteps(steps)
     abar, abar_next = alpha_bars(scheduler, scheduler.timesteps, switch - 1)

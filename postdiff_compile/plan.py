@@ -44,6 +44,12 @@ class Step:
         return {"index": self.index, "variant": self.variant, "cfg": self.cfg, "reads": list(self.reads),
                 "writes": list(self.writes), "resolution": "low" if self.low_res else "full"}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Step":
+        """The inverse of to_json (extra keys, such as a manifest's variant_id, are ignored)."""
+        return cls(data["index"], data["variant"], data["cfg"], tuple(data["reads"]), tuple(data["writes"]),
+                   data["resolution"] == "low")
+
 
 def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list[Step]:
     """The plan for `num_steps` steps; `cfg` says whether the pipeline uses classifier-free guidance."""

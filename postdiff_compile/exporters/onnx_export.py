@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..capture import Verification, example_inputs, rel_l2
+from ..capture import Verification, compare_outputs, example_inputs
 from ..errors import PostDiffError
 from ..passes.noop_squeeze import drop_noop_squeezes
 from ..variants import Variant, variant_input_specs
@@ -127,6 +127,4 @@ def verify_onnx(path: Path, names: list[str], inputs: tuple[torch.Tensor, ...],
     got = run_session(onnx_session(path), names, inputs)
     if len(got) != len(expected):
         raise PostDiffError(f"the ONNX graph has {len(got)} outputs, the torch variant {len(expected)}", path)
-    abs_err = max(float((g.float() - e.detach().cpu().float()).abs().max()) for g, e in zip(got, expected))
-    rel_err = max(rel_l2(g, e.detach().cpu()) for g, e in zip(got, expected))
-    return Verification(abs_err, rel_err, seed)
+    return compare_outputs(got, expected, seed)

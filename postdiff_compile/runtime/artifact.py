@@ -86,8 +86,7 @@ class ArtifactRunner:
     def __init__(self, folder: Path, manifest: dict, backend: str, device: torch.device):
         self.folder, self.manifest, self.backend, self.device = Path(folder), manifest, backend, device
         self.dtype = getattr(torch, manifest["denoiser"]["dtype"])
-        self.plan = [Step(s["index"], s["variant"], s["cfg"], tuple(s["reads"]), tuple(s["writes"]),
-                          s["resolution"] == "low") for s in manifest["plan"]]
+        self.plan = [Step.from_json(s) for s in manifest["plan"]]
         self.variants = _Variants({(v["name"], v["batch"], *v["latent_size"]): open_variant(backend, folder, v, device)
                                    for v in manifest["variants"]})
         first = manifest["variants"][0]["inputs"]
