@@ -60,12 +60,14 @@ class DenoiserCall(torch.nn.Module):
         if "hidden_states" in named:  # PixArt-style transformer
             added = {k: named[k] for k in ("resolution", "aspect_ratio") if k in named}
             return self.denoiser(named["hidden_states"], encoder_hidden_states=named["encoder_hidden_states"],
+                                 encoder_attention_mask=named.get("encoder_attention_mask"),
                                  timestep=named["timestep"], added_cond_kwargs=added or {"resolution": None,
                                                                                       "aspect_ratio": None},
                                  return_dict=False)[0]
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
         return self.denoiser(named["sample"], named["timestep"], encoder_hidden_states=named["encoder_hidden_states"],
-                             added_cond_kwargs=added or None, return_dict=False)[0]
+                             timestep_cond=named.get("timestep_cond"), added_cond_kwargs=added or None,
+                             return_dict=False)[0]
 
 
 def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> list[TensorSpec]:
@@ -74,7 +76,9 @@ def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -
     latent = (b, config["in_channels"], h, w)
     if family.denoiser_class.startswith("PixArt"):
         specs = [TensorSpec("hidden_states", latent, dt), TensorSpec("timestep", (b,), TIMESTEP_DTYPE),
-                 TensorSpec("encoder_hidden_states", (b, bucket.text_length, config["caption_channels"]), dt)]
+                 TensorSpec("encoder_hidden_states", (b, bucket.text_length, config["caption_channels"]), dt),
+                 # 1 = a real token, 0 = padding; the T5 prompts PixArt is trained on are padded to 120 tokens
+                 TensorSpec("encoder_attention_mask", (b, bucket.text_length), dt)]
         if config.get("use_additional_conditions"):
             specs += [TensorSpec("resolution", (b, 2), dt), TensorSpec("aspect_ratio", (b, 1), dt)]
         return specs
@@ -83,6 +87,8 @@ def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -
     if config.get("addition_embed_type") == "text_time":
         text_embeds = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         specs += [TensorSpec("text_embeds", (b, text_embeds), dt), TensorSpec("time_ids", (b, 6), dt)]
+    if config.get("time_cond_proj_dim"):   # LCM: the embedding of the guidance scale w
+        specs.append(TensorSpec("timestep_cond", (b, config["time_cond_proj_dim"]), dt))
     return specs
 
 
@@ -106,6 +112,11 @@ def example_inputs(specs: list[TensorSpec], seed: int = 0) -> tuple[torch.Tensor
             out.append(torch.randint(256, 1024, spec.shape, generator=gen).to(spec.dtype))
         elif spec.name == "aspect_ratio":
             out.append(torch.ones(spec.shape, dtype=spec.dtype))
+        elif spec.name == "encoder_attention_mask":
+            # Real tokens first, the last quarter padding: the masked path is exercised, no row is all padding.
+            mask = torch.ones(spec.shape, dtype=spec.dtype)
+            mask[:, spec.shape[1] - spec.shape[1] // 4:] = 0
+            out.append(mask)
         else:
             out.append(torch.randn(spec.shape, generator=gen).to(spec.dtype))
     return tuple(out)

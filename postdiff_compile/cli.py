@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", nargs="?", help=".safetensors file or diffusers folder (default: the shipped reference model)")
     parser.add_argument("--out", type=Path, help="artifact folder to write (default: ./postdiff-out/NAME-PRESET)")
     parser.add_argument("--resolution", type=parse_resolution, metavar="HxW", help="image size (default: the family's)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps the plan covers (default: 20)")
+    parser.add_argument("--steps", type=int, help="denoising steps the plan covers (default: the family's, 20; 4 for LCM)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
                         help="override the detected prediction type")
@@ -88,7 +88,7 @@ def build_explain_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", nargs="?", help=".safetensors checkpoint (only its header is read)")
     parser.add_argument("--family", choices=sorted(FAMILIES), help="explain a known family instead of a file")
     parser.add_argument("--resolution", type=parse_resolution, metavar="HxW", help="image size (default: the family's)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the family's, 20; 4 for LCM)")
     parser.add_argument("--no-cfg", action="store_true", help="a pipeline without classifier-free guidance")
     parser.add_argument("--json", action="store_true", help="print one JSON object (FLOPs in FLOPs, not TFLOPs)")
     parser.add_argument("--all-presets", action="store_true",
@@ -139,7 +139,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     formats = parse_formats(args.format)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise PostDiffError(f"--steps must be at least 1, got {args.steps}")
     source = args.source
     if source is None:
@@ -165,7 +165,7 @@ def _explain(args: argparse.Namespace) -> int:
     request = config_from_args(args)
     if (args.family is None) == (args.source is None):
         raise PostDiffError("explain needs exactly one of --family NAME or a .safetensors SOURCE")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise PostDiffError(f"--steps must be at least 1, got {args.steps}")
     if args.family:
         family, denoiser_config = get_family(args.family), None
@@ -185,7 +185,7 @@ def _explain(args: argparse.Namespace) -> int:
             results[name] = explain(family, config, args.steps, args.resolution, denoiser_config, not args.no_cfg,
                                     stage)
         print(json.dumps({k: v if isinstance(v, str) else v.to_json() for k, v in results.items()}, indent=2)
-              if args.json else format_preset_table(family.name, args.steps, results))
+              if args.json else format_preset_table(family.name, args.steps or family.default_steps, results))
         return 0
     config = request.resolve(family.name)
     result = explain(family, config, args.steps, args.resolution, denoiser_config, not args.no_cfg, stage)

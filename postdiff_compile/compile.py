@@ -59,7 +59,7 @@ def parse_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 
 
 def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: str | Path,
-                     resolution: tuple[int, int] | None = None, steps: int = 20, force: bool = False, dtype: str | None = None,
+                     resolution: tuple[int, int] | None = None, steps: int | None = None, force: bool = False, dtype: str | None = None,
                      prediction_type: str | None = None, progress: Progress | None = None,
                      formats: str | tuple[str, ...] = DEFAULT_FORMATS) -> CompileResult:
     progress = progress or Progress()
@@ -89,7 +89,8 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         config = config.resolve(family.name)
     height, width = resolution or family.default_resolution
     latent_h, latent_w = family.check_resolution(height, width, loaded.source)
-    plan = build_plan(config, steps, cfg=True)
+    steps = steps or family.default_steps
+    plan = build_plan(config, steps, cfg=family.classifier_free_guidance)
     switch = switch_of(plan)
     low_latent = low_res_latent(family, (latent_h, latent_w), config.low_res_scale) if switch else None
     scheduler = family.scheduler()

@@ -160,7 +160,13 @@ _MIX_3_4 = PostDiffConfig(low_res_scale=0.75, low_res_fraction=0.5)
 # recomputes down_blocks[0] layer 0 and the last two layers of the last up block: DeepCacheSDHelper's
 # cache_branch_id 1 (paper-numbers.md section 3; `postdiff-compile explain` reproduces it within 0.1%).
 _DEEPCACHE = dict(cache_interval=2, cache_branch=1)
-_NO_UNET = "it uses DeepCache, which needs a U-Net's skip branches; PixArt-alpha is a transformer"
+# PixArt-alpha has no U-Net skips; its deep cache is the residual of the middle transformer blocks
+# (passes/block_cache.py): branch 2 keeps 2 of its 28 blocks at each end and caches the other 24. Not in the
+# paper; chosen as the analogue of DeepCache's interval 2 with a shallow branch, quality unmeasured here.
+_BLOCK_CACHE = dict(cache_interval=2, cache_branch=2)
+# LCM (4 steps by default, no CFG): the same features counted for 4 steps; the cross-attention cache is written
+# at step 1 and read by steps 2 and 3. There is no CFG batch to drop, so it saves only the attn2 work.
+_LCM_GATE = dict(cross_attn_cache="cond", cross_attn_cache_step=2)
 # The reference model is pixel space and its DDIM clips x0 to [-1, 1] (clip_sample), as pixel-space DDIM does:
 # an epsilon model's x0 is 1 / sqrt(abar) times its error at high noise. The transition's x0 is clipped the same.
 _PIXEL = dict(clamp_x0=1.0)
@@ -169,12 +175,15 @@ _PIXEL = dict(clamp_x0=1.0)
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("none", "identity: the plain denoiser at every step", PostDiffConfig()),
     Preset("quality", "mixed resolution: the first half of the steps at low resolution (beta 1/2, or 3/4 for "
-           "SDXL and PixArt-alpha)", _MIX, {"sdxl": _MIX_3_4, "pixart_alpha": _MIX_3_4,
+           "SDXL and PixArt-alpha)", _MIX, {"sdxl": _MIX_3_4, "pixart_alpha": _MIX_3_4, "lcm_sdxl": _MIX_3_4,
                                             "scenes32": _MIX.replace(**_PIXEL)}),
     # balanced = quality + DeepCache: for SD1.5 the paper's "Mix + Cache" row reading (a), 11.128 T of 11.129 T.
     # At interval 2 and 10 low-res steps the switch step is a full step anyway.
-    Preset("balanced", "mixed resolution (as quality) + DeepCache, full step every 2nd step, branch 1",
-           _MIX.replace(**_DEEPCACHE), {"sdxl": _MIX_3_4.replace(**_DEEPCACHE), "pixart_alpha": _NO_UNET,
+    Preset("balanced", "mixed resolution (as quality) + DeepCache, full step every 2nd step, branch 1 (PixArt-alpha: "
+           "the middle 24 of 28 blocks cached instead)",
+           _MIX.replace(**_DEEPCACHE), {"sdxl": _MIX_3_4.replace(**_DEEPCACHE),
+                                        "pixart_alpha": _MIX_3_4.replace(**_BLOCK_CACHE),
+                                        "lcm_sdxl": _MIX_3_4.replace(**_DEEPCACHE),
                                         "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL)}),
     # fast adds the cross-attention cache in the paper's adopted "Cond" mode. m counts steps, tuned for 20:
     # - SD1.x/2.x, m = 10: the paper's SD1.5 ablation (Table B) trades FID for text alignment as m grows;
@@ -183,12 +192,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     #   cache is written at the last low-resolution step and resized at the switch ("precomputed during
     #   the low-resolution phase", paper-numbers.md section 2).
     # - SDXL, m = 10: T-GATE's SDXL default; the paper does not identify its SDXL setting.
-    # - PixArt-alpha, m = 15 and no DeepCache: the only schedule that reproduces the paper's PixArt
-    #   Mix+Cache FLOPs (54.718 T) is beta 3/4 for 10 steps, cross-attention cached for the last 5 of 20.
+    # - PixArt-alpha, m = 15: the only schedule that reproduces the paper's PixArt Mix+Cache FLOPs (54.718 T) is
+    #   beta 3/4 for 10 steps, cross-attention cached for the last 5 of 20 (that row is `quality` with
+    #   cross_attn_cache=cond, cross_attn_cache_step=15); fast adds balanced's block cache on top, as for the
+    #   U-Nets fast adds the cross-attention cache to balanced.
+    # - LCM, m = 2 of 4 steps (see _LCM_GATE).
     Preset("fast", "balanced + cross-attention cache, Cond mode, CFG off from step m",
            _MIX.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
            {"sdxl": _MIX_3_4.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
-            "pixart_alpha": _MIX_3_4.replace(cross_attn_cache="cond", cross_attn_cache_step=15),
+            "pixart_alpha": _MIX_3_4.replace(**_BLOCK_CACHE, cross_attn_cache="cond", cross_attn_cache_step=15),
+            "lcm_sd15": _MIX.replace(**_DEEPCACHE, **_LCM_GATE),
+            "lcm_sdxl": _MIX_3_4.replace(**_DEEPCACHE, **_LCM_GATE),
             "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL, cross_attn_cache="cond", cross_attn_cache_step=10)}),
 )}
 

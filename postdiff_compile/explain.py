@@ -74,7 +74,7 @@ def architecture_of(source: str) -> tuple[FamilySpec, dict]:
 _VARIANT_FLOPS: dict[tuple[str, str, int], FlopCount] = {}
 
 
-def explain(family: FamilySpec, config: PostDiffConfig, steps: int, resolution: tuple[int, int] | None = None,
+def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None, resolution: tuple[int, int] | None = None,
             denoiser_config: dict | None = None, cfg: bool = True,
             on_stage: Callable[[str], None] | None = None) -> Explanation:
     from .models.build import build_denoiser
@@ -82,6 +82,8 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int, resolution: 
 
     height, width = resolution or family.default_resolution
     latent = family.check_resolution(height, width)
+    steps = steps or family.default_steps
+    cfg = cfg and family.classifier_free_guidance   # an LCM pipeline never batches CFG
     plan = build_plan(config, steps, cfg)
     low = low_res_latent(family, latent, config.low_res_scale) if switch_of(plan) else None
     denoiser = build_denoiser(family.denoiser_class, denoiser_config or family.config(), "meta").eval()

@@ -16,8 +16,9 @@ from .models.families import FamilySpec
 from .passes import graph_edit
 from .passes.cross_attn import CACHE as CROSS_ATTN
 from .passes.cross_attn import cross_attn_graph
+from .passes.block_cache import block_cache_graph, check_block_branch
 from .passes.deepcache import FEATURE as DEEPCACHE
-from .passes.deepcache import deepcache_graph
+from .passes.deepcache import check_branch, deepcache_graph
 
 DEEP_MODES = ("full", "shallow")
 CROSS_ATTN_MODES = ("compute", "write", "read")
@@ -65,6 +66,14 @@ class VariantSpec:
         return ((DEEPCACHE,) if self.write_deepcache else ()) + ((CROSS_ATTN,) if self.cross_attn == "write" else ())
 
 
+def check_cache_branch(denoiser: torch.nn.Module, branch: int) -> None:
+    """A clear error, before anything is captured, for a cache_branch this denoiser does not have."""
+    if hasattr(denoiser, "transformer_blocks"):
+        check_block_branch(len(denoiser.transformer_blocks), branch)
+    else:
+        check_branch(len(denoiser.up_blocks), branch)
+
+
 @dataclass
 class Variant:
     spec: VariantSpec
@@ -84,7 +93,10 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
     inputs = [s.name for s in captured.inputs]
     outputs = ["noise_pred"]
     if spec.deep == "shallow" or spec.write_deepcache:
-        graph = deepcache_graph(graph, cache_branch, "read" if spec.deep == "shallow" else "write")
+        # U-Nets cache DeepCache's deep feature; transformers, which have no skip branches, the residual of
+        # their middle blocks (passes/block_cache.py). Both travel under the one cache name DEEPCACHE.
+        deep_pass = block_cache_graph if graph_edit.has_module(graph, "transformer_blocks") else deepcache_graph
+        graph = deep_pass(graph, cache_branch, "read" if spec.deep == "shallow" else "write")
         (inputs if spec.deep == "shallow" else outputs).append(DEEPCACHE)
     if spec.cross_attn != "compute":
         ca = cross_attn_graph(graph, spec.cross_attn)
@@ -154,6 +166,7 @@ class VariantStore:
     def __init__(self, denoiser: torch.nn.Module, family: FamilySpec):
         self.denoiser = denoiser
         self.family = family
+        self.latent_input = "hidden_states" if family.denoiser_class.startswith("PixArt") else "sample"
         self.captured: dict[Bucket, Captured] = {}
         self._roots: dict[Bucket, torch.nn.Module] = {}
         self._variants: dict[tuple[str, int, Bucket], Variant] = {}

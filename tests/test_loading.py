@@ -25,8 +25,9 @@ ROUND_TRIPS = [
     ("sd2", "ldm"), ("sd2", "diffusers"),
     ("sdxl", "ldm"), ("sdxl", "diffusers"),
     ("pixart_alpha", "pixart_original"), ("pixart_alpha", "diffusers"),
+    ("lcm_sd15", "ldm"), ("lcm_sd15", "diffusers"), ("lcm_sdxl", "ldm"),
 ]
-CONTEXT = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
+CONTEXT = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "lcm_sd15": 768, "lcm_sdxl": 2048}
 PIXART_DEFAULT_SAMPLE = 64  # what detection assumes for a PixArt file without a positional table or micro-conditions
 
 
@@ -64,9 +65,11 @@ def _inputs(family: str) -> dict:
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     kw = dict(sample=torch.randn(2, 4, 16, 16, generator=gen), timestep=timestep,
               encoder_hidden_states=torch.randn(2, 77, CONTEXT[family], generator=gen))
-    if family == "sdxl":
+    if family.endswith("sdxl"):
         kw["added_cond_kwargs"] = dict(text_embeds=torch.randn(2, 1280, generator=gen),
                                        time_ids=torch.randn(2, 6, generator=gen))
+    if family.startswith("lcm"):
+        kw["timestep_cond"] = torch.randn(2, 256, generator=gen)
     return kw
 
 
@@ -117,6 +120,29 @@ def test_single_file_round_trip(tmp_path, family, layout):
     assert not loaded.module.training
     assert not any(p.requires_grad for p in loaded.module.parameters())
     _assert_same_module(loaded.module, model, family)
+
+
+def test_lcm_guidance_embedding_under_its_single_file_name(tmp_path):
+    # Original-layout LCM files keep the diffusers name of the guidance embedding under the LDM prefix (the
+    # LDM code has no such module): "model.diffusion_model.time_embedding.cond_proj.weight", as checkpoint
+    # readers such as stable-diffusion.cpp list it. Spelled out here, not taken from the key map.
+    model = _model("lcm_sd15")
+    state = _state("lcm_sd15", "ldm")
+    name = "model.diffusion_model.time_embedding.cond_proj.weight"
+    assert name in state
+    marker = torch.full_like(state[name], 0.125)
+    path = tmp_path / "lcm.safetensors"
+    save_file({**state, name: marker}, str(path))
+    loaded = load_denoiser(path)
+    assert loaded.detection.family == "lcm_sd15"
+    assert loaded.module.config.time_cond_proj_dim == 256
+    assert torch.equal(loaded.module.time_embedding.cond_proj.weight, marker)
+    assert any("LCM" in line for line in loaded.detection.evidence)
+    # Without that tensor the same file is a plain SD1.5 U-Net.
+    del state[name]
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    assert load_denoiser(tmp_path / "plain.safetensors").detection.family == "sd15"
+    assert model.config.time_cond_proj_dim == 256
 
 
 # The writer above uses the loader's own key map, so a mistake made the same way in both would round-trip.

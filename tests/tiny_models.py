@@ -41,11 +41,20 @@ TINY_CONFIGS = {
 }
 
 
+# LCM U-Nets: the base layout plus the guidance embedding (time_cond_proj_dim), as LCM_Dreamshaper_v7 has.
+TINY_CONFIGS["lcm_sd15"] = dict(TINY_CONFIGS["sd15"], time_cond_proj_dim=256)
+TINY_CONFIGS["lcm_sdxl"] = dict(TINY_CONFIGS["sdxl"], time_cond_proj_dim=256)
+# PixArt with enough blocks for the block cache to keep 1 or 2 at each end and cache the middle.
+TINY_CONFIGS["pixart_alpha_deep"] = dict(TINY_CONFIGS["pixart_alpha"], num_layers=6)
+# SDXL layout with 3 resnets per up block (layers_per_block 2, as the released SDXL), for DeepCache's branches.
+TINY_CONFIGS["sdxl_deep"] = dict(TINY_CONFIGS["sdxl"], layers_per_block=2)
+
+
 def tiny_denoiser(family: str, seed: int = 0) -> torch.nn.Module:
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    cls = PixArtTransformer2DModel if family == "pixart_alpha" else UNet2DConditionModel
+    cls = PixArtTransformer2DModel if family.startswith("pixart_alpha") else UNet2DConditionModel
     model = cls(**TINY_CONFIGS[family]).eval()
     # Random init leaves some tensors at exactly zero or one; make every tensor distinct so a misrouted
     # key cannot go unnoticed.
@@ -84,27 +93,87 @@ def ldm_extras() -> dict[str, torch.Tensor]:
     }
 
 
-def tiny_sd_pipeline(family: str = "sd15", scheduler: str = "ddim", seed: int = 0):
-    """A StableDiffusionPipeline around a tiny denoiser, without text encoder (tests pass embeddings)."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           StableDiffusionPipeline)
+def _scheduler(family: str, scheduler: str):
+    import diffusers
 
     from postdiff_compile.models.families import get_family
 
     sched_config = get_family(family.removesuffix("_deep")).scheduler()
-    sched_config.pop("_class_name")
-    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp": DPMSolverMultistepScheduler}[scheduler]
+    default = sched_config.pop("_class_name")
+    name = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp": "DPMSolverMultistepScheduler",
+            "lcm": "LCMScheduler", "default": default}[scheduler]
     if scheduler == "dpmpp":
         sched_config.update(algorithm_type="dpmsolver++", solver_order=2)
+    return getattr(diffusers, name).from_config(sched_config)
+
+
+def _tiny_vae(seed: int):
+    from diffusers import AutoencoderKL
+
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32).eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=tiny_denoiser(family, seed),
-                                   scheduler=cls.from_config(sched_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         norm_num_groups=32).eval()
+
+
+def tiny_sd_pipeline(family: str = "sd15", scheduler: str = "ddim", seed: int = 0):
+    """A StableDiffusionPipeline around a tiny denoiser, without text encoder (tests pass embeddings)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(seed), text_encoder=None, tokenizer=None,
+                                   unet=tiny_denoiser(family, seed), scheduler=_scheduler(family, scheduler),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_pipeline(family: str, scheduler: str = "default", seed: int = 0):
+    """The diffusers pipeline class each family ships with, around a tiny denoiser, without text encoders."""
+    import diffusers
+
+    vae, denoiser, sched = _tiny_vae(seed), tiny_denoiser(family, seed), _scheduler(family, scheduler)
+    base = family.removesuffix("_deep")
+    if base in ("sd15", "sd2"):
+        return tiny_sd_pipeline(family, "ddim" if scheduler == "default" else scheduler, seed)
+    if base == "lcm_sd15":
+        pipe = diffusers.LatentConsistencyModelPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=denoiser,
+                                                        scheduler=sched, safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False)
+    elif base in ("sdxl", "lcm_sdxl"):
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                                   tokenizer_2=None, unet=denoiser, scheduler=sched,
+                                                   add_watermarker=False)
+    elif base == "pixart_alpha":
+        pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=denoiser,
+                                             scheduler=sched)
+    else:
+        raise ValueError(family)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_embeds(family: str, seed: int = 0) -> dict:
+    """Random prompt embeddings (and added conditioning) for one image, as the family's pipeline takes them."""
+    gen = torch.Generator().manual_seed(seed)
+    base = family.removesuffix("_deep")
+    if base.startswith("pixart_alpha"):
+        length, width = 8, TINY_CONFIGS["pixart_alpha"]["caption_channels"]
+        mask = torch.ones(1, length, dtype=torch.int64)
+        mask[:, 6:] = 0     # padding, as T5 prompts shorter than the sequence length have
+        negative_mask = torch.ones(1, length, dtype=torch.int64)
+        negative_mask[:, 2:] = 0
+        return dict(prompt_embeds=torch.randn(1, length, width, generator=gen), prompt_attention_mask=mask,
+                    negative_prompt_embeds=torch.randn(1, length, width, generator=gen),
+                    negative_prompt_attention_mask=negative_mask, negative_prompt=None)
+    width = TINY_CONFIGS[base]["cross_attention_dim"]
+    embeds = dict(prompt_embeds=torch.randn(1, 77, width, generator=gen))
+    if not base.startswith("lcm"):
+        embeds["negative_prompt_embeds"] = torch.randn(1, 77, width, generator=gen)
+    if "sdxl" in base:
+        embeds["pooled_prompt_embeds"] = torch.randn(1, 1280, generator=gen)
+        if not base.startswith("lcm"):
+            embeds["negative_pooled_prompt_embeds"] = torch.randn(1, 1280, generator=gen)
+    return embeds
 
 
 def text_embeddings(batch: int = 1, length: int = 77, width: int = 768, seed: int = 0):

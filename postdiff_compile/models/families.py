@@ -26,6 +26,15 @@ class FamilySpec:
     latent_multiple: int = 1       # latent H and W must be multiples of this (patch size for DiTs)
     min_latent: int = 8            # smallest latent side accepted
     max_latent: int = 512          # largest latent side accepted (4096 px)
+    # Consistency-distilled (LCM) variants: guidance is an input of the U-Net (the w-embedding of width
+    # `guidance_embedding`, diffusers' time_cond_proj_dim), so the pipeline runs one batch per step, no CFG.
+    guidance_embedding: int = 0
+    default_steps: int = 20        # the step count presets are tuned for and compile uses by default
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether the pipeline batches a negative and a positive half (False for LCM)."""
+        return self.guidance_embedding == 0
 
     @property
     def default_resolution(self) -> tuple[int, int]:
@@ -33,7 +42,10 @@ class FamilySpec:
         return side, side
 
     def config(self) -> dict:
-        return copy.deepcopy(_load_json(self.denoiser_config))
+        config = copy.deepcopy(_load_json(self.denoiser_config))
+        if self.guidance_embedding:
+            config["time_cond_proj_dim"] = self.guidance_embedding
+        return config
 
     def scheduler(self) -> dict:
         return copy.deepcopy(_load_json(self.scheduler_config))
@@ -66,6 +78,12 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("sdxl", "UNet2DConditionModel", "sdxl_unet.json", "sdxl_scheduler.json", "epsilon", 2048, 77),
         FamilySpec("pixart_alpha", "PixArtTransformer2DModel", "pixart_alpha_transformer.json",
                    "pixart_alpha_scheduler.json", "epsilon", 4096, 120, latent_multiple=2),
+        # LCM-distilled U-Nets (SimianLuo/LCM_Dreamshaper_v7, latent-consistency/lcm-sdxl): the base family's
+        # architecture plus the guidance embedding, LCMScheduler, 4 steps.
+        FamilySpec("lcm_sd15", "UNet2DConditionModel", "sd15_unet.json", "lcm_scheduler.json", "epsilon", 768, 77,
+                   guidance_embedding=256, default_steps=4),
+        FamilySpec("lcm_sdxl", "UNet2DConditionModel", "sdxl_unet.json", "lcm_scheduler.json", "epsilon", 2048, 77,
+                   guidance_embedding=256, default_steps=4),
         # The reference model trained here (postdiff_compile/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
                    128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),

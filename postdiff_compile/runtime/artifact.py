@@ -23,7 +23,7 @@ from .backends import BACKENDS, FORMAT_OF, BackendVariant, open_variant
 from .denoise import DenoiseRequest, denoise
 from .transition import Switch, alpha_bars
 
-ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio")
+ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio", "encoder_attention_mask", "timestep_cond")
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -125,6 +125,24 @@ class ArtifactRunner:
                                 f"compiled for text length {shape[1]}), got {list(tensor.shape)}")
         return tensor.to(self.device, self.dtype)
 
+    def default_added_cond(self, guidance_scale: float) -> dict[str, torch.Tensor]:
+        """Added inputs the runner can fill in as the diffusers pipelines do for a full-size request: SDXL's
+        time_ids (original size = target size = the artifact's resolution, no crop), PixArt's resolution and
+        aspect ratio and an all-real-tokens mask, and LCM's guidance embedding (from `guidance_scale`).
+        Pooled text embeddings (SDXL's text_embeds) come from the text encoder and must be given."""
+        from .conditioning import guidance_embedding
+
+        h, w = self.manifest["resolution"]["height"], self.manifest["resolution"]["width"]
+        specs = {i["name"]: i["shape"] for i in self.manifest["variants"][0]["inputs"]}
+        defaults = {"time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
+                    "resolution": torch.tensor([[h, w]], dtype=torch.float32),
+                    "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32)}
+        if "encoder_attention_mask" in specs:
+            defaults["encoder_attention_mask"] = torch.ones(1, specs["encoder_attention_mask"][1])
+        if "timestep_cond" in specs:
+            defaults["timestep_cond"] = guidance_embedding(guidance_scale, 1, specs["timestep_cond"][1], torch.float32)
+        return {k: v for k, v in defaults.items() if k in self.added_inputs}
+
     @torch.no_grad()
     def __call__(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
                  added_cond: dict[str, torch.Tensor] | None = None,
@@ -142,9 +160,12 @@ class ArtifactRunner:
         added = negative_added = None
         if self.added_inputs:
             specs = {i["name"]: i["shape"] for i in self.manifest["variants"][0]["inputs"]}
-            added = {k: self._check_embeds(k, (added_cond or {}).get(k), specs[k]) for k in self.added_inputs}
-            negative_added = {k: self._check_embeds(f"negative {k}", (negative_added_cond or added_cond or {}).get(k),
-                                                    specs[k]) for k in self.added_inputs}
+            defaults = self.default_added_cond(guidance_scale)
+            given = {**defaults, **(added_cond or {})}
+            given_negative = {**defaults, **(negative_added_cond or added_cond or {})}
+            added = {k: self._check_embeds(k, given.get(k), specs[k]) for k in self.added_inputs}
+            negative_added = {k: self._check_embeds(f"negative {k}", given_negative.get(k), specs[k])
+                              for k in self.added_inputs}
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
         scheduler = self.scheduler

@@ -1,0 +1,244 @@
+"""Every family through `optimize(pipe)`: SDXL, PixArt-alpha, LCM (SD1.5 and SDXL layouts) and SD2 v-prediction.
+
+Each runs in the diffusers pipeline class it ships with (tiny random denoisers, no text encoders: the tests
+pass embeddings). Preset `none` must reproduce the pipeline's own loop; the peers' own packages
+(DeepCacheSDHelper, TgateSDXLLoader, TgatePixArtAlphaLoader) must agree with us where the meaning is the
+same; the transformer block cache is checked against a plain hook-based reference.
+"""
+import DeepCache  # the peers' own packages, installed by the README's test command with pip --no-deps
+import pytest
+import tgate
+import torch
+from tiny_models import pipeline_embeds, tiny_pipeline
+
+from postdiff_compile import optimize, restore
+from postdiff_compile.capture import rel_l2
+from postdiff_compile.config import PRESETS
+from postdiff_compile.errors import PostDiffError
+
+TOLERANCE = 1e-5
+SIZE = dict(height=64, width=64)
+MIXED_SIZE = dict(height=128, width=128)   # the low-resolution latent (8) stays at the families' minimum side
+FAMILIES = ["sdxl", "pixart_alpha", "lcm_sd15", "lcm_sdxl", "sd2"]
+
+
+def _args(family, steps, size=SIZE, seed=0, **extra):
+    args = dict(**pipeline_embeds(family), num_inference_steps=steps, output_type="latent", **size, **extra)
+    if family.startswith("pixart_alpha"):
+        args["use_resolution_binning"] = False   # the tiny transformer has no bin table (sample size 16)
+    return args
+
+
+def _run(pipe, args, seed=0):
+    return pipe(**args, generator=torch.Generator().manual_seed(seed)).images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_none_reproduces_the_pipeline(family):
+    pipe = tiny_pipeline(family)
+    steps = 4 if family.startswith("lcm") else 6
+    args = _args(family, steps)
+    expected = _run(pipe, args)
+    other_seed = _run(pipe, args, seed=1)
+    optimize(pipe, preset="none")
+    got = _run(pipe, args)
+    err = rel_l2(got, expected)
+    print(f"{family}: rel L2 {err:.2e}")
+    assert err <= TOLERANCE
+    assert rel_l2(other_seed, expected) > 1e-2      # the comparison is not between constants
+    assert torch.isfinite(got).all()
+    restore(pipe)
+    assert rel_l2(_run(pipe, args), expected) == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_preset_runs(family):
+    pipe = optimize(tiny_pipeline("pixart_alpha_deep" if family == "pixart_alpha" else family))
+    steps = 4 if family.startswith("lcm") else 20
+    args = _args(family, steps, MIXED_SIZE)
+    baseline = _run(pipe, args)
+    for preset in PRESETS:
+        optimize(pipe, preset=preset)
+        got = _run(pipe, args)
+        plan = pipe._postdiff.last_plan
+        config = pipe._postdiff.config
+        assert got.shape == baseline.shape and torch.isfinite(got).all()
+        assert sum(s.low_res for s in plan) == (steps // 2 if config.mixed_resolution else 0)
+        assert any(s.variant.startswith("shallow") for s in plan) == (config.cache_interval > 1)
+        assert any("read_ca" in s.variant for s in plan) == (config.cross_attn_cache != "off")
+        # LCM pipelines have no CFG batch; the others drop it exactly where the cross-attention cache is read.
+        cfg = not family.startswith("lcm")
+        assert [s.cfg for s in plan] == [cfg and "read_ca" not in s.variant for s in plan]
+        if preset != "none":
+            assert rel_l2(got, baseline) > TOLERANCE
+        print(f"{family} {preset}: {[s.variant for s in plan]} (changed the result by {rel_l2(got, baseline):.2e})")
+
+
+def test_sd2_v_prediction_presets_use_v_in_the_transition():
+    pipe = tiny_pipeline("sd2")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    optimize(pipe, preset="quality")
+    v = _run(pipe, _args("sd2", 10, MIXED_SIZE))
+    # The same run with the scheduler told epsilon: the transition's x0 (and every step) reads the output
+    # differently, so the result must change; a transition that ignored the prediction type would not.
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "prediction_type": "epsilon"})
+    eps = _run(pipe, _args("sd2", 10, MIXED_SIZE))
+    assert rel_l2(v, eps) > 1e-2
+
+
+# --- peers -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipes():
+    """(theirs, ours) SDXL pipelines with identical weights, three resnets per up block as the real SDXL."""
+    return tiny_pipeline("sdxl_deep", "ddim"), optimize(tiny_pipeline("sdxl_deep", "ddim"))
+
+
+@pytest.mark.parametrize("interval,branch", [(2, 0), (3, 1), (2, 4), (3, 8)])
+def test_sdxl_deepcache_matches_helper(sdxl_pipes, interval, branch):
+    theirs, ours = sdxl_pipes
+    args = _args("sdxl", 8)
+    helper = DeepCache.DeepCacheSDHelper(pipe=theirs)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        expected = _run(theirs, args)
+    finally:
+        helper.disable()
+    optimize(ours, preset="none", cache_interval=interval, cache_branch=branch)
+    got = _run(ours, args)
+    baseline = _run(optimize(ours, preset="none"), args)
+    err = rel_l2(got, expected)
+    print(f"SDXL DeepCache interval {interval} branch {branch}: rel L2 {err:.2e} (caching changed the result by "
+          f"{rel_l2(got, baseline):.2e})")
+    assert err <= TOLERANCE
+    assert rel_l2(got, baseline) > 100 * TOLERANCE
+
+
+def _tgate_args(args):
+    # T-GATE's cross-attention gate only: self-attention is recomputed at every step (sp = fi = 1, no warm-up).
+    return dict(args, sp_interval=1, fi_interval=1, warm_up=0)
+
+
+@pytest.mark.parametrize("gate_step", [2, 5])
+def test_sdxl_cross_attn_cache_matches_tgate(sdxl_pipes, gate_step):
+    theirs, ours = sdxl_pipes
+    args = _args("sdxl", 8)
+    # The negative half gets its own micro-conditioning, so that switching to it after the gate is visible.
+    args.update(negative_original_size=(48, 48), negative_target_size=(64, 64))
+    loaded = tgate.TgateSDXLLoader(theirs)
+    expected = loaded.tgate(**_tgate_args(args), gate_step=gate_step, generator=torch.Generator().manual_seed(0)).images
+    optimize(ours, preset="none", cross_attn_cache="ave", cross_attn_cache_step=gate_step)
+    got = _run(ours, args)
+    assert [s.cfg for s in ours._postdiff.last_plan] == [i < gate_step for i in range(8)]
+    baseline = _run(optimize(ours, preset="none"), args)
+    err = rel_l2(got, expected)
+    print(f"SDXL gate {gate_step}: rel L2 {err:.2e} (the cache changed the result by {rel_l2(got, baseline):.2e})")
+    assert err <= TOLERANCE
+    assert rel_l2(got, baseline) > 100 * TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def pixart_pipes():
+    return tiny_pipeline("pixart_alpha_deep", "ddim"), optimize(tiny_pipeline("pixart_alpha_deep", "ddim"))
+
+
+@pytest.mark.parametrize("gate_step", [2, 5])
+def test_pixart_cross_attn_cache_matches_tgate(pixart_pipes, gate_step):
+    theirs, ours = pixart_pipes
+    args = _args("pixart_alpha", 8)
+    loaded = tgate.TgatePixArtAlphaLoader(theirs)
+    expected = loaded.tgate(**_tgate_args(args), gate_step=gate_step, generator=torch.Generator().manual_seed(0)).images
+    optimize(ours, preset="none", cross_attn_cache="ave", cross_attn_cache_step=gate_step)
+    got = _run(ours, args)
+    baseline = _run(optimize(ours, preset="none"), args)
+    err = rel_l2(got, expected)
+    print(f"PixArt gate {gate_step}: rel L2 {err:.2e} (the cache changed the result by {rel_l2(got, baseline):.2e})")
+    assert err <= TOLERANCE
+    assert rel_l2(got, baseline) > 100 * TOLERANCE
+
+
+# --- the transformer block cache against a readable reference --------------------------------------------
+
+
+def _block_cache_reference(pipe, args, interval, branch):
+    """diffusers' own PixArt loop with hooks: every `interval`-th transformer call records the residual the
+    middle blocks add; the calls between skip those blocks and add the recorded residual instead."""
+    transformer = pipe.transformer
+    blocks = transformer.transformer_blocks
+    first, last = branch, len(blocks) - branch - 1
+    state = {"call": -1, "entering": None, "residual": None}
+
+    def count_calls(module, inputs):
+        state["call"] += 1
+
+    def cached():
+        return state["call"] % interval != 0
+
+    def record_entering(module, inputs, output):
+        if not cached():
+            state["entering"] = output
+
+    def record_or_replace_last(module, inputs, output):
+        if cached():
+            return inputs[0] + state["residual"]
+        state["residual"] = output - state["entering"]
+        return output
+
+    originals = {}
+
+    def identity_forward(i):
+        # On cached calls the middle blocks pass their input through; the last one adds the residual (hook).
+        original = blocks[i].forward
+
+        def forward(hidden_states, *a, **k):
+            return hidden_states if cached() else original(hidden_states, *a, **k)
+        originals[i] = original
+        blocks[i].forward = forward
+
+    handles = [transformer.register_forward_pre_hook(count_calls),
+               blocks[first - 1].register_forward_hook(record_entering),
+               blocks[last].register_forward_hook(record_or_replace_last)]
+    for i in range(first, last):   # the last middle block runs, and its hook replaces its output
+        identity_forward(i)
+    try:
+        return _run(pipe, args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for i, original in originals.items():
+            del blocks[i].forward
+
+
+@pytest.mark.parametrize("interval,branch", [(2, 1), (3, 2)])
+def test_pixart_block_cache_matches_hook_reference(pixart_pipes, interval, branch):
+    _, ours = pixart_pipes
+    theirs = tiny_pipeline("pixart_alpha_deep", "ddim")   # T-GATE's loader leaves its forwards on the other one
+    args = _args("pixart_alpha", 8)
+    expected = _block_cache_reference(theirs, args, interval, branch)
+    optimize(ours, preset="none", cache_interval=interval, cache_branch=branch)
+    got = _run(ours, args)
+    baseline = _run(optimize(ours, preset="none"), args)
+    assert rel_l2(_run(theirs, args), baseline) <= TOLERANCE   # the hooks are gone again
+    err = rel_l2(got, expected)
+    print(f"PixArt block cache interval {interval} branch {branch}: rel L2 {err:.2e} (it changed the result by "
+          f"{rel_l2(got, baseline):.2e})")
+    assert err <= TOLERANCE
+    assert rel_l2(got, baseline) > 100 * TOLERANCE
+
+
+def test_block_cache_branch_out_of_range_is_a_clear_error(pixart_pipes):
+    _, ours = pixart_pipes
+    with pytest.raises(PostDiffError, match="cache_branch 3 does not exist for a transformer of 6 blocks"):
+        optimize(ours, preset="none", cache_interval=2, cache_branch=3)
+
+
+def test_unsupported_pipeline_is_refused():
+    class NotAPipeline:
+        unet = None
+
+    with pytest.raises(PostDiffError, match="optimize\\(\\) supports the diffusers pipelines"):
+        optimize(NotAPipeline())
