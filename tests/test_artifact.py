@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from tiny_models import text_embeddings, tiny_denoiser, tiny_sd_pipeline
+from tiny_models import text_embeddings, tiny_sd_pipeline
 
 import postdiff_compile
 from postdiff_compile.capture import rel_l2
@@ -235,22 +235,60 @@ def test_format_names_are_checked():
 # --- families with added conditioning -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,preset", [("sdxl", "balanced"), ("pixart_alpha", "quality")])
-def test_other_families_run_on_both_backends(tmp_path, family, preset):
-    model = tiny_denoiser(family)
-    out = compile_artifact(model, ConfigRequest(preset), tmp_path / family, (256, 256), 8, formats="pt2,onnx").out
-    runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
-    runner = runners["torch"]
+FAMILY_STEPS = {"sdxl": 20, "pixart_alpha": 20, "lcm_sd15": 4, "lcm_sdxl": 4, "sd2": 20}
+
+
+def _family_inputs(runner, family):
+    """prompt embeddings and the added conditioning the runner cannot derive itself (SDXL's pooled embeddings)."""
     spec = runner.text["shape"]
     cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
-    added = {}
-    if family == "sdxl":
-        assert runner.added_inputs == ["text_embeds", "time_ids"]
-        added = {"text_embeds": torch.randn(1, 1280, generator=torch.Generator().manual_seed(1)),
-                 "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]])}
-    results = [r(cond, uncond, added_cond=added or None, seed=1, guidance_scale=4.5) for r in runners.values()]
-    assert results[0].shape == (1, 4, 32, 32) and torch.isfinite(results[0]).all()
-    assert rel_l2(results[1], results[0]) <= 1e-4
+    added = None
+    if "text_embeds" in runner.added_inputs:
+        added = {"text_embeds": torch.randn(1, 1280, generator=torch.Generator().manual_seed(1))}
+    return cond, (None if family.startswith("lcm") else uncond), added
+
+
+@pytest.mark.parametrize("family", list(FAMILY_STEPS))
+def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
+    """Every preset, compiled to pt2+onnx, runs on torch and onnxruntime with the same result; the fast
+    artifact's torch runner equals optimize(pipe) on the family's own diffusers pipeline, which checks the
+    added conditioning the runner fills in (SDXL time ids, PixArt's mask, LCM's guidance embedding)."""
+    from tiny_models import tiny_pipeline
+
+    name = "pixart_alpha_deep" if family == "pixart_alpha" else family
+    pipe = tiny_pipeline(name)
+    model = pipe.transformer if family == "pixart_alpha" else pipe.unet
+    steps = FAMILY_STEPS[family]
+    for preset in PRESET_NAMES:
+        out = compile_artifact(model, ConfigRequest(preset), tmp_path / preset, RESOLUTION, steps,
+                               formats="pt2,onnx").out
+        runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
+        cond, uncond, added = _family_inputs(runners["torch"], family)
+        results = [r(cond, uncond, added_cond=added, seed=1, guidance_scale=4.5) for r in runners.values()]
+        err = rel_l2(results[1], results[0])
+        print(f"{family} {preset}: onnxruntime vs torch rel L2 {err:.2e}, "
+              f"{len(runners['torch'].manifest['variants'])} variants")
+        assert results[0].shape == (1, 4, 16, 16) and torch.isfinite(results[0]).all()
+        assert err <= 1e-4
+    # The last artifact is `fast`: the torch runner against the in-memory runtime on the diffusers pipeline.
+    runner = runners["torch"]
+    assert runner.manifest["config"] == PRESETS["fast"].for_family(family).to_dict()
+    got = runner(cond, uncond, added_cond=added, seed=7, guidance_scale=4.5)
+    pipe.scheduler = make_scheduler(runner.manifest["scheduler"])
+    kwargs = dict(prompt_embeds=cond, height=RESOLUTION[0], width=RESOLUTION[1], num_inference_steps=steps,
+                  guidance_scale=4.5, generator=torch.Generator().manual_seed(7), output_type="latent")
+    if uncond is not None:
+        kwargs["negative_prompt_embeds"] = uncond
+    if family.endswith("sdxl"):
+        kwargs["pooled_prompt_embeds"] = added["text_embeds"]
+        if uncond is not None:
+            kwargs["negative_pooled_prompt_embeds"] = added["text_embeds"]
+    if family == "pixart_alpha":
+        ones = torch.ones(1, cond.shape[1], dtype=torch.int64)
+        kwargs.update(prompt_attention_mask=ones, negative_prompt_attention_mask=ones, negative_prompt=None,
+                      use_resolution_binning=False)
+    expected = postdiff_compile.optimize(pipe, preset="fast")(**kwargs).images
+    assert rel_l2(got, expected) <= 1e-5
 
 
 def rewrite_manifest(folder: Path, manifest: dict) -> None:

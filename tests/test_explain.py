@@ -66,17 +66,48 @@ def test_all_presets(capsys):
     fractions = [rows[name]["fraction_paper"] for name in rows]
     assert fractions[0] == 1.0 and fractions == sorted(fractions, reverse=True)
     assert rows["quality"]["switch_step"] == 10
-    # Overrides apply to every preset; a preset a family cannot take is reported, not fatal.
-    assert main(["explain", "--family", "pixart_alpha", "--resolution", "256x256", "--steps", "4", "--all-presets",
-                 "--low-res-fraction", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "balanced   unavailable" in out and "quality" in out
+    # Overrides apply to every preset.
+    rows = _explain(capsys, "--family", "pixart_alpha", "--resolution", "256x256", "--steps", "4", "--all-presets",
+                    "--low-res-fraction", "0")
+    assert all(rows[name]["switch_step"] == 0 for name in rows)
+    assert rows["balanced"]["fraction_paper"] < 1.0     # the block cache alone
+
+
+def test_sdxl_and_pixart_reproduce_the_papers_flops(capsys):
+    # paper-numbers.md: 20 steps at 1024x1024, conv+linear MACs x CFG batch: SDXL 119.641 T, PixArt-alpha
+    # 85.640 T; PixArt's "Mix + Cache" 54.718 T is beta 3/4 for 10 steps with the cross-attention cache (Cond)
+    # from step 15, which is our `quality` plus that cache.
+    base = ["--resolution", "1024x1024", "--steps", "20", "--preset"]
+    sdxl = _explain(capsys, "--family", "sdxl", *base, "none")
+    pixart = _explain(capsys, "--family", "pixart_alpha", *base, "none")
+    pixart_mix_cache = _explain(capsys, "--family", "pixart_alpha", *base, "quality", "--cross-attn-cache", "cond",
+                                "--cross-attn-cache-step", "15")
+    assert sdxl["total_flops_paper"] == pytest.approx(119.641e12, rel=0.005)
+    assert pixart["total_flops_paper"] == pytest.approx(85.640e12, rel=0.005)
+    assert pixart_mix_cache["total_flops_paper"] == pytest.approx(54.718e12, rel=0.005)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart_alpha", "lcm_sd15", "lcm_sdxl", "sd2"])
+def test_every_family_prints_its_presets(capsys, family):
+    assert main(["explain", "--family", family, "--resolution", "256x256", "--all-presets"]) == 0
+    table = capsys.readouterr().out
+    steps = 4 if family.startswith("lcm") else 20       # the family's default step count
+    assert f"{family}, {steps} steps" in table
+    for name in ("none", "quality", "balanced", "fast"):
+        assert name in table
+    rows = _explain(capsys, "--family", family, "--resolution", "256x256", "--all-presets")
+    fractions = [rows[name]["fraction_paper"] for name in ("none", "quality", "balanced", "fast")]
+    assert fractions[0] == 1.0 and all(f < 1.0 for f in fractions[1:])
+    assert fractions[2] < fractions[1]          # balanced caches on top of quality
+    assert all(len(rows[name]["plan"]) == steps for name in rows)
+    # LCM pipelines never batch CFG: every step is batch 1.
+    assert all(s["cfg"] != family.startswith("lcm") for s in rows["none"]["plan"])
 
 
 def test_explain_errors(capsys):
     assert main(["explain", "--preset", "none"]) == 2
     assert "exactly one of --family" in capsys.readouterr().err
-    assert main(["explain", "--family", "pixart_alpha", "--preset", "balanced"]) == 2
-    assert "needs a U-Net" in capsys.readouterr().err
+    assert main(["explain", "--family", "pixart_alpha", "--preset", "balanced", "--cache-branch", "14"]) == 2
+    assert "cache_branch 14 does not exist for a transformer of 28 blocks" in capsys.readouterr().err
     assert main(["explain", str(HEADERS / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
