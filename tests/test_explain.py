@@ -88,14 +88,21 @@ def test_sdxl_and_pixart_reproduce_the_papers_flops(capsys):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "pixart_alpha", "lcm_sd15", "lcm_sdxl", "sd2"])
-def test_every_family_prints_its_presets(capsys, family):
-    assert main(["explain", "--family", family, "--resolution", "256x256", "--all-presets"]) == 0
+def test_every_family_prints_its_presets(capsys, tmp_path, family):
+    # Tiny single-file checkpoints of each family's layout, so that capturing every preset's variants takes
+    # seconds (full-size architectures: benchmarks/preset_flops.py, and the paper test above).
+    from tiny_models import tiny_denoiser, write_checkpoint
+
+    model = tiny_denoiser("pixart_alpha_deep" if family == "pixart_alpha" else family)
+    path = write_checkpoint(model, tmp_path / f"{family}.safetensors",
+                            "pixart_original" if family == "pixart_alpha" else "ldm")
+    assert main(["explain", str(path), "--resolution", "128x128", "--all-presets"]) == 0
     table = capsys.readouterr().out
     steps = 4 if family.startswith("lcm") else 20       # the family's default step count
     assert f"{family}, {steps} steps" in table
     for name in ("none", "quality", "balanced", "fast"):
         assert name in table
-    rows = _explain(capsys, "--family", family, "--resolution", "256x256", "--all-presets")
+    rows = _explain(capsys, str(path), "--resolution", "128x128", "--all-presets")
     fractions = [rows[name]["fraction_paper"] for name in ("none", "quality", "balanced", "fast")]
     assert fractions[0] == 1.0 and all(f < 1.0 for f in fractions[1:])
     assert fractions[2] < fractions[1]          # balanced caches on top of quality

@@ -51,6 +51,21 @@ def test_none_reproduces_the_pipeline(family):
     assert rel_l2(_run(pipe, args), expected) == 0.0
 
 
+def test_lcm_unet_in_a_stable_diffusion_pipeline():
+    """An LCM U-Net in StableDiffusionPipeline with LCMScheduler: diffusers turns CFG off and feeds the
+    guidance embedding; so does the runtime."""
+    from tiny_models import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("lcm_sd15", "lcm")
+    args = dict(prompt_embeds=pipeline_embeds("lcm_sd15")["prompt_embeds"], num_inference_steps=4,
+                guidance_scale=6.0, output_type="latent", **SIZE)
+    expected = _run(pipe, args)
+    optimize(pipe, preset="none")
+    assert rel_l2(_run(pipe, args), expected) <= TOLERANCE
+    assert rel_l2(_run(pipe, dict(args, guidance_scale=2.0)), expected) > 1e-3   # the guidance embedding matters
+    assert not any(step.cfg for step in pipe._postdiff.last_plan)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_preset_runs(family):
     pipe = optimize(tiny_pipeline("pixart_alpha_deep" if family == "pixart_alpha" else family))
@@ -242,3 +257,30 @@ def test_unsupported_pipeline_is_refused():
 
     with pytest.raises(PostDiffError, match="optimize\\(\\) supports the diffusers pipelines"):
         optimize(NotAPipeline())
+
+
+# --- PixArt-alpha positions at low resolution --------------------------------------------------------------
+
+
+def test_pixart_low_resolution_tokens_keep_their_place_in_the_image():
+    """At another grid size diffusers' PatchEmbed recomputes the sin-cos table over the same extent (scaled
+    by base_size / grid), so a low-resolution token carries the position of the full-resolution token at the
+    same place in the image, not the position of the top-left corner of a smaller image. The mixed-resolution
+    variants are captured at their own size and keep that table (their verification checks them against
+    eager at that size); this checks the property itself on the model, with the patch projection zeroed so
+    that the embedding is all that comes out."""
+    import copy
+
+    model = copy.deepcopy(tiny_pipeline("pixart_alpha").transformer)
+    embed = model.pos_embed
+    with torch.no_grad():
+        embed.proj.weight.zero_()
+        embed.proj.bias.zero_()
+    full = embed(torch.zeros(1, 4, 16, 16))[0].reshape(8, 8, -1)    # the training grid: 8x8 tokens
+    low = embed(torch.zeros(1, 4, 8, 8))[0].reshape(4, 4, -1)       # beta = 1/2: 4x4 tokens
+    assert torch.allclose(low, full[::2, ::2], atol=1e-6)           # token (r, c) sits where full (2r, 2c) does
+    assert not torch.allclose(low, full[:4, :4], atol=1e-2)          # not the corner of the full grid
+    # beta = 3/4 (the paper's for PixArt-alpha): a 6x6 grid spans the same extent; every third token lands on a
+    # full-resolution one, the others between.
+    three_quarter = embed(torch.zeros(1, 4, 12, 12))[0].reshape(6, 6, -1)
+    assert torch.allclose(three_quarter[::3, ::3], full[::4, ::4], atol=1e-6)
