@@ -118,15 +118,17 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
             tensors = load_file(str(args.embeddings))
         except (OSError, SafetensorError) as err:
             raise PostDiffError(f"cannot read the embeddings: {err}", args.embeddings) from None
-        missing = [k for k in EMBEDDING_KEYS if k not in tensors]
+        cfg = any(step.cfg for step in runner.plan)   # LCM artifacts have no negative half
+        required = EMBEDDING_KEYS if cfg else EMBEDDING_KEYS[:1]
+        missing = [k for k in required if k not in tensors]
         if missing:
             raise PostDiffError(f"missing tensor(s) {', '.join(missing)}", args.embeddings)
         added = {k: tensors[k] for k in runner.added_inputs if k in tensors}
         negative_added = {k: tensors[f"negative_{k}"] for k in runner.added_inputs if f"negative_{k}" in tensors}
-        kwargs = {"prompt_embeds": tensors["prompt_embeds"], "negative_prompt_embeds": tensors["negative_prompt_embeds"]}
+        kwargs = {"prompt_embeds": tensors["prompt_embeds"], "negative_prompt_embeds": tensors.get("negative_prompt_embeds")}
         if runner.added_inputs:
             kwargs.update(added_cond=added, negative_added_cond=negative_added or None)
-        return kwargs, 7.5
+        return kwargs, 7.5 if cfg else 8.5    # diffusers' LatentConsistencyModelPipeline default
     if family != "scenes32":
         raise PostDiffError(f"a {family} artifact has no text encoder inside; give --embeddings FILE.safetensors with "
                             f"{' and '.join(EMBEDDING_KEYS)} of shape [1, {runner.text['shape'][1]}, "

@@ -139,3 +139,28 @@ def test_engine_names_and_timing_caches_are_keyed_by_everything_an_engine_depend
     caches = {timing_cache_path(h100), timing_cache_path({**h100, "gpu": "NVIDIA L4", "compute_capability": "8.9"}),
               timing_cache_path({**h100, "tensorrt": "10.8.0"})}
     assert len(caches) == 3 and all(p.parent == tmp_path / "tensorrt" for p in caches)
+
+
+def test_lcm_checkpoint_compiles_with_its_own_defaults_and_runs_without_negative_embeddings(tmp_path, capsys):
+    """An original-layout LCM single file: detected as lcm_sd15, compiled for its 4 LCMScheduler steps without
+    CFG, and run from a prompt embedding alone; the guidance scale reaches the graph as the w-embedding."""
+    path = write_checkpoint(tiny_denoiser("lcm_sd15"), tmp_path / "lcm.safetensors", "ldm")
+    out = tmp_path / "lcm-fast"
+    code, _, err = run_cli(capsys, path, "--preset", "fast", "--resolution", "128x128", "--format", "pt2", "--out", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["family"] == "lcm_sd15" and manifest["steps"] == 4
+    assert manifest["scheduler"]["_class_name"] == "LCMScheduler"
+    assert not any(step["cfg"] for step in manifest["plan"])
+    assert any(step["variant"].endswith("read_ca") for step in manifest["plan"])
+    assert "timestep_cond" in [i["name"] for i in manifest["variants"][0]["inputs"]]
+    cond, _ = text_embeddings(1, 77, 768, seed=4)
+    save_file({"prompt_embeds": cond}, str(tmp_path / "embeds.safetensors"))
+    latents = {}
+    for scale in ("8.5", "2.0"):
+        code, stdout, err = run_cli(capsys, "run", out, "--embeddings", tmp_path / "embeds.safetensors",
+                                    "--guidance-scale", scale, "--out", tmp_path / scale)
+        assert code == 0, err
+        latents[scale] = load_file(str(tmp_path / scale / "latents.safetensors"))["latents"]
+    assert torch.isfinite(latents["8.5"]).all()
+    assert rel_l2(latents["2.0"], latents["8.5"]) > 1e-3
