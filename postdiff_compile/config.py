@@ -32,6 +32,8 @@ class PostDiffConfig:
     renoise: str = "fresh"
     clamp_x0: float = 0.0
     # DeepCache: full step every `cache_interval` steps (1 = off); branch as DeepCacheSDHelper's cache_branch_id.
+    # Transformers (PixArt-alpha) have no U-Net skips: there the cached part is the middle blocks, and
+    # `cache_branch` counts the blocks recomputed at each end (passes/block_cache.py).
     cache_interval: int = 1
     cache_branch: int = 0
     # Which steps are full: "uniform" (every k-th, as DeepCacheSDHelper) or "quad_center" (the DeepCache
