@@ -42,7 +42,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--prompt", help=f"reference-model artifacts only (default: {DEFAULT_PROMPT!r})")
         parser.add_argument("--seed", type=int, default=0, help="default: 0")
         parser.add_argument("--guidance-scale", type=float, default=None,
-                            help="default: 4 for the reference model, 7.5 otherwise")
+                            help="default: 4 for the reference model, 8.5 for LCM, 7.5 otherwise")
         parser.add_argument("--out", type=Path, help="output folder (default: ./postdiff-run/ARTIFACT-seedN)")
         parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -128,7 +128,7 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
         kwargs = {"prompt_embeds": tensors["prompt_embeds"], "negative_prompt_embeds": tensors.get("negative_prompt_embeds")}
         if runner.added_inputs:
             kwargs.update(added_cond=added, negative_added_cond=negative_added or None)
-        return kwargs, 7.5 if cfg else 8.5    # diffusers' LatentConsistencyModelPipeline default
+        return kwargs, runner.default_guidance_scale
     if family != "scenes32":
         raise PostDiffError(f"a {family} artifact has no text encoder inside; give --embeddings FILE.safetensors with "
                             f"{' and '.join(EMBEDDING_KEYS)} of shape [1, {runner.text['shape'][1]}, "

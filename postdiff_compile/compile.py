@@ -21,7 +21,7 @@ from .metrics.flops import count_flops
 from .models.load import load_denoiser
 from .plan import build_plan, switch_of
 from .resolution import low_res_latent
-from .variants import VariantStore, check_variant, variant_input_specs, variant_output_specs
+from .variants import VariantStore, check_cache_branch, check_variant, variant_input_specs, variant_output_specs
 
 # An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
@@ -91,6 +91,11 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     latent_h, latent_w = family.check_resolution(height, width, loaded.source)
     steps = steps or family.default_steps
     plan = build_plan(config, steps, cfg=family.classifier_free_guidance)
+    if config.cache_interval > 1:
+        try:   # before any capture
+            check_cache_branch(loaded.module, config.cache_branch)
+        except PostDiffError as err:
+            raise PostDiffError(str(err), loaded.source) from None
     switch = switch_of(plan)
     low_latent = low_res_latent(family, (latent_h, latent_w), config.low_res_scale) if switch else None
     scheduler = family.scheduler()

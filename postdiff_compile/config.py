@@ -166,9 +166,11 @@ _DEEPCACHE = dict(cache_interval=2, cache_branch=1)
 # (passes/block_cache.py): branch 2 keeps 2 of its 28 blocks at each end and caches the other 24. Not in the
 # paper; chosen as the analogue of DeepCache's interval 2 with a shallow branch, quality unmeasured here.
 _BLOCK_CACHE = dict(cache_interval=2, cache_branch=2)
-# LCM (4 steps by default, no CFG): the same features counted for 4 steps; the cross-attention cache is written
-# at step 1 and read by steps 2 and 3. There is no CFG batch to drop, so it saves only the attn2 work.
-_LCM_GATE = dict(cross_attn_cache="cond", cross_attn_cache_step=2)
+# LCM (4 steps by default, no CFG): the same features counted for 4 steps. The cross-attention cache is written
+# at step 2 (a full step anyway: the first at full resolution) and read by step 3, a DeepCache shallow step; with
+# m = 2 the write would force step 1 full and fast would cost more than balanced. There is no CFG batch to
+# drop, so the cache saves only the attn2 work of the steps that read it.
+_LCM_GATE = dict(cross_attn_cache="cond", cross_attn_cache_step=3)
 # The reference model is pixel space and its DDIM clips x0 to [-1, 1] (clip_sample), as pixel-space DDIM does:
 # an epsilon model's x0 is 1 / sqrt(abar) times its error at high noise. The transition's x0 is clipped the same.
 _PIXEL = dict(clamp_x0=1.0)
@@ -198,7 +200,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     #   beta 3/4 for 10 steps, cross-attention cached for the last 5 of 20 (that row is `quality` with
     #   cross_attn_cache=cond, cross_attn_cache_step=15); fast adds balanced's block cache on top, as for the
     #   U-Nets fast adds the cross-attention cache to balanced.
-    # - LCM, m = 2 of 4 steps (see _LCM_GATE).
+    # - LCM, m = 3 of 4 steps (see _LCM_GATE).
     Preset("fast", "balanced + cross-attention cache, Cond mode, CFG off from step m",
            _MIX.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
            {"sdxl": _MIX_3_4.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),

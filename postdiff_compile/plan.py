@@ -12,7 +12,8 @@ Rules (peers.md 1.5, 2.3-2.5):
   output; steps >= m run without CFG (batch 1, on the negative embeddings as T-GATE does) and read them.
 - Both: the deep feature of a CFG step has the CFG batch and cannot feed a batch-1 step, and step m - 1
   must compute every attn2 to write them. So, as T-GATE's DeepCache loaders do, steps m - 1 and m are
-  full and the uniform schedule restarts at each of them (start = m - 1, then start = m). `check_plan`
+  full and the uniform schedule restarts at each of them (start = m - 1, then start = m). Without CFG
+  (LCM) only step m - 1 is forced full: the batch does not change at m. `check_plan`
   proves that every read finds a write of the same batch.
 - Mixed resolution with switch step L = round(s * N): steps < L run at low resolution; after step L - 1 the
   transition (x0 prediction, upsample, re-noise) replaces the scheduler step, at no extra denoiser call.
@@ -61,7 +62,7 @@ def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list
         warnings.warn(f"cross_attn_cache_step {gate} >= {num_steps} steps: the cross-attention cache would never "
                       "be read, so it is off for this call", stacklevel=2)
         gate = None
-    full = full_steps(config, num_steps, gate, switch)
+    full = full_steps(config, num_steps, gate, switch, cfg)
 
     specs = []
     for i in range(num_steps):
@@ -80,12 +81,16 @@ def switch_of(plan: list[Step]) -> int:
     return sum(step.low_res for step in plan)
 
 
-def full_steps(config: PostDiffConfig, num_steps: int, gate: int | None = None, switch: int = 0) -> set[int]:
+def full_steps(config: PostDiffConfig, num_steps: int, gate: int | None = None, switch: int = 0,
+               cfg: bool = True) -> set[int]:
     """The steps that run the whole denoiser (all of them when DeepCache is off)."""
     k = config.cache_interval
     if k <= 1:
         return set(range(num_steps))
-    forced = ({gate - 1, gate} if gate is not None else set()) | ({switch} if switch else set())
+    # Step m - 1 computes every attn2 for the cache. With CFG, step m also starts afresh: the batch halves
+    # there, so no deep feature from before can feed it. Without CFG (LCM) the batch never changes.
+    gated = (({gate - 1, gate} if cfg else {gate - 1}) if gate is not None else set())
+    forced = gated | ({switch} if switch else set())
     if config.cache_schedule == "quad_center":
         steps = set(quad_center_steps(num_steps, math.ceil(num_steps / k), config.cache_center, config.cache_pow))
         return steps | forced

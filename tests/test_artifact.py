@@ -239,20 +239,29 @@ FAMILY_STEPS = {"sdxl": 20, "pixart_alpha": 20, "lcm_sd15": 4, "lcm_sdxl": 4, "s
 
 
 def _family_inputs(runner, family):
-    """prompt embeddings and the added conditioning the runner cannot derive itself (SDXL's pooled embeddings)."""
+    """Prompt embeddings and the added conditioning the runner cannot derive itself: SDXL's pooled embeddings,
+    PixArt's attention masks (padding at the end, the negative prompt shorter, as T5 prompts are)."""
     spec = runner.text["shape"]
     cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
-    added = None
+    added, negative_added = {}, {}
     if "text_embeds" in runner.added_inputs:
-        added = {"text_embeds": torch.randn(1, 1280, generator=torch.Generator().manual_seed(1))}
-    return cond, (None if family.startswith("lcm") else uncond), added
+        gen = torch.Generator().manual_seed(1)
+        added["text_embeds"], negative_added["text_embeds"] = torch.randn(1, 1280, generator=gen), \
+            torch.randn(1, 1280, generator=gen)
+    if "encoder_attention_mask" in runner.added_inputs:
+        mask, negative_mask = torch.zeros(1, spec[1]), torch.zeros(1, spec[1])
+        mask[:, :12], negative_mask[:, :1] = 1, 1
+        added["encoder_attention_mask"], negative_added["encoder_attention_mask"] = mask, negative_mask
+    if family.startswith("lcm"):
+        return cond, None, added or None, None
+    return cond, uncond, added or None, negative_added or None
 
 
 @pytest.mark.parametrize("family", list(FAMILY_STEPS))
 def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
     """Every preset, compiled to pt2+onnx, runs on torch and onnxruntime with the same result; the fast
     artifact's torch runner equals optimize(pipe) on the family's own diffusers pipeline, which checks the
-    added conditioning the runner fills in (SDXL time ids, PixArt's mask, LCM's guidance embedding)."""
+    added conditioning the runner fills in (SDXL time ids, PixArt's resolution, LCM's guidance embedding)."""
     from tiny_models import tiny_pipeline
 
     name = "pixart_alpha_deep" if family == "pixart_alpha" else family
@@ -263,8 +272,9 @@ def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
         out = compile_artifact(model, ConfigRequest(preset), tmp_path / preset, RESOLUTION, steps,
                                formats="pt2,onnx").out
         runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
-        cond, uncond, added = _family_inputs(runners["torch"], family)
-        results = [r(cond, uncond, added_cond=added, seed=1, guidance_scale=4.5) for r in runners.values()]
+        cond, uncond, added, negative_added = _family_inputs(runners["torch"], family)
+        results = [r(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=1, guidance_scale=4.5)
+                   for r in runners.values()]
         err = rel_l2(results[1], results[0])
         print(f"{family} {preset}: onnxruntime vs torch rel L2 {err:.2e}, "
               f"{len(runners['torch'].manifest['variants'])} variants")
@@ -273,7 +283,7 @@ def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
     # The last artifact is `fast`: the torch runner against the in-memory runtime on the diffusers pipeline.
     runner = runners["torch"]
     assert runner.manifest["config"] == PRESETS["fast"].for_family(family).to_dict()
-    got = runner(cond, uncond, added_cond=added, seed=7, guidance_scale=4.5)
+    got = runner(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=7, guidance_scale=4.5)
     pipe.scheduler = make_scheduler(runner.manifest["scheduler"])
     kwargs = dict(prompt_embeds=cond, height=RESOLUTION[0], width=RESOLUTION[1], num_inference_steps=steps,
                   guidance_scale=4.5, generator=torch.Generator().manual_seed(7), output_type="latent")
@@ -282,13 +292,18 @@ def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
     if family.endswith("sdxl"):
         kwargs["pooled_prompt_embeds"] = added["text_embeds"]
         if uncond is not None:
-            kwargs["negative_pooled_prompt_embeds"] = added["text_embeds"]
+            kwargs["negative_pooled_prompt_embeds"] = negative_added["text_embeds"]
     if family == "pixart_alpha":
-        ones = torch.ones(1, cond.shape[1], dtype=torch.int64)
-        kwargs.update(prompt_attention_mask=ones, negative_prompt_attention_mask=ones, negative_prompt=None,
-                      use_resolution_binning=False)
+        kwargs.update(prompt_attention_mask=added["encoder_attention_mask"].long(),
+                      negative_prompt_attention_mask=negative_added["encoder_attention_mask"].long(),
+                      negative_prompt=None, use_resolution_binning=False)
     expected = postdiff_compile.optimize(pipe, preset="fast")(**kwargs).images
     assert rel_l2(got, expected) <= 1e-5
+    # What only the text encoder knows must be given: SDXL's negative pooled embeddings, PixArt's masks.
+    required = {"sdxl": "text_embeds", "pixart_alpha": "encoder_attention_mask"}.get(family)
+    if required:
+        with pytest.raises(PostDiffError, match=f"the artifact needs negative {required}"):
+            runner(cond, uncond, added_cond=added, seed=7, guidance_scale=4.5)
 
 
 def rewrite_manifest(folder: Path, manifest: dict) -> None:

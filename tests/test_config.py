@@ -34,11 +34,11 @@ def test_presets_per_family():
     assert resolve_config("balanced", family="pixart_alpha") == mix.replace(cache_interval=2, cache_branch=2)
     pixart = resolve_config("fast", family="pixart_alpha")
     assert (pixart.cache_interval, pixart.cache_branch, pixart.cross_attn_cache_step) == (2, 2, 15)
-    # LCM: no CFG, 4 steps; the cross-attention cache from step 2 of 4, on top of DeepCache.
+    # LCM: no CFG, 4 steps; the cross-attention cache read at the last step, on top of DeepCache.
     for family, beta in (("lcm_sd15", 0.5), ("lcm_sdxl", 0.75)):
         lcm = resolve_config("fast", family=family)
         assert (lcm.low_res_scale, lcm.cache_interval, lcm.cross_attn_cache, lcm.cross_attn_cache_step) == \
-            (beta, 2, "cond", 2)
+            (beta, 2, "cond", 3)
     # Overrides apply on top of the family's preset.
     assert resolve_config("fast", family="sd15", cross_attn_cache_step=5).cross_attn_cache_step == 5
 

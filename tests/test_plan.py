@@ -75,3 +75,13 @@ def test_variant_names():
     for bad in ("shallow+write_dc", "full+write_ca+read_ca", "half", "full+turbo"):
         with pytest.raises(PostDiffError, match="not a variant name"):
             VariantSpec.parse(bad)
+
+
+def test_without_cfg_only_the_writing_step_is_forced_full():
+    # With CFG steps m - 1 and m are full (T-GATE's DeepCache loaders); without CFG (LCM) the batch does not
+    # change at m, so m may read the deep feature written at m - 1.
+    config = PostDiffConfig(cache_interval=2, cross_attn_cache="cond", cross_attn_cache_step=3)
+    with_cfg = [s.variant for s in build_plan(config, 6, cfg=True)]
+    without = [s.variant for s in build_plan(config, 6, cfg=False)]
+    assert with_cfg[2].startswith("full") and with_cfg[3].startswith("full")
+    assert without[2].startswith("full+write_dc") and without[3] == "shallow+read_ca"

@@ -126,10 +126,11 @@ class ArtifactRunner:
         return tensor.to(self.device, self.dtype)
 
     def default_added_cond(self, guidance_scale: float) -> dict[str, torch.Tensor]:
-        """Added inputs the runner can fill in as the diffusers pipelines do for a full-size request: SDXL's
+        """Added inputs the runner fills in as the diffusers pipelines do for a full-size request: SDXL's
         time_ids (original size = target size = the artifact's resolution, no crop), PixArt's resolution and
-        aspect ratio and an all-real-tokens mask, and LCM's guidance embedding (from `guidance_scale`).
-        Pooled text embeddings (SDXL's text_embeds) come from the text encoder and must be given."""
+        aspect ratio, and LCM's guidance embedding (from `guidance_scale`). Pooled text embeddings (SDXL's
+        text_embeds) and PixArt's attention masks come from the text encoder with the embeddings and must be
+        given: an all-ones mask would let the prompt attend to its padding, which diffusers never does."""
         from .conditioning import guidance_embedding
 
         h, w = self.manifest["resolution"]["height"], self.manifest["resolution"]["width"]
@@ -137,33 +138,47 @@ class ArtifactRunner:
         defaults = {"time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
                     "resolution": torch.tensor([[h, w]], dtype=torch.float32),
                     "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32)}
-        if "encoder_attention_mask" in specs:
-            defaults["encoder_attention_mask"] = torch.ones(1, specs["encoder_attention_mask"][1])
         if "timestep_cond" in specs:
             defaults["timestep_cond"] = guidance_embedding(guidance_scale, 1, specs["timestep_cond"][1], torch.float32)
         return {k: v for k, v in defaults.items() if k in self.added_inputs}
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """diffusers' pipeline default: 8.5 for LCM (LatentConsistencyModelPipeline), 7.5 otherwise."""
+        return 7.5 if any(step.cfg for step in self.plan) else 8.5
 
     @torch.no_grad()
     def __call__(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
                  added_cond: dict[str, torch.Tensor] | None = None,
                  negative_added_cond: dict[str, torch.Tensor] | None = None,
-                 seed: int | None = None, generator: torch.Generator | None = None, guidance_scale: float = 7.5,
-                 on_step=None) -> torch.Tensor:
-        """Latents [1, C, H, W] of one image. Without a generator, `seed` (default 0) seeds one on the device."""
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 guidance_scale: float | None = None, on_step=None) -> torch.Tensor:
+        """Latents [1, C, H, W] of one image. Without a generator, `seed` (default 0) seeds one on the device.
+
+        `added_cond` / `negative_added_cond` hold the added inputs of the positive and negative halves; a key
+        missing from `negative_added_cond` takes the positive value where diffusers shares it (time ids,
+        resolution, aspect ratio, the guidance embedding), and is an error where it comes from the negative
+        prompt (pooled embeddings, attention mask)."""
         from diffusers.utils.torch_utils import randn_tensor
 
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         shape = self.text["shape"]
         embeds = self._check_embeds("prompt_embeds", prompt_embeds, shape)
         negative = None
-        if any(step.cfg for step in self.plan):
+        cfg = any(step.cfg for step in self.plan)
+        if cfg:
             negative = self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, shape)
         added = negative_added = None
         if self.added_inputs:
             specs = {i["name"]: i["shape"] for i in self.manifest["variants"][0]["inputs"]}
             defaults = self.default_added_cond(guidance_scale)
             given = {**defaults, **(added_cond or {})}
-            given_negative = {**defaults, **(negative_added_cond or added_cond or {})}
             added = {k: self._check_embeds(k, given.get(k), specs[k]) for k in self.added_inputs}
+            # Without CFG the negative half only feeds the steps that read the cross-attention cache, where
+            # it is the positive one (no negative prompt exists).
+            shared = set(defaults) if cfg else set(self.added_inputs)
+            given_negative = {**{k: given[k] for k in shared if k in given}, **(negative_added_cond or {})}
             negative_added = {k: self._check_embeds(f"negative {k}", given_negative.get(k), specs[k])
                               for k in self.added_inputs}
         if generator is None:

@@ -2,7 +2,10 @@
 
 `optimize(pipe)` replaces only the loop. Everything around it (prompt encoding, added conditioning,
 timestep retrieval arguments, decoding and the output class) is what the pipeline's own `__call__` does,
-one function per pipeline kind, so that with preset `none` the latents are diffusers' own.
+one function per pipeline kind, so that with preset `none` the latents are diffusers' own. One known
+exception: SDXL with several images per prompt *and* negative micro-conditioning of its own
+(`negative_original_size`, ...): diffusers concatenates the negative and positive time ids before
+repeating them per image, which pairs rows with the wrong half of the batch; here each half gets its own.
 
 Added conditioning at low resolution: SDXL's `time_ids` (original size, crop, target size) and
 PixArt-alpha's `resolution` / `aspect_ratio` keep the values of the requested full-size image at every
@@ -124,6 +127,11 @@ def _prepare_sdxl(pipe, a) -> Conditioning:
     unet = pipe.unet
     cfg = a.guidance_scale > 1 and unet.config.time_cond_proj_dim is None
     batch = _batch(a.prompt, a.prompt_embeds)
+    if a.prompt_embeds is not None and a.pooled_prompt_embeds is None:
+        raise PostDiffError("pass pooled_prompt_embeds with prompt_embeds (SDXL conditions on the pooled text "
+                            "embedding of its second text encoder)")
+    if cfg and a.negative_prompt_embeds is not None and a.negative_pooled_prompt_embeds is None:
+        raise PostDiffError("pass negative_pooled_prompt_embeds with negative_prompt_embeds")
     device = pipe._execution_device
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt=a.prompt, prompt_2=a.prompt_2, device=device, num_images_per_prompt=a.num_images_per_prompt,
@@ -145,8 +153,7 @@ def _prepare_sdxl(pipe, a) -> Conditioning:
         negative_ids = time_ids(a.negative_original_size, a.negative_crops_coords_top_left, a.negative_target_size)
     extra = _timestep_cond(pipe, a.guidance_scale, n, embeds.dtype, device)
     added = {"text_embeds": pooled.to(device), "time_ids": ids, **extra}
-    negative_added = {"text_embeds": negative_pooled.to(device) if negative_pooled is not None else pooled.to(device),
-                      "time_ids": negative_ids, **extra}
+    negative_added = {"text_embeds": (negative_pooled if cfg else pooled).to(device), "time_ids": negative_ids, **extra}
 
     def finish(latents: torch.Tensor):
         from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
