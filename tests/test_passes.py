@@ -6,6 +6,7 @@ from tiny_models import tiny_denoiser
 from postdiff_compile import PostDiffError
 from postdiff_compile.capture import Bucket, capture, example_inputs
 from postdiff_compile.models.families import get_family
+from postdiff_compile.passes.deepcache import deepcache_graph
 from postdiff_compile.passes.regions import children, find_modules, module_path, output_of
 from postdiff_compile.variants import VariantSpec, build_variant
 
@@ -120,9 +121,13 @@ def test_deepcache_needs_a_unet():
     model = tiny_denoiser("pixart_alpha")
     captured = capture(model, get_family("pixart_alpha"), Bucket(2, 16, 16, 120, torch.float32))
     with pytest.raises(PostDiffError, match="needs a U-Net with up_blocks"):
-        build_variant(captured, VariantSpec("shallow"), 0)
+        deepcache_graph(captured.module().graph, 0, "read")
+    # A transformer's shallow variant is the block cache's (tests/test_block_cache.py); this one has 2 blocks,
+    # too few to keep one at each end and cache one between.
+    with pytest.raises(PostDiffError, match="needs 3 or more blocks"):
+        build_variant(captured, VariantSpec("shallow"), 1)
     read = build_variant(captured, VariantSpec(cross_attn="read"))   # the cross-attention cache works on DiTs
-    assert len(read.inputs) == 3 + 2 and not any(".attn2" in p for p in _paths(read))
+    assert len(read.inputs) == len(captured.inputs) + 2 and not any(".attn2" in p for p in _paths(read))
 
 
 def test_noop_squeezes_are_dropped_and_real_ones_kept():
