@@ -118,8 +118,7 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
             tensors = load_file(str(args.embeddings))
         except (OSError, SafetensorError) as err:
             raise PostDiffError(f"cannot read the embeddings: {err}", args.embeddings) from None
-        cfg = any(step.cfg for step in runner.plan)   # LCM artifacts have no negative half
-        required = EMBEDDING_KEYS if cfg else EMBEDDING_KEYS[:1]
+        required = EMBEDDING_KEYS if runner.cfg else EMBEDDING_KEYS[:1]   # LCM artifacts have no negative half
         missing = [k for k in required if k not in tensors]
         if missing:
             raise PostDiffError(f"missing tensor(s) {', '.join(missing)}", args.embeddings)

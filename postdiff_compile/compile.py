@@ -91,11 +91,10 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     latent_h, latent_w = family.check_resolution(height, width, loaded.source)
     steps = steps or family.default_steps
     plan = build_plan(config, steps, cfg=family.classifier_free_guidance)
-    if config.cache_interval > 1:
-        try:   # before any capture
-            check_cache_branch(loaded.module, config.cache_branch)
-        except PostDiffError as err:
-            raise PostDiffError(str(err), loaded.source) from None
+    try:   # before any capture
+        check_cache_branch(loaded.module, config)
+    except PostDiffError as err:
+        raise PostDiffError(str(err), loaded.source) from None
     switch = switch_of(plan)
     low_latent = low_res_latent(family, (latent_h, latent_w), config.low_res_scale) if switch else None
     scheduler = family.scheduler()

@@ -87,8 +87,7 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None
     plan = build_plan(config, steps, cfg)
     low = low_res_latent(family, latent, config.low_res_scale) if switch_of(plan) else None
     denoiser = build_denoiser(family.denoiser_class, denoiser_config or family.config(), "meta").eval()
-    if config.cache_interval > 1:
-        check_cache_branch(denoiser, config.cache_branch)   # before any capture
+    check_cache_branch(denoiser, config)   # before any capture
     store = VariantStore(denoiser, family)
     dtype = next(denoiser.parameters()).dtype
     costs: dict[str, FlopCount] = {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import Bucket, Captured, DenoiserCall, TensorSpec, Verification, capture, example_inputs, rel_l2
+from .config import PostDiffConfig
 from .errors import PostDiffError
 from .models.families import FamilySpec
 from .passes import graph_edit
@@ -19,6 +20,7 @@ from .passes.cross_attn import cross_attn_graph
 from .passes.block_cache import block_cache_graph, check_block_branch
 from .passes.deepcache import FEATURE as DEEPCACHE
 from .passes.deepcache import check_branch, deepcache_graph
+from .passes.regions import has_module
 
 DEEP_MODES = ("full", "shallow")
 CROSS_ATTN_MODES = ("compute", "write", "read")
@@ -66,12 +68,15 @@ class VariantSpec:
         return ((DEEPCACHE,) if self.write_deepcache else ()) + ((CROSS_ATTN,) if self.cross_attn == "write" else ())
 
 
-def check_cache_branch(denoiser: torch.nn.Module, branch: int) -> None:
-    """A clear error, before anything is captured, for a cache_branch this denoiser does not have."""
+def check_cache_branch(denoiser: torch.nn.Module, config: PostDiffConfig) -> None:
+    """A clear error, before anything is captured, for a cache_branch this denoiser does not have (only when
+    the config caches at all)."""
+    if config.cache_interval <= 1:
+        return
     if hasattr(denoiser, "transformer_blocks"):
-        check_block_branch(len(denoiser.transformer_blocks), branch)
+        check_block_branch(len(denoiser.transformer_blocks), config.cache_branch)
     else:
-        check_branch(len(denoiser.up_blocks), branch)
+        check_branch(len(denoiser.up_blocks), config.cache_branch)
 
 
 @dataclass
@@ -95,7 +100,7 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
     if spec.deep == "shallow" or spec.write_deepcache:
         # U-Nets cache DeepCache's deep feature; transformers, which have no skip branches, the residual of
         # their middle blocks (passes/block_cache.py). Both travel under the one cache name DEEPCACHE.
-        deep_pass = block_cache_graph if graph_edit.has_module(graph, "transformer_blocks") else deepcache_graph
+        deep_pass = block_cache_graph if has_module(graph, "transformer_blocks") else deepcache_graph
         graph = deep_pass(graph, cache_branch, "read" if spec.deep == "shallow" else "write")
         (inputs if spec.deep == "shallow" else outputs).append(DEEPCACHE)
     if spec.cross_attn != "compute":

@@ -136,9 +136,7 @@ def _ldm_view(shapes: Shapes, prefix: str) -> _UNetView:
         linear_projection=_linear_projection(s),
         adm_channels=s["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in s else None,
         mid_attention="middle_block.1.proj_in.weight" in s,
-        # LCM checkpoints converted to the original layout keep the diffusers name of this one tensor
-        # (the LDM code has no guidance embedding, so the converters leave it as it is).
-        guidance_embedding=s["time_embedding.cond_proj.weight"][1] if "time_embedding.cond_proj.weight" in s else 0,
+        guidance_embedding=_guidance_width(s),
     )
 
 
@@ -157,8 +155,14 @@ def _diffusers_view(s: Shapes) -> _UNetView:
         linear_projection=_linear_projection(s),
         adm_channels=s["add_embedding.linear_1.weight"][1] if "add_embedding.linear_1.weight" in s else None,
         mid_attention="mid_block.attentions.0.proj_in.weight" in s,
-        guidance_embedding=s["time_embedding.cond_proj.weight"][1] if "time_embedding.cond_proj.weight" in s else 0,
+        guidance_embedding=_guidance_width(s),
     )
+
+
+def _guidance_width(s: Shapes) -> int:
+    # LCM checkpoints converted to the original layout keep the diffusers name of this one tensor (the LDM
+    # code has no guidance embedding, so the converters leave it as it is): the same key in both views.
+    return s["time_embedding.cond_proj.weight"][1] if "time_embedding.cond_proj.weight" in s else 0
 
 
 def _count(s: Shapes, prefix: str) -> int:
@@ -190,13 +194,14 @@ def _detect_unet(view: _UNetView, layout: str, prefix: str) -> Detection:
               (128, False, None): "scenes32"}.get(key)
     if family is None or not view.levels:
         raise _NotMatched(evidence)
+    name = family   # the architecture decisions below are the base family's; LCM only adds the embedding
     if view.guidance_embedding:
         if family not in ("sd15", "sdxl"):
             raise _NotMatched(evidence + [f"a guidance embedding (LCM) on a {family} U-Net, which no known LCM has"])
-        family = f"lcm_{family}"
+        name = f"lcm_{family}"
         evidence.append(f"guidance embedding of width {view.guidance_embedding} (time_embedding.cond_proj): "
                         "consistency-distilled (LCM)")
-    spec = get_family(family)
+    spec = get_family(name)
     config = spec.config()
     if view.guidance_embedding:
         config["time_cond_proj_dim"] = view.guidance_embedding
@@ -212,16 +217,16 @@ def _detect_unet(view: _UNetView, layout: str, prefix: str) -> Detection:
         down_block_types=["CrossAttnDownBlock2D" if lv.attention_depth else "DownBlock2D" for lv in view.levels],
         up_block_types=["CrossAttnUpBlock2D" if lv.attention_depth else "UpBlock2D" for lv in reversed(view.levels)],
     )
-    if family in ("sd2", "sdxl", "lcm_sdxl"):
+    if family in ("sd2", "sdxl"):
         # 64-channel heads (the config field counts heads, a diffusers legacy name); SD1.x and the reference
         # model have a fixed head count at every level, as in their bundled configs.
         config["attention_head_dim"] = [max(1, c // 64) for c in channels]
-    if family in ("sdxl", "lcm_sdxl"):
+    if family == "sdxl":
         config["transformer_layers_per_block"] = [max(1, lv.attention_depth) for lv in view.levels]
     if not view.mid_attention:
         config["mid_block_type"] = "UNetMidBlock2D"
-    evidence.append(f"family {family}: matched by context width, projection kind and added conditioning")
-    return Detection(family, layout, prefix, config, spec.prediction_type, evidence)
+    evidence.append(f"family {name}: matched by context width, projection kind and added conditioning")
+    return Detection(name, layout, prefix, config, spec.prediction_type, evidence)
 
 
 # --- PixArt ------------------------------------------------------------------------------------------------

@@ -66,13 +66,6 @@ def eliminate_dead_code(graph: torch.fx.Graph) -> None:
     graph.eliminate_dead_code(is_impure_node=_is_impure)
 
 
-def has_module(graph: torch.fx.Graph, path: str) -> bool:
-    """Whether any node of `graph` was computed inside the denoiser's module `path`."""
-    from .regions import in_module
-
-    return any(in_module(node, path) for node in graph.nodes)
-
-
 def outputs_of(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return list(next(n for n in reversed(graph.nodes) if n.op == "output").args[0])
 

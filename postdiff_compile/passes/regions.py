@@ -41,6 +41,11 @@ def in_module(node: torch.fx.Node, path: str) -> bool:
     return inner is not None and (inner == path or inner.startswith(path + "."))
 
 
+def has_module(graph: torch.fx.Graph, path: str) -> bool:
+    """Whether any node of `graph` was computed inside the denoiser's module `path`."""
+    return any(in_module(node, path) for node in graph.nodes)
+
+
 def nodes_of(graph: torch.fx.Graph, path: str) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if in_module(n, path)]
 

@@ -94,6 +94,8 @@ class ArtifactRunner:
         self.latent_channels = first[0]["shape"][1]
         self.text = {i["name"]: i for i in first}["encoder_hidden_states"]
         self.added_inputs = [i["name"] for i in first if i["name"] in ADDED_INPUTS]
+        self.input_shapes = {i["name"]: i["shape"] for i in first}
+        self.cfg = any(step.cfg for step in self.plan)   # False for LCM: no negative half
         self.scheduler = make_scheduler(manifest["scheduler"])
         self._check_scheduler()
 
@@ -134,18 +136,18 @@ class ArtifactRunner:
         from .conditioning import guidance_embedding
 
         h, w = self.manifest["resolution"]["height"], self.manifest["resolution"]["width"]
-        specs = {i["name"]: i["shape"] for i in self.manifest["variants"][0]["inputs"]}
         defaults = {"time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
                     "resolution": torch.tensor([[h, w]], dtype=torch.float32),
                     "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32)}
-        if "timestep_cond" in specs:
-            defaults["timestep_cond"] = guidance_embedding(guidance_scale, 1, specs["timestep_cond"][1], torch.float32)
+        if "timestep_cond" in self.input_shapes:
+            defaults["timestep_cond"] = guidance_embedding(guidance_scale, 1, self.input_shapes["timestep_cond"][1],
+                                                           torch.float32)
         return {k: v for k, v in defaults.items() if k in self.added_inputs}
 
     @property
     def default_guidance_scale(self) -> float:
         """diffusers' pipeline default: 8.5 for LCM (LatentConsistencyModelPipeline), 7.5 otherwise."""
-        return 7.5 if any(step.cfg for step in self.plan) else 8.5
+        return 7.5 if self.cfg else 8.5
 
     @torch.no_grad()
     def __call__(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
@@ -166,18 +168,17 @@ class ArtifactRunner:
         shape = self.text["shape"]
         embeds = self._check_embeds("prompt_embeds", prompt_embeds, shape)
         negative = None
-        cfg = any(step.cfg for step in self.plan)
-        if cfg:
+        if self.cfg:
             negative = self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, shape)
         added = negative_added = None
         if self.added_inputs:
-            specs = {i["name"]: i["shape"] for i in self.manifest["variants"][0]["inputs"]}
+            specs = self.input_shapes   # by name
             defaults = self.default_added_cond(guidance_scale)
             given = {**defaults, **(added_cond or {})}
             added = {k: self._check_embeds(k, given.get(k), specs[k]) for k in self.added_inputs}
             # Without CFG the negative half only feeds the steps that read the cross-attention cache, where
             # it is the positive one (no negative prompt exists).
-            shared = set(defaults) if cfg else set(self.added_inputs)
+            shared = set(defaults) if self.cfg else set(self.added_inputs)
             given_negative = {**{k: given[k] for k in shared if k in given}, **(negative_added_cond or {})}
             negative_added = {k: self._check_embeds(f"negative {k}", given_negative.get(k), specs[k])
                               for k in self.added_inputs}

@@ -61,8 +61,7 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # about a 1-step plan, which is only built to validate the config
         build_plan(config, 1)  # fail now, not at the first call, if a feature is not available
-    if config.cache_interval > 1:
-        check_cache_branch(loaded.module, config.cache_branch)
+    check_cache_branch(loaded.module, config)
     if config.mixed_resolution:
         check_scheduler(pipe.scheduler)   # again at each call: the scheduler may be swapped in between
     base = getattr(type(pipe), "_postdiff_base", type(pipe))
