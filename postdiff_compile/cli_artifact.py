@@ -1,6 +1,6 @@
 """`postdiff-compile run DIR` and `postdiff-compile inspect DIR`: execute an artifact, or describe it.
 
-    postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt] [--embeddings FILE.safetensors | --prompt TEXT]
+    postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt|aoti] [--embeddings FILE.safetensors | --prompt TEXT]
                              [--seed N] [--guidance-scale G] [--out FOLDER]
     postdiff-compile inspect DIR [--json]
 """

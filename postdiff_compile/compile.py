@@ -17,6 +17,7 @@ from .config import ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
 from .exporters.atomic_dir import atomic_dir, check_target
 from .exporters.manifest import sha256_file, toolchain, write_manifest
+from .exporters.scheduler_table import scheduler_table
 from .metrics.flops import count_flops
 from .models.load import load_denoiser
 from .plan import build_plan, switch_of
@@ -25,7 +26,7 @@ from .variants import VariantStore, check_cache_branch, check_variant, variant_i
 
 # An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
-FORMATS = ("pt2", "onnx", "tensorrt")
+FORMATS = ("pt2", "onnx", "tensorrt", "aoti")
 DEFAULT_FORMATS = ("pt2",)
 
 
@@ -162,12 +163,32 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
             # The exported graphs take the artifact's dtype (timesteps stay float32).
             feed = tuple(t.to(s.dtype) for t, s in zip(check.inputs, variant_input_specs(variant)))
             files: dict[str, dict] = {}
-            if "pt2" in formats:
-                from .exporters.pt2 import save_pt2
+            program = None
+            if "pt2" in formats or "aoti" in formats:
+                from .exporters.pt2 import export_variant, save_pt2
 
+                with timed(f"export {tag}"):
+                    program = export_variant(variant)
+            if "pt2" in formats:
                 with timed(f"save pt2 {tag}"):
-                    file = save_pt2(variant, tmp / f"{stem}.pt2")
+                    file = save_pt2(variant, tmp / f"{stem}.pt2", program)
                 files["pt2"] = {"file": file.name, "sha256": sha256_file(file), "bytes": file.stat().st_size}
+            if "aoti" in formats:
+                from .exporters.aoti import load_aoti, save_aoti
+
+                with timed(f"compile aoti {tag}"):
+                    file = save_aoti(program, tmp / f"{stem}.aoti.pt2")
+                with timed(f"verify aoti {tag}"):
+                    got = load_aoti(file)(*[t.to(device) for t in feed])
+                    aoti_check = compare_outputs(got, check.outputs, check.verification.seed)
+                if not aoti_check.rel_l2_error <= tolerance:
+                    raise PostDiffError(f"the AOTInductor package of variant {tag} differs from its torch variant: "
+                                        f"relative L2 error {aoti_check.rel_l2_error:.3g} > {tolerance:g}",
+                                        loaded.source)
+                files["aoti"] = {"file": file.name, "sha256": sha256_file(file), "bytes": file.stat().st_size,
+                                 "device": device.type, "compile_seconds": round(stages[f"compile aoti {tag}"], 1),
+                                 "verification": {**aoti_check.to_json(), "reference": reference,
+                                                  "tolerance": tolerance}}
             if "onnx" in formats:
                 with timed(f"export onnx {tag}"):
                     files["onnx"] = export_onnx(variant, tmp / f"{stem}.onnx", weights)
@@ -229,6 +250,7 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
             "weights": weights_entry,
             "denoiser": {"class": family.denoiser_class, "config": loaded.detection.config, "dtype": dtype_name},
             "scheduler": scheduler,
+            "scheduler_table": scheduler_table(scheduler, steps, switch),
         }
         write_manifest(tmp, manifest)
     return CompileResult(out, manifest, time.perf_counter() - start, stages)

@@ -10,15 +10,18 @@ from ..errors import PostDiffError
 from ..variants import Variant, variant_input_specs
 
 
-def save_pt2(variant: Variant, path: Path) -> Path:
-    """Re-export the rewritten graph (flat tensor inputs, tuple output) and save it."""
+def export_variant(variant: Variant) -> torch.export.ExportedProgram:
+    """The rewritten graph re-exported with flat tensor inputs and a tuple output."""
     params = list(variant.module.parameters())
     device = params[0].device if params else torch.device("cpu")
     args = tuple(a.to(device) for a in example_inputs(variant_input_specs(variant)))
     try:
         with torch.no_grad():
-            program = torch.export.export(variant.module, args, strict=False)
+            return torch.export.export(variant.module, args, strict=False)
     except Exception as err:  # torch.export reports many error types
         raise PostDiffError(f"torch.export failed for variant {variant.spec.name}: {type(err).__name__}: {err}")
-    torch.export.save(program, str(path))
+
+
+def save_pt2(variant: Variant, path: Path, program: torch.export.ExportedProgram | None = None) -> Path:
+    torch.export.save(program if program is not None else export_variant(variant), str(path))
     return path

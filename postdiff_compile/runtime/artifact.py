@@ -31,7 +31,7 @@ def _major_minor(version: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def check_toolchain(folder: Path, manifest: dict, backend: str) -> None:
+def check_toolchain(folder: Path, manifest: dict, backend: str, device: torch.device | None = None) -> None:
     """Refuse what this machine cannot run faithfully, naming the file and what to do."""
     path = Path(folder) / MANIFEST
     fmt = FORMAT_OF[backend]
@@ -43,6 +43,18 @@ def check_toolchain(folder: Path, manifest: dict, backend: str) -> None:
         if _major_minor(built) > _major_minor(torch.__version__):
             raise PostDiffError(f"the .pt2 programs were saved by torch {built}, newer than this torch "
                                 f"{torch.__version__}; torch.export programs load on the same or a newer torch", path)
+    if backend == "aoti":
+        # A package is a shared library compiled against this torch's C++ API for one device.
+        built = manifest["toolchain"]["torch"]
+        if _major_minor(built) != _major_minor(torch.__version__):
+            raise PostDiffError(f"the AOTInductor packages were compiled with torch {built}, this is torch "
+                                f"{torch.__version__}; recompile with --format aoti here", path)
+        wanted = device.type if device is not None else "cpu"
+        for variant in manifest["variants"]:
+            package = variant["files"]["aoti"]
+            if package["device"] != wanted:
+                raise PostDiffError(f"the AOTInductor package was compiled for {package['device']}, asked to run "
+                                    f"on {wanted}", Path(folder) / package["file"])
     if backend == "tensorrt":
         from ..exporters.tensorrt_export import check_tensorrt, device_key
 
@@ -216,11 +228,12 @@ class ArtifactRunner:
 
 def load(folder: str | Path, backend: str = "torch", device: str | torch.device | None = None,
          verify_files: bool = True) -> ArtifactRunner:
-    """Validate an artifact folder and open it on `backend` ("torch", "onnxruntime" or "tensorrt").
+    """Validate an artifact folder and open it on `backend` ("torch", "onnxruntime", "tensorrt" or "aoti").
 
     Refuses, with an error naming the file: an edited or damaged manifest, a missing, damaged or replaced
     file, a format version or schema it does not know, and a toolchain the backend cannot use (a TensorRT
-    engine from another TensorRT version or GPU architecture, .pt2 programs from a newer torch).
+    engine from another TensorRT version or GPU architecture, .pt2 programs from a newer torch, AOTInductor
+    packages from another torch or for another device).
     """
     if backend not in BACKENDS:
         raise PostDiffError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -228,6 +241,6 @@ def load(folder: str | Path, backend: str = "torch", device: str | torch.device 
     manifest = read_manifest(folder)
     if verify_files:
         check_files(folder, manifest)
-    check_toolchain(folder, manifest, backend)
     device = torch.device(device if device is not None else ("cuda" if backend == "tensorrt" else "cpu"))
+    check_toolchain(folder, manifest, backend, device)
     return ArtifactRunner(folder, manifest, backend, device)

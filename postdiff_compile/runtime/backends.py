@@ -14,8 +14,8 @@ import torch
 
 from ..errors import PostDiffError
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-FORMAT_OF = {"torch": "pt2", "onnxruntime": "onnx", "tensorrt": "tensorrt"}
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
+FORMAT_OF = {"torch": "pt2", "onnxruntime": "onnx", "tensorrt": "tensorrt", "aoti": "aoti"}
 
 
 @dataclass
@@ -61,7 +61,21 @@ def open_tensorrt(path: Path, device: torch.device) -> Callable:
     return lambda *inputs: engine(*inputs)
 
 
-OPENERS = {"torch": open_torch, "onnxruntime": open_onnxruntime, "tensorrt": open_tensorrt}
+def open_aoti(path: Path, device: torch.device) -> Callable:
+    from ..exporters.aoti import load_aoti
+
+    # The package runs on the device it was compiled for (checked against the manifest before this).
+    model = load_aoti(path)
+
+    def run(*inputs):
+        # The compiled code assumes the strides it was traced with (contiguous); the loop's expanded
+        # timestep has stride 0.
+        with torch.no_grad():
+            return model(*(t.contiguous() for t in inputs))
+    return run
+
+
+OPENERS = {"torch": open_torch, "onnxruntime": open_onnxruntime, "tensorrt": open_tensorrt, "aoti": open_aoti}
 
 
 def open_variant(backend: str, folder: Path, entry: dict, device: torch.device) -> BackendVariant:

@@ -1,0 +1,165 @@
+"""The scheduler as a table of coefficients, for runtimes without diffusers (the C++ runner).
+
+The diffusers schedulers an artifact uses (DDIM with eta 0, Euler, DPM-Solver++, LCM, PNDM, UniPC ...)
+update the latent as a fixed linear combination of tensors they have seen: the latents each step
+started from, the model outputs of the steps so far, and the noise they draw. The coefficients depend
+only on the step count, so they are found once, at build time, by running the scheduler itself on unit
+vectors (one per tensor), and written into the manifest. A runtime then needs no scheduler code:
+
+    basis = []                                      (one per segment)
+    each step: x = latents * input_scale (for the model)
+               basis += [latents, guided model output]
+               basis += [randn(latent shape) for each of the step's noise draws]
+               latents = sum(c * basis[k] for k, c in update)
+    the last low-resolution step runs the transition instead, and a new segment (an empty basis) starts.
+
+DDIM's update reads two entries (this step's latents and output), a second-order multistep solver four.
+
+A scheduler that is not linear (DDIM with clip_sample, thresholding) has no table: the build checks the
+table against the scheduler itself on random tensors and records why it cannot be used.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from typing import Any
+from unittest import mock
+
+import torch
+
+from ..capture import rel_l2
+
+TABLE_TOLERANCE = 1e-5
+
+
+class _Basis:
+    """Unit vectors of a segment's tensors, as [1, N, 1, 1] tensors the scheduler treats elementwise."""
+
+    def __init__(self, size: int):
+        self.size, self.count = size, 0
+
+    def new(self) -> torch.Tensor:
+        if self.count == self.size:
+            raise RuntimeError("scheduler table: more tensors in one segment than expected")
+        unit = torch.zeros(1, self.size, 1, 1)
+        unit[0, self.count] = 1.0
+        self.count += 1
+        return unit
+
+
+@contextlib.contextmanager
+def _noise_from(scheduler: Any, draw):
+    """Route the scheduler's own noise draws (LCM, ancestral samplers) through `draw`."""
+    module = importlib.import_module(type(scheduler).__module__)
+    if hasattr(module, "randn_tensor"):
+        with mock.patch.object(module, "randn_tensor", lambda shape, **kwargs: draw(shape, kwargs)):
+            yield
+    else:
+        yield
+
+
+def _extra_step_kwargs(scheduler: Any, generator: Any) -> dict:
+    # What the runners pass: DDIM's eta = 0 and a generator where step takes one.
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    return {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
+
+
+def _restart(scheduler: Any, steps: int, begin: int) -> None:
+    scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+
+
+def probe(scheduler: Any, steps: int, switch: int) -> dict:
+    """The table of `scheduler` at `steps` steps, with the transition after step `switch - 1` (0 = none)."""
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    size = 3 * steps + 2
+    basis = _Basis(size)
+    draws: list[int] = []
+
+    def draw(shape, kwargs):
+        draws.append(1)
+        return basis.new().to(kwargs.get("dtype") or torch.float32)
+
+    rows = []
+    extra = _extra_step_kwargs(scheduler, None)
+    for index in range(min(steps, len(timesteps))):
+        t = timesteps[index]
+        scale = float(scheduler.scale_model_input(torch.ones(1, 1, 1, 1), t).reshape(()))
+        row = {"index": index, "timestep": float(t.to(torch.float32)), "input_scale": scale}
+        if switch and index == switch - 1:
+            rows.append({**row, "transition": True, "noise_draws": 0, "update": []})
+            _restart(scheduler, steps, switch)
+            basis = _Basis(size)
+            continue
+        latents = basis.new()   # the runtime keeps the latents of every step: no need to carry coefficients
+        output = basis.new()
+        draws.clear()
+        with _noise_from(scheduler, draw):
+            latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0].float()
+        coefficients = latents.reshape(-1)
+        update = [[k, float(coefficients[k])] for k in range(basis.count) if float(coefficients[k]) != 0.0]
+        rows.append({**row, "transition": False, "noise_draws": len(draws), "update": update})
+    return {"init_noise_sigma": float(scheduler.init_noise_sigma), "steps": rows}
+
+
+def evaluate(table: dict, latents: torch.Tensor, outputs: list[torch.Tensor], generator: torch.Generator,
+             transitions: list[torch.Tensor]) -> torch.Tensor:
+    """Walk the table in float32: `outputs[i]` is step i's guided model output, `transitions` the latents
+    each transition returns (in order). The readable reference of what the C++ runner does."""
+    basis: list[torch.Tensor] = []
+    latents = latents.float()
+    restarts = iter(transitions)
+    for row in table["steps"]:
+        if row["transition"]:
+            latents = next(restarts).float()
+            basis = []
+            continue
+        basis += [latents, outputs[row["index"]].float()]
+        for _ in range(row["noise_draws"]):
+            basis.append(torch.randn(latents.shape, generator=generator))
+        latents = sum(c * basis[k] for k, c in row["update"])
+    return latents
+
+
+def check_table(scheduler: Any, steps: int, switch: int, table: dict, seed: int = 0) -> float:
+    """Relative L2 error of the table against the scheduler on random latents and model outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 4, 8, 8)
+    start = torch.randn(shape, generator=gen)
+    outputs = [torch.randn(shape, generator=gen) for _ in range(steps)]
+    restart_latents = [torch.randn(shape, generator=gen)] if switch else []
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    noise_gen = torch.Generator().manual_seed(seed + 1)
+    extra = _extra_step_kwargs(scheduler, noise_gen)
+    latents = start
+    for index in range(min(steps, len(timesteps))):
+        t = timesteps[index]
+        scheduler.scale_model_input(latents, t)
+        if switch and index == switch - 1:
+            latents = restart_latents[0]
+            _restart(scheduler, steps, switch)
+            continue
+        latents = scheduler.step(outputs[index], t, latents, **extra, return_dict=False)[0]
+    got = evaluate(table, start, outputs, torch.Generator().manual_seed(seed + 1), restart_latents)
+    return rel_l2(got, latents.float())
+
+
+def scheduler_table(scheduler_config: dict, steps: int, switch: int) -> dict:
+    """The manifest's `scheduler_table`: the coefficients, or null ones with the reason they cannot be used."""
+    from ..runtime.artifact import make_scheduler
+
+    table = probe(make_scheduler(scheduler_config), steps, switch)
+    error = check_table(make_scheduler(scheduler_config), steps, switch, table)
+    name = scheduler_config["_class_name"]
+    if not error <= TABLE_TOLERANCE:
+        return {"steps": None, "init_noise_sigma": table["init_noise_sigma"],
+                "reason": f"{name} with this configuration is not linear in the latent and the model output "
+                          f"(clip_sample or thresholding?): the table differs from it by relative L2 {error:.3g}",
+                "verification": {"rel_l2_error": error, "tolerance": TABLE_TOLERANCE}}
+    return {**table, "reason": None,
+            "verification": {"rel_l2_error": error, "tolerance": TABLE_TOLERANCE,
+                             "reference": f"diffusers {name}.step on random tensors"}}

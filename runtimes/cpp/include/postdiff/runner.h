@@ -1,0 +1,67 @@
+// Run a postdiff-compile artifact from C++: text embeddings in, latents out.
+//
+//   postdiff::Artifact artifact = postdiff::Artifact::open("out/sd15-fast");   // validates everything
+//   postdiff::TensorMap inputs = postdiff::read_safetensors("embeddings.safetensors");
+//   torch::Tensor latents = artifact.run(inputs, {/*seed=*/0});
+//
+// The artifact must have been compiled with --format aoti (AOTInductor packages) by the torch whose
+// libtorch this program links, and its scheduler must have a coefficient table (docs/manifest.md).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace postdiff {
+
+// Bad input: a malformed or tampered artifact, a missing file, wrong tensors. `file` names the culprit.
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& message, const std::string& file = "");
+  const std::string file;
+};
+
+using TensorMap = std::map<std::string, torch::Tensor>;
+
+// safetensors files: the embeddings the Python CLI takes (`postdiff-compile run --embeddings`), latents out.
+TensorMap read_safetensors(const std::string& path);
+// Written to `path`.tmp and renamed into place when complete.
+void write_safetensors(const std::string& path, const TensorMap& tensors);
+
+struct RunOptions {
+  uint64_t seed = 0;                      // torch.Generator("cpu").manual_seed(seed), as the Python runner
+  std::optional<double> guidance_scale;   // default: 7.5, LCM artifacts 8.5 (diffusers' defaults)
+  bool print_step_times = false;          // one line per step on stderr
+};
+
+class ArtifactImpl;
+
+class Artifact {
+ public:
+  // Validates the manifest (checksum, format version, fields), every package's size and sha256, the
+  // torch version and device the packages were compiled for, then loads the packages.
+  static Artifact open(const std::string& folder, const std::string& device = "cpu");
+  ~Artifact();
+  Artifact(Artifact&&) noexcept;
+  Artifact& operator=(Artifact&&) noexcept;
+
+  // Inputs by name: prompt_embeds [1, L, D], negative_prompt_embeds (classifier-free guidance), added
+  // conditioning (SDXL text_embeds, PixArt encoder_attention_mask, ...) and negative_<name> for the negative
+  // half. Returns the final latents [1, C, H, W] in the artifact's dtype.
+  torch::Tensor run(const TensorMap& inputs, const RunOptions& options = {}) const;
+
+  int steps() const;
+  std::vector<std::string> input_names() const;   // what run() reads from `inputs`
+
+ private:
+  explicit Artifact(std::unique_ptr<ArtifactImpl> impl);
+  std::unique_ptr<ArtifactImpl> impl_;
+};
+
+}  // namespace postdiff

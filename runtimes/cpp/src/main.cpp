@@ -1,0 +1,90 @@
+// postdiff-run: execute a postdiff-compile artifact (AOTInductor packages) from the command line.
+//
+//   postdiff-run ARTIFACT --embeddings IN.safetensors --out LATENTS.safetensors [--seed N]
+//                [--guidance-scale G] [--device cpu|cuda] [--step-times]
+//
+// Exit status: 0 done; 2 bad input (artifact, embeddings, arguments), with one line naming the problem and
+// the file; 1 anything else (a failure inside torch).
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "postdiff/runner.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: postdiff-run ARTIFACT --embeddings IN.safetensors --out LATENTS.safetensors [--seed N]\n"
+    "                    [--guidance-scale G] [--device cpu|cuda] [--step-times]\n"
+    "IN holds prompt_embeds [1, L, D], negative_prompt_embeds (artifacts with classifier-free guidance) and\n"
+    "any added conditioning the artifact takes; LATENTS gets `latents` [1, C, H, W].\n";
+
+struct Args {
+  std::string artifact, embeddings, out, device = "cpu";
+  uint64_t seed = 0;
+  std::optional<double> guidance_scale;
+  bool step_times = false;
+};
+
+Args parse(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&](const char* name) -> std::string {
+      if (i + 1 >= argc) throw postdiff::Error(std::string(name) + " needs a value");
+      return argv[++i];
+    };
+    try {
+      if (arg == "--embeddings") args.embeddings = value("--embeddings");
+      else if (arg == "--out") args.out = value("--out");
+      else if (arg == "--seed") args.seed = std::stoull(value("--seed"));
+      else if (arg == "--guidance-scale") args.guidance_scale = std::stod(value("--guidance-scale"));
+      else if (arg == "--device") args.device = value("--device");
+      else if (arg == "--step-times") args.step_times = true;
+      else if (arg == "-h" || arg == "--help") {
+        std::fputs(kUsage, stdout);
+        std::exit(0);
+      } else if (!arg.empty() && arg[0] == '-') throw postdiff::Error("unknown option " + arg);
+      else if (args.artifact.empty()) args.artifact = arg;
+      else throw postdiff::Error("unexpected argument " + arg);
+    } catch (const std::logic_error& err) {   // stoull / stod
+      if (dynamic_cast<const postdiff::Error*>(&err)) throw;
+      throw postdiff::Error("bad number for " + arg);
+    }
+  }
+  if (args.artifact.empty() || args.embeddings.empty() || args.out.empty())
+    throw postdiff::Error("ARTIFACT, --embeddings and --out are required");
+  return args;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Args args = parse(argc, argv);
+    std::fprintf(stderr, "validating and opening %s ...\n", args.artifact.c_str());
+    postdiff::Artifact artifact = postdiff::Artifact::open(args.artifact, args.device);
+    const postdiff::TensorMap inputs = postdiff::read_safetensors(args.embeddings);
+    postdiff::RunOptions options;
+    options.seed = args.seed;
+    options.guidance_scale = args.guidance_scale;
+    options.print_step_times = args.step_times;
+    torch::Tensor latents;
+    try {
+      latents = artifact.run(inputs, options);
+    } catch (const postdiff::Error& err) {
+      if (!err.file.empty()) throw;
+      throw postdiff::Error(err.what(), args.embeddings);   // an input problem: name the inputs file
+    }
+    postdiff::write_safetensors(args.out, {{"latents", latents}});
+    std::fprintf(stderr, "%s: latents %s after %d steps\n", args.out.c_str(),
+                 c10::str(latents.sizes()).c_str(), artifact.steps());
+    return 0;
+  } catch (const postdiff::Error& err) {
+    std::fprintf(stderr, "postdiff-run: error: %s\n%s", err.what(), err.file.empty() ? kUsage : "");
+    return 2;
+  } catch (const std::exception& err) {
+    std::fprintf(stderr, "postdiff-run: internal error: %s\n", err.what());
+    return 1;
+  }
+}

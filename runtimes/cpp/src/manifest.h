@@ -1,0 +1,64 @@
+// manifest.json (format version 1, docs/manifest.md) read and checked: what the C++ runner needs of it.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace postdiff {
+
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::string dtype;
+};
+
+struct VariantEntry {
+  std::string id;
+  std::vector<TensorSpec> inputs, outputs;
+  std::string package;   // path of the AOTInductor package
+};
+
+struct PlanStep {
+  int index = 0;
+  std::string variant_id;
+  bool cfg = false;
+  bool reads_cross_attn = false;
+};
+
+struct TableRow {   // one step of the scheduler table (exporters/scheduler_table.py)
+  int index = 0;
+  double timestep = 0, input_scale = 1;
+  bool transition = false;
+  int noise_draws = 0;
+  std::vector<std::pair<int, double>> update;   // (basis index, coefficient)
+};
+
+struct TransitionSpec {
+  int switch_step = 0;
+  std::vector<int64_t> low, full;   // latent sizes [h, w]
+  double alpha_bar_t = 0, alpha_bar_next = 0;
+  bool sigma_space = false;
+  std::string prediction_type, renoise;
+  double clamp_x0 = 0;
+};
+
+struct Manifest {
+  std::string folder, path;   // the artifact folder and its manifest.json
+  std::string family, dtype, cross_attn_cache;
+  int steps = 0, height = 0, width = 0, latent_height = 0, latent_width = 0;
+  std::vector<PlanStep> plan;
+  std::optional<TransitionSpec> transition;
+  std::vector<VariantEntry> variants;
+  double init_noise_sigma = 1;
+  std::vector<TableRow> table;
+};
+
+// Checks, in order, each failure one postdiff::Error naming the file: manifest.sha256 matches manifest.json;
+// the JSON parses; format and format_version; the fields this runner reads, with their types; AOTInductor
+// packages for every variant, compiled for `device` by this libtorch's major.minor version; a scheduler table;
+// every package's size and sha256.
+Manifest read_manifest(const std::string& folder, const std::string& device, bool verify_files = true);
+
+}  // namespace postdiff

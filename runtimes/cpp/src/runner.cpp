@@ -1,0 +1,239 @@
+// The denoising loop of runtime/denoise.py and runtime/artifact.py, over AOTInductor packages.
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <set>
+
+#include "manifest.h"
+#include "postdiff/runner.h"
+#include "scheduler_table.h"
+#include "transition.h"
+
+namespace postdiff {
+namespace {
+
+const std::vector<std::string> kAdded = {"text_embeds", "time_ids", "resolution", "aspect_ratio",
+                                         "encoder_attention_mask", "timestep_cond"};
+
+torch::Dtype dtype_of(const std::string& name, const std::string& path) {
+  if (name == "float32") return torch::kFloat32;
+  if (name == "float16") return torch::kFloat16;
+  if (name == "bfloat16") return torch::kBFloat16;
+  throw Error("malformed manifest: unknown denoiser dtype " + name, path);
+}
+
+std::string shape_text(c10::IntArrayRef shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+// diffusers' get_guidance_scale_embedding, in its order of operations (runtime/conditioning.py).
+torch::Tensor guidance_embedding(double guidance_scale, int64_t dim) {
+  torch::Tensor w = torch::tensor({static_cast<float>(guidance_scale - 1.0)}) * 1000.0;
+  const int64_t half = dim / 2;
+  torch::Tensor freqs = torch::exp(torch::arange(half, torch::kFloat32) *
+                                   -(torch::log(torch::tensor(10000.0f)) / static_cast<double>(half - 1)));
+  torch::Tensor angles = w.unsqueeze(1) * freqs.unsqueeze(0);
+  torch::Tensor emb = torch::cat({torch::sin(angles), torch::cos(angles)}, 1);
+  if (dim % 2) emb = torch::constant_pad_nd(emb, {0, 1});
+  return emb;
+}
+
+struct Variant {
+  VariantEntry entry;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+};
+
+}  // namespace
+
+class ArtifactImpl {
+ public:
+  Manifest manifest;
+  torch::Dtype dtype = torch::kFloat32;
+  torch::Device device = torch::kCPU;
+  std::map<std::string, Variant> variants;
+  std::vector<TensorSpec> first_inputs;
+  bool cfg = false;
+
+  const TensorSpec& input_spec(const std::string& name) const {
+    for (const auto& spec : first_inputs)
+      if (spec.name == name) return spec;
+    throw Error("the artifact has no input " + name, manifest.path);
+  }
+  bool has_input(const std::string& name) const {
+    for (const auto& spec : first_inputs)
+      if (spec.name == name) return true;
+    return false;
+  }
+
+  // One image's tensor [1, ...] of the shape the variants take (batch 1), in the artifact's dtype.
+  torch::Tensor checked(const std::string& key, const TensorMap& inputs, const std::string& spec_name) const {
+    auto found = inputs.find(key);
+    std::vector<int64_t> want = input_spec(spec_name).shape;
+    want[0] = 1;
+    if (found == inputs.end())
+      throw Error("the artifact needs " + key + " of shape " + shape_text(want) + " in the inputs");
+    if (found->second.sizes().vec() != want)
+      throw Error(key + " must have shape " + shape_text(want) + " (one image per call; the artifact was compiled "
+                  "for these sizes), got " + shape_text(found->second.sizes()));
+    return found->second.to(device, dtype);
+  }
+
+  torch::Tensor run(const TensorMap& inputs, const RunOptions& options) const;
+};
+
+Artifact::Artifact(std::unique_ptr<ArtifactImpl> impl) : impl_(std::move(impl)) {}
+Artifact::~Artifact() = default;
+Artifact::Artifact(Artifact&&) noexcept = default;
+Artifact& Artifact::operator=(Artifact&&) noexcept = default;
+int Artifact::steps() const { return impl_->manifest.steps; }
+
+std::vector<std::string> Artifact::input_names() const {
+  std::vector<std::string> names = {"prompt_embeds"};
+  if (impl_->cfg) names.push_back("negative_prompt_embeds");
+  for (const auto& name : kAdded)
+    if (impl_->has_input(name)) names.push_back(name);
+  return names;
+}
+
+Artifact Artifact::open(const std::string& folder, const std::string& device) {
+  auto impl = std::make_unique<ArtifactImpl>();
+  if (device != "cpu" && device != "cuda") throw Error("unknown device " + device + " (cpu or cuda)");
+  impl->manifest = read_manifest(folder, device);
+  impl->device = torch::Device(device);
+  impl->dtype = dtype_of(impl->manifest.dtype, impl->manifest.path);
+  impl->first_inputs = impl->manifest.variants.front().inputs;
+  for (const auto& step : impl->manifest.plan) impl->cfg = impl->cfg || step.cfg;
+  for (const auto& entry : impl->manifest.variants) {
+    Variant v{entry, nullptr};
+    try {
+      v.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(entry.package);
+    } catch (const std::exception& err) {
+      throw Error(std::string("AOTInductor cannot load the package: ") + err.what(), entry.package);
+    }
+    impl->variants.emplace(entry.id, std::move(v));
+  }
+  return Artifact(std::move(impl));
+}
+
+torch::Tensor Artifact::run(const TensorMap& inputs, const RunOptions& options) const {
+  return impl_->run(inputs, options);
+}
+
+torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& options) const {
+  torch::NoGradGuard no_grad;
+  const Manifest& m = manifest;
+  const double guidance = options.guidance_scale.value_or(cfg ? 7.5 : 8.5);
+  const std::string latent_input = first_inputs.front().name;
+  const int64_t channels = first_inputs.front().shape[1];
+
+  torch::Tensor embeds = checked("prompt_embeds", inputs, "encoder_hidden_states");
+  torch::Tensor negative = cfg ? checked("negative_prompt_embeds", inputs, "encoder_hidden_states") : embeds;
+  // Added conditioning: what the caller gives, else the defaults the Python runner fills in.
+  TensorMap given = {
+      {"time_ids", torch::tensor({{static_cast<float>(m.height), static_cast<float>(m.width), 0.f, 0.f,
+                                   static_cast<float>(m.height), static_cast<float>(m.width)}})},
+      {"resolution", torch::tensor({{static_cast<float>(m.height), static_cast<float>(m.width)}})},
+      {"aspect_ratio", torch::tensor({{static_cast<float>(m.height) / static_cast<float>(m.width)}})}};
+  if (has_input("timestep_cond")) given["timestep_cond"] = guidance_embedding(guidance, input_spec("timestep_cond").shape[1]);
+  std::set<std::string> shared;
+  for (const auto& [name, value] : given) shared.insert(name);
+  for (const auto& [name, value] : inputs) given[name] = value;
+  TensorMap added, negative_added;
+  for (const auto& name : kAdded) {
+    if (!has_input(name)) continue;
+    added[name] = checked(name, given, name);
+    // Without CFG the negative half only feeds the steps that read the cross-attention cache, where it is the
+    // positive one; with CFG the shared defaults carry over and prompt-derived tensors must be given.
+    TensorMap negative_given;
+    if (inputs.count("negative_" + name)) negative_given["negative_" + name] = inputs.at("negative_" + name);
+    else if (!cfg || shared.count(name)) negative_given["negative_" + name] = given.at(name);
+    negative_added[name] = checked("negative_" + name, negative_given, name);
+  }
+
+  at::Generator generator = at::detail::createCPUGenerator(options.seed);
+  const std::vector<int64_t> start =
+      m.transition ? m.transition->low : std::vector<int64_t>{m.latent_height, m.latent_width};
+  torch::Tensor latents =
+      torch::randn({1, channels, start[0], start[1]}, generator, torch::TensorOptions().dtype(dtype)) *
+      m.init_noise_sigma;
+  latents = latents.to(device);
+  SchedulerState scheduler;
+  std::map<std::string, torch::Tensor> caches;
+  for (size_t i = 0; i < m.plan.size(); ++i) {
+    const auto began = std::chrono::steady_clock::now();
+    const PlanStep& step = m.plan[i];
+    const TableRow& row = m.table[i];
+    const Variant& variant = variants.at(step.variant_id);
+    torch::Tensor x = step.cfg ? torch::cat({latents, latents}) : latents;
+    if (row.input_scale != 1.0) x = x * row.input_scale;
+    const TensorMap* cond = &added;
+    torch::Tensor context = embeds;
+    if (step.cfg) {
+      context = torch::cat({negative, embeds});
+    } else if (step.reads_cross_attn) {
+      context = negative;   // as T-GATE after its gate step: every attn2 reads the cache
+      cond = &negative_added;
+    }
+    TensorMap values = {{latent_input, x},
+                        {"timestep", torch::full({x.size(0)}, static_cast<float>(row.timestep),
+                                                 torch::TensorOptions().dtype(torch::kFloat32).device(device))},
+                        {"encoder_hidden_states", context}};
+    for (const auto& [name, value] : *cond)
+      values[name] = step.cfg ? torch::cat({negative_added.at(name), added.at(name)}) : value;
+    for (const auto& [name, value] : caches) values[name] = value;
+    std::vector<torch::Tensor> feed;
+    for (const auto& spec : variant.entry.inputs) {
+      auto found = values.find(spec.name);
+      if (found == values.end())
+        throw Error("step " + std::to_string(step.index) + " (" + step.variant_id + ") needs input " + spec.name +
+                        ", which no earlier step wrote",
+                    m.path);
+      if (found->second.sizes().vec() != spec.shape)
+        throw Error("step " + std::to_string(step.index) + ": input " + spec.name + " has shape " +
+                        shape_text(found->second.sizes()) + ", the package takes " + shape_text(spec.shape),
+                    m.path);
+      feed.push_back(found->second.contiguous());   // the compiled code assumes the traced (contiguous) strides
+    }
+    std::vector<torch::Tensor> outputs = variant.loader->run(feed);
+    if (outputs.size() != variant.entry.outputs.size())
+      throw Error("package " + variant.entry.id + " returned " + std::to_string(outputs.size()) + " outputs, the "
+                  "manifest lists " + std::to_string(variant.entry.outputs.size()), variant.entry.package);
+    for (size_t k = 1; k < outputs.size(); ++k) {
+      const std::string& name = variant.entry.outputs[k].name;
+      torch::Tensor value = outputs[k];
+      if (step.cfg && name.rfind("cross_attn:", 0) == 0) {
+        auto halves = value.chunk(2);
+        if (m.cross_attn_cache == "cond") value = halves[1];
+        else if (m.cross_attn_cache == "ave") value = (halves[0] + halves[1]) / 2;
+        else if (m.cross_attn_cache == "cfg") value = halves[0] + guidance * (halves[1] - halves[0]);
+        else throw Error("the plan writes the cross-attention cache from a CFG batch, but config.cross_attn_cache "
+                         "is " + m.cross_attn_cache, m.path);
+      }
+      caches[name] = value;
+    }
+    torch::Tensor noise = outputs[0];
+    if (step.cfg) {
+      auto halves = noise.chunk(2);
+      noise = halves[0] + guidance * (halves[1] - halves[0]);
+    }
+    if (noise.size(1) == 2 * latents.size(1)) noise = noise.chunk(2, 1)[0];   // learned variance (PixArt)
+    if (row.transition) {
+      latents = transition(*m.transition, latents, noise, generator);
+      resize_caches(caches, *m.transition);
+      scheduler.restart();
+    } else {
+      latents = scheduler.step(row, latents, noise, generator, dtype).to(dtype);
+    }
+    if (options.print_step_times) {
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
+      std::fprintf(stderr, "step %d %s %.3f ms\n", step.index, step.variant_id.c_str(), ms);
+    }
+  }
+  return latents;
+}
+
+}  // namespace postdiff
