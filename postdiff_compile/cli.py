@@ -1,6 +1,6 @@
 """postdiff-compile: compile a diffusion checkpoint into a verified artifact folder.
 
-    postdiff-compile [SOURCE] --preset NAME --out DIR [--format pt2,onnx,tensorrt] [--resolution HxW] [--steps N]
+    postdiff-compile [SOURCE] --preset NAME --out DIR [--format pt2,onnx,tensorrt,aoti] [--resolution HxW] [--steps N]
     postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt] ...   (execute an artifact: cli_artifact.py)
     postdiff-compile inspect DIR                                          (its plan, FLOPs and verification)
     postdiff-compile explain (--family NAME | SOURCE) (--preset NAME | --all-presets) [--resolution HxW]
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="pt2", metavar="FORMATS",
                         help="comma-separated: pt2 (torch.export programs), onnx (ONNX graphs, one shared weights "
                              "file, checked with onnxruntime), tensorrt (an engine per variant; needs a GPU and "
-                             "tensorrt; brings onnx along). Default: pt2")
+                             "tensorrt; brings onnx along), aoti (AOTInductor packages, for the aoti backend and the "
+                             "C++ runner; slow to build). Default: pt2")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     add_config_flags(parser)

@@ -15,12 +15,16 @@ vectors (one per tensor), and written into the manifest. A runtime then needs no
 
 DDIM's update reads two entries (this step's latents and output), a second-order multistep solver four.
 
-A scheduler that is not linear (DDIM with clip_sample, thresholding) has no table: the build checks the
-table against the scheduler itself on random tensors and records why it cannot be used.
+One nonlinearity is common enough to carry: `clip_sample` (DDIM, DDPM; the embedded reference model uses
+it) clamps the predicted x0 before the update. Such a row adds `clip`: x0 as coefficients over the same basis,
+the range r and the weight w with which x0 enters the update, and the runtime adds
+w * (clamp(x0, -r, r) - x0). Anything else that is not linear (thresholding) gets no table: the build checks
+every table against the scheduler itself on random tensors and records why it cannot be used.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import inspect
 from typing import Any
@@ -71,9 +75,31 @@ def _restart(scheduler: Any, steps: int, begin: int) -> None:
         scheduler.set_begin_index(begin)
 
 
-def probe(scheduler: Any, steps: int, switch: int) -> dict:
-    """The table of `scheduler` at `steps` steps, with the transition after step `switch - 1` (0 = none)."""
+def _clip_weight(linear: Any, clipped: Any, t, x0_of_sample: float, x0_of_output: float, r: float) -> float:
+    """The weight of x0 in the update: the clipping scheduler against its linear twin (copies of both, at
+    this step) on one-element tensors whose x0 is 10 r, without noise."""
+    linear, clipped = copy.deepcopy(linear), copy.deepcopy(clipped)
+    sample, output = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    if x0_of_sample:
+        sample.fill_(10 * r / x0_of_sample)
+    else:   # prediction_type "sample": x0 is the model output
+        output.fill_(10 * r / x0_of_output)
+    outs = []
+    for scheduler in (linear, clipped):
+        with _noise_from(scheduler, lambda shape, kwargs: torch.zeros(shape)):
+            outs.append(float(scheduler.step(output, t, sample, **_extra_step_kwargs(scheduler, None),
+                                             return_dict=False)[0].reshape(())))
+    return (outs[1] - outs[0]) / (r - 10 * r)
+
+
+def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
+    """The table of `scheduler` at `steps` steps, with the transition after step `switch - 1` (0 = none).
+
+    `clipped`: the same scheduler with clip_sample on, when `scheduler` is its twin with it off; rows then
+    carry the clamp (module docstring)."""
     scheduler.set_timesteps(steps)
+    if clipped is not None:
+        clipped.set_timesteps(steps)
     timesteps = scheduler.timesteps
     size = 3 * steps + 2
     basis = _Basis(size)
@@ -91,17 +117,32 @@ def probe(scheduler: Any, steps: int, switch: int) -> dict:
         row = {"index": index, "timestep": float(t.to(torch.float32)), "input_scale": scale}
         if switch and index == switch - 1:
             rows.append({**row, "transition": True, "noise_draws": 0, "update": []})
-            _restart(scheduler, steps, switch)
+            for s in (scheduler, clipped):
+                if s is not None:
+                    _restart(s, steps, switch)
             basis = _Basis(size)
             continue
+        at = basis.count        # this step's latents and output are basis[at] and basis[at + 1]
         latents = basis.new()   # the runtime keeps the latents of every step: no need to carry coefficients
         output = basis.new()
+        clip = None
+        if clipped is not None:
+            clipped.scale_model_input(torch.ones(1, 1, 1, 1), t)
+            before = copy.deepcopy(scheduler)
         draws.clear()
         with _noise_from(scheduler, draw):
-            latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0].float()
-        coefficients = latents.reshape(-1)
+            result = scheduler.step(output, t, latents, **extra, return_dict=False)
+        if clipped is not None:
+            x0 = result[1].float().reshape(-1)   # pred_original_sample (DDIM, DDPM)
+            r = float(clipped.config.clip_sample_range)
+            weight = _clip_weight(before, clipped, t, float(x0[at]), float(x0[at + 1]), r)
+            with _noise_from(clipped, lambda shape, kwargs: torch.zeros(shape)):
+                clipped.step(torch.zeros(1, 1, 1, 1), t, torch.zeros(1, 1, 1, 1), **extra)   # keep in step
+            clip = {"range": r, "weight": weight, "x0": [[k, float(x0[k])] for k in range(basis.count) if float(x0[k])]}
+        coefficients = result[0].float().reshape(-1)
         update = [[k, float(coefficients[k])] for k in range(basis.count) if float(coefficients[k]) != 0.0]
-        rows.append({**row, "transition": False, "noise_draws": len(draws), "update": update})
+        rows.append({**row, "transition": False, "noise_draws": len(draws), "update": update,
+                     **({"clip": clip} if clip else {})})
     return {"init_noise_sigma": float(scheduler.init_noise_sigma), "steps": rows}
 
 
@@ -121,6 +162,10 @@ def evaluate(table: dict, latents: torch.Tensor, outputs: list[torch.Tensor], ge
         for _ in range(row["noise_draws"]):
             basis.append(torch.randn(latents.shape, generator=generator))
         latents = sum(c * basis[k] for k, c in row["update"])
+        if "clip" in row:
+            clip = row["clip"]
+            x0 = sum(c * basis[k] for k, c in clip["x0"])
+            latents = latents + clip["weight"] * (x0.clamp(-clip["range"], clip["range"]) - x0)
     return latents
 
 
@@ -152,14 +197,26 @@ def scheduler_table(scheduler_config: dict, steps: int, switch: int) -> dict:
     """The manifest's `scheduler_table`: the coefficients, or null ones with the reason they cannot be used."""
     from ..runtime.artifact import make_scheduler
 
-    table = probe(make_scheduler(scheduler_config), steps, switch)
-    error = check_table(make_scheduler(scheduler_config), steps, switch, table)
     name = scheduler_config["_class_name"]
+    clips = bool(scheduler_config.get("clip_sample")) and not scheduler_config.get("thresholding")
+    try:
+        if clips:   # the linear twin, and the clipping scheduler for the clamp's weight
+            table = probe(make_scheduler({**scheduler_config, "clip_sample": False}), steps, switch,
+                          make_scheduler(scheduler_config))
+        else:
+            table = probe(make_scheduler(scheduler_config), steps, switch)
+        error = check_table(make_scheduler(scheduler_config), steps, switch, table)
+    except (IndexError, TypeError, ZeroDivisionError, RuntimeError) as err:   # no pred_original_sample, ...
+        table, error = {"init_noise_sigma": float(make_scheduler(scheduler_config).init_noise_sigma)}, float("inf")
+        cause = f"probing it failed ({type(err).__name__}: {err})"
+    else:
+        cause = f"the table differs from it by relative L2 {error:.3g}"
     if not error <= TABLE_TOLERANCE:
         return {"steps": None, "init_noise_sigma": table["init_noise_sigma"],
                 "reason": f"{name} with this configuration is not linear in the latent and the model output "
-                          f"(clip_sample or thresholding?): the table differs from it by relative L2 {error:.3g}",
-                "verification": {"rel_l2_error": error, "tolerance": TABLE_TOLERANCE}}
+                          f"(thresholding?): {cause}",
+                "verification": {"rel_l2_error": error if error < float("inf") else None,
+                                 "tolerance": TABLE_TOLERANCE}}
     return {**table, "reason": None,
             "verification": {"rel_l2_error": error, "tolerance": TABLE_TOLERANCE,
                              "reference": f"diffusers {name}.step on random tensors"}}

@@ -1,10 +1,11 @@
 // postdiff-run: execute a postdiff-compile artifact (AOTInductor packages) from the command line.
 //
 //   postdiff-run ARTIFACT --embeddings IN.safetensors --out LATENTS.safetensors [--seed N]
-//                [--guidance-scale G] [--device cpu|cuda] [--step-times]
+//                [--guidance-scale G] [--device cpu|cuda] [--step-times] [--repeat N]
 //
 // Exit status: 0 done; 2 bad input (artifact, embeddings, arguments), with one line naming the problem and
 // the file; 1 anything else (a failure inside torch).
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -15,15 +16,17 @@ namespace {
 
 const char* kUsage =
     "usage: postdiff-run ARTIFACT --embeddings IN.safetensors --out LATENTS.safetensors [--seed N]\n"
-    "                    [--guidance-scale G] [--device cpu|cuda] [--step-times]\n"
+    "                    [--guidance-scale G] [--device cpu|cuda] [--step-times] [--repeat N]\n"
     "IN holds prompt_embeds [1, L, D], negative_prompt_embeds (artifacts with classifier-free guidance) and\n"
-    "any added conditioning the artifact takes; LATENTS gets `latents` [1, C, H, W].\n";
+    "any added conditioning the artifact takes; LATENTS gets `latents` [1, C, H, W]. --step-times prints each\n"
+    "step's time (and its package call's) to stderr; --repeat N generates N times (for timing; same result).\n";
 
 struct Args {
   std::string artifact, embeddings, out, device = "cpu";
   uint64_t seed = 0;
   std::optional<double> guidance_scale;
   bool step_times = false;
+  int repeat = 1;
 };
 
 Args parse(int argc, char** argv) {
@@ -41,6 +44,7 @@ Args parse(int argc, char** argv) {
       else if (arg == "--guidance-scale") args.guidance_scale = std::stod(value("--guidance-scale"));
       else if (arg == "--device") args.device = value("--device");
       else if (arg == "--step-times") args.step_times = true;
+      else if (arg == "--repeat") args.repeat = std::stoi(value("--repeat"));
       else if (arg == "-h" || arg == "--help") {
         std::fputs(kUsage, stdout);
         std::exit(0);
@@ -54,6 +58,7 @@ Args parse(int argc, char** argv) {
   }
   if (args.artifact.empty() || args.embeddings.empty() || args.out.empty())
     throw postdiff::Error("ARTIFACT, --embeddings and --out are required");
+  if (args.repeat < 1) throw postdiff::Error("--repeat must be at least 1");
   return args;
 }
 
@@ -71,7 +76,13 @@ int main(int argc, char** argv) {
     options.print_step_times = args.step_times;
     torch::Tensor latents;
     try {
-      latents = artifact.run(inputs, options);
+      for (int i = 0; i < args.repeat; ++i) {
+        const auto began = std::chrono::steady_clock::now();
+        latents = artifact.run(inputs, options);
+        if (args.step_times)
+          std::fprintf(stderr, "generation %d %.3f ms\n", i,
+                       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count());
+      }
     } catch (const postdiff::Error& err) {
       if (!err.file.empty()) throw;
       throw postdiff::Error(err.what(), args.embeddings);   // an input problem: name the inputs file

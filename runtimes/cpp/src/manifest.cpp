@@ -185,6 +185,12 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
     row.transition = field<bool>(doc, at + "/transition", m.path);
     row.noise_draws = field<int>(doc, at + "/noise_draws", m.path);
     row.update = field<std::vector<std::pair<int, double>>>(doc, at + "/update", m.path);
+    if (rows[i].contains("clip")) {
+      row.clip = true;
+      row.clip_range = field<double>(doc, at + "/clip/range", m.path);
+      row.clip_weight = field<double>(doc, at + "/clip/weight", m.path);
+      row.clip_x0 = field<std::vector<std::pair<int, double>>>(doc, at + "/clip/x0", m.path);
+    }
     m.table.push_back(row);
   }
   if (m.table.size() != m.plan.size())

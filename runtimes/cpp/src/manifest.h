@@ -33,6 +33,10 @@ struct TableRow {   // one step of the scheduler table (exporters/scheduler_tabl
   bool transition = false;
   int noise_draws = 0;
   std::vector<std::pair<int, double>> update;   // (basis index, coefficient)
+  // clip_sample: update += clip_weight * (clamp(x0, -clip_range, clip_range) - x0), x0 = sum over clip_x0
+  bool clip = false;
+  double clip_range = 0, clip_weight = 0;
+  std::vector<std::pair<int, double>> clip_x0;
 };
 
 struct TransitionSpec {

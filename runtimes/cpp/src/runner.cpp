@@ -198,7 +198,9 @@ torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& optio
                     m.path);
       feed.push_back(found->second.contiguous());   // the compiled code assumes the traced (contiguous) strides
     }
+    const auto called = std::chrono::steady_clock::now();
     std::vector<torch::Tensor> outputs = variant.loader->run(feed);
+    const auto returned = std::chrono::steady_clock::now();
     if (outputs.size() != variant.entry.outputs.size())
       throw Error("package " + variant.entry.id + " returned " + std::to_string(outputs.size()) + " outputs, the "
                   "manifest lists " + std::to_string(variant.entry.outputs.size()), variant.entry.package);
@@ -229,8 +231,9 @@ torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& optio
       latents = scheduler.step(row, latents, noise, generator, dtype).to(dtype);
     }
     if (options.print_step_times) {
-      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
-      std::fprintf(stderr, "step %d %s %.3f ms\n", step.index, step.variant_id.c_str(), ms);
+      using ms = std::chrono::duration<double, std::milli>;
+      std::fprintf(stderr, "step %d %s %.3f ms (package %.3f ms)\n", step.index, step.variant_id.c_str(),
+                   ms(std::chrono::steady_clock::now() - began).count(), ms(returned - called).count());
     }
   }
   return latents;

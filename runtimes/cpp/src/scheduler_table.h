@@ -19,6 +19,7 @@ class SchedulerState {
   void restart() { basis_.clear(); }   // a new segment: after the resolution transition
 
  private:
+  torch::Tensor combine(const TableRow& row, const std::vector<std::pair<int, double>>& terms) const;
   std::vector<torch::Tensor> basis_;
 };
 

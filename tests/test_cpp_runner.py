@@ -1,0 +1,290 @@
+"""AOTInductor packages and the C++ runner (runtimes/cpp): built here with CMake against the torch wheel's
+libtorch, run on artifacts of the tiny model, compared with the Python runtime, and fed bad input.
+
+The Python reference is the torch backend (the .pt2 programs, whose runner is checked against diffusers and
+optimize(pipe) in test_artifact.py); the aoti backend and the C++ runner both execute the .aoti.pt2 packages.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import text_embeddings, tiny_pipeline, tiny_sd_pipeline
+
+import postdiff_compile
+from postdiff_compile.capture import rel_l2
+from postdiff_compile.compile import compile_artifact
+from postdiff_compile.config import PRESETS, ConfigRequest
+from postdiff_compile.errors import PostDiffError
+from postdiff_compile.exporters.manifest import CHECKSUM, MANIFEST
+
+ROOT = Path(__file__).parent.parent
+PRESET_NAMES = list(PRESETS)
+RESOLUTION = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def runner_binary(tmp_path_factory) -> Path:
+    """runtimes/cpp built as docs/embedding.md says. Needs cmake, a C++17 compiler and nlohmann-json (.ci/run
+    installs it); a missing tool fails here rather than skipping the C++ tests."""
+    build = tmp_path_factory.mktemp("cpp-build")
+    prefix = subprocess.run([sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    for command in (["cmake", "-S", str(ROOT / "runtimes" / "cpp"), "-B", str(build), *generator,
+                     f"-DCMAKE_PREFIX_PATH={prefix}"],
+                    ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    binary = build / "postdiff-run"
+    assert binary.is_file()
+    return binary
+
+
+def run_cpp(binary: Path, artifact: Path, embeddings: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), str(artifact), "--embeddings", str(embeddings), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+def write_embeddings(path: Path, tensors: dict) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Each preset of the tiny SD1.5-layout U-Net (DDIM, 20 steps) with .pt2 programs and AOTInductor packages."""
+    pipe = tiny_sd_pipeline("sd15")
+    root = tmp_path_factory.mktemp("aoti-artifacts")
+    return {name: compile_artifact(pipe.unet, ConfigRequest(name), root / name, RESOLUTION, 20,
+                                   formats="pt2,aoti").out for name in PRESET_NAMES}
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    path = write_embeddings(tmp_path_factory.mktemp("emb") / "embeddings.safetensors",
+                            {"prompt_embeds": cond, "negative_prompt_embeds": uncond})
+    return path, cond, uncond
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_cpp_runner_equals_the_python_runtime(runner_binary, artifacts, embeddings, preset, tmp_path):
+    path, cond, uncond = embeddings
+    expected = postdiff_compile.load(artifacts[preset], "torch")(cond, uncond, seed=3, guidance_scale=6.0)
+    by_aoti = postdiff_compile.load(artifacts[preset], "aoti")(cond, uncond, seed=3, guidance_scale=6.0)
+    done = run_cpp(runner_binary, artifacts[preset], path, tmp_path / "latents.safetensors", "--seed", "3",
+                   "--guidance-scale", "6.0")
+    assert done.returncode == 0, done.stderr
+    got = load_file(str(tmp_path / "latents.safetensors"))["latents"]
+    assert got.shape == expected.shape == (1, 4, 16, 16) and torch.isfinite(got).all()
+    print(f"{preset}: C++ vs Python (torch) rel L2 {rel_l2(got, expected):.2e}, aoti backend "
+          f"{rel_l2(by_aoti, expected):.2e}")
+    assert rel_l2(got, expected) <= 1e-4
+    assert rel_l2(by_aoti, expected) <= 1e-4
+    # Seed and guidance scale reach the C++ loop: each changes the result.
+    for extra in (["--seed", "4", "--guidance-scale", "6.0"], ["--seed", "3", "--guidance-scale", "2.0"]):
+        done = run_cpp(runner_binary, artifacts[preset], path, tmp_path / "other.safetensors", *extra)
+        assert done.returncode == 0, done.stderr
+        assert rel_l2(load_file(str(tmp_path / "other.safetensors"))["latents"], got) > 1e-2
+
+
+# Families whose runs use what the SD1.5/DDIM artifacts above do not: Euler (input scaling, a sigma-space
+# transition) with SDXL's added conditioning; LCM (noise drawn inside the scheduler's step, the guidance
+# embedding, no CFG); PixArt (DPM-Solver++ history, attention masks, learned variance, the block cache); the
+# embedded reference model (DDIM with clip_sample: the table's clamp), from its shipped folder at 32x32.
+FAMILY_CASES = {"sdxl": ("quality", 20), "lcm_sd15": ("fast", 4), "pixart_alpha_deep": ("balanced", 20),
+                "scenes32": ("fast", 20)}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CASES))
+def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, family, tmp_path):
+    preset, steps = FAMILY_CASES[family]
+    if family == "scenes32":
+        from postdiff_compile.reference import reference_folder
+
+        model, resolution = reference_folder(), None
+    else:
+        pipe = tiny_pipeline(family)
+        model, resolution = (pipe.transformer if family.startswith("pixart") else pipe.unet), RESOLUTION
+    out = compile_artifact(model, ConfigRequest(preset), tmp_path / "art", resolution, steps, formats="pt2,aoti").out
+    python = postdiff_compile.load(out, "torch")
+    spec = python.text["shape"]
+    cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
+    tensors, added, negative_added = {"prompt_embeds": cond}, {}, {}
+    if python.cfg:
+        tensors["negative_prompt_embeds"] = uncond
+    if "text_embeds" in python.added_inputs:
+        gen = torch.Generator().manual_seed(1)
+        added["text_embeds"], negative_added["text_embeds"] = torch.randn(1, 1280, generator=gen), \
+            torch.randn(1, 1280, generator=gen)
+    if "encoder_attention_mask" in python.added_inputs:
+        mask, negative_mask = torch.zeros(1, spec[1]), torch.zeros(1, spec[1])
+        mask[:, :12], negative_mask[:, :1] = 1, 1
+        added["encoder_attention_mask"], negative_added["encoder_attention_mask"] = mask, negative_mask
+    tensors.update(added)
+    tensors.update({f"negative_{k}": v for k, v in negative_added.items()})
+    expected = python(cond, uncond if python.cfg else None, added_cond=added or None,
+                      negative_added_cond=negative_added or None, seed=9, guidance_scale=4.5)
+    embeddings = write_embeddings(tmp_path / "embeddings.safetensors", tensors)
+    done = run_cpp(runner_binary, out, embeddings, tmp_path / "latents.safetensors", "--seed", "9",
+                   "--guidance-scale", "4.5")
+    assert done.returncode == 0, done.stderr
+    got = load_file(str(tmp_path / "latents.safetensors"))["latents"]
+    table = python.manifest["scheduler_table"]["steps"]
+    print(f"{family} {preset}: C++ vs Python rel L2 {rel_l2(got, expected):.2e}, "
+          f"{len(python.manifest['variants'])} variants, {python.manifest['scheduler']['_class_name']}")
+    assert got.shape == expected.shape and rel_l2(got, expected) <= 1e-4
+    if family == "lcm_sd15":
+        assert any(row["noise_draws"] for row in table)
+    if family == "sdxl":
+        assert python.manifest["transition"]["latent_space"] == "sigma"
+        assert table[0]["input_scale"] < 1.0
+    if family == "scenes32":
+        assert all("clip" in row for row in table if not row["transition"])
+
+
+def test_the_minimal_program_of_the_docs_builds_and_runs(runner_binary, artifacts, embeddings, tmp_path):
+    """docs/embedding.md's embed.cpp and CMakeLists.txt, as printed there, against the library."""
+    import re
+
+    doc = (ROOT / "docs" / "embedding.md").read_text()
+    source = re.search(r"```cpp\n(// embed.cpp.*?)```", doc, re.S).group(1)
+    cmake = re.search(r"```cmake\n(.*?)```", doc, re.S).group(1)
+    project = tmp_path / "embed"
+    project.mkdir()
+    (project / "embed.cpp").write_text(source)
+    (project / "CMakeLists.txt").write_text(cmake.replace("/path/to/postdiff-compile", str(ROOT)))
+    prefix = subprocess.run([sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    for command in (["cmake", "-S", str(project), "-B", str(project / "build"), *generator,
+                     f"-DCMAKE_PREFIX_PATH={prefix}"], ["cmake", "--build", str(project / "build"), "--target", "embed"]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    done = subprocess.run([str(project / "build" / "embed"), str(artifacts["none"]), str(embeddings[0])],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = load_file(str(tmp_path / "latents.safetensors"))["latents"]
+    _, cond, uncond = embeddings
+    expected = postdiff_compile.load(artifacts["none"], "torch")(cond, uncond, seed=42, guidance_scale=7.5)
+    assert rel_l2(got, expected) <= 1e-4
+    done = subprocess.run([str(project / "build" / "embed"), str(tmp_path / "nowhere"), str(embeddings[0])],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "no such artifact folder" in done.stderr
+
+
+# ---- bad input: one error line naming the problem and the file, exit status 2 --------------------------------
+
+
+@pytest.fixture
+def copy(artifacts, tmp_path):
+    """A private copy of the one-variant `none` artifact."""
+    target = tmp_path / "artifact"
+    shutil.copytree(artifacts["none"], target)
+    return target
+
+
+def rewrite_manifest(folder: Path, text: str) -> None:
+    """Replace manifest.json's bytes and its checksum, as a careless tool would."""
+    import hashlib
+
+    (folder / MANIFEST).write_text(text)
+    (folder / CHECKSUM).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST}\n")
+
+
+def refused(binary, artifact, embeddings, tmp_path, *messages):
+    out = tmp_path / "latents.safetensors"
+    done = run_cpp(binary, artifact, embeddings, out)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    error = [line for line in done.stderr.splitlines() if line.startswith("postdiff-run: error:")]
+    assert len(error) == 1, done.stderr
+    for message in messages:
+        assert message in error[0], error[0]
+    assert not out.exists() and not Path(str(out) + ".tmp").exists()
+    return error[0]
+
+
+def test_malformed_manifests_are_refused(runner_binary, copy, embeddings, tmp_path):
+    text = (copy / MANIFEST).read_text()
+    rewrite_manifest(copy, text[: len(text) // 2])
+    refused(runner_binary, copy, embeddings[0], tmp_path, "malformed manifest: not JSON", str(copy / MANIFEST))
+    manifest = json.loads(text)
+    del manifest["plan"][3]["variant_id"]
+    rewrite_manifest(copy, json.dumps(manifest))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "field /plan/3/variant_id", str(copy / MANIFEST))
+    manifest = json.loads(text)
+    manifest["scheduler_table"]["steps"][2]["update"] = "x"
+    rewrite_manifest(copy, json.dumps(manifest))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "field /scheduler_table/steps/2/update")
+    manifest = json.loads(text)
+    manifest["format_version"] = 2
+    rewrite_manifest(copy, json.dumps(manifest))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "format_version 2", "version 1 only")
+
+
+def test_an_edited_manifest_is_refused(runner_binary, copy, embeddings, tmp_path):
+    text = (copy / MANIFEST).read_text()
+    (copy / MANIFEST).write_text(text.replace('"steps": 20', '"steps": 19'))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "does not match manifest.sha256", str(copy / MANIFEST))
+
+
+def test_a_missing_or_damaged_package_is_refused(runner_binary, copy, embeddings, tmp_path):
+    package = next(copy.glob("*.aoti.pt2"))
+    data = bytearray(package.read_bytes())
+    data[-100] ^= 0xFF
+    package.write_bytes(bytes(data))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "sha256 differs", str(package))
+    package.unlink()
+    refused(runner_binary, copy, embeddings[0], tmp_path, "the AOTInductor package is missing", str(package))
+
+
+def test_wrong_or_missing_inputs_are_refused(runner_binary, copy, embeddings, tmp_path):
+    _, cond, uncond = embeddings
+    short = write_embeddings(tmp_path / "short.safetensors",
+                             {"prompt_embeds": cond[:, :76], "negative_prompt_embeds": uncond[:, :76]})
+    refused(runner_binary, copy, short, tmp_path, "prompt_embeds must have shape [1, 77, 768]",
+            "got [1, 76, 768]", str(short))
+    positive_only = write_embeddings(tmp_path / "positive.safetensors", {"prompt_embeds": cond})
+    refused(runner_binary, copy, positive_only, tmp_path, "needs negative_prompt_embeds of shape [1, 77, 768]")
+    refused(runner_binary, copy, tmp_path / "absent.safetensors", tmp_path, "cannot be read")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    refused(runner_binary, copy, tmp_path / "garbage.safetensors", tmp_path, "not a safetensors file")
+
+
+def test_artifacts_the_runner_cannot_run_are_refused(runner_binary, copy, embeddings, tmp_path):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    table = manifest["scheduler_table"]
+    manifest["scheduler_table"] = {**table, "steps": None, "reason": "DDIMScheduler with this configuration is not "
+                                                                     "linear"}
+    rewrite_manifest(copy, json.dumps(manifest))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "cannot run this artifact's scheduler", "not linear")
+    manifest["scheduler_table"] = table
+    manifest["toolchain"]["torch"] = "1.13.1"
+    rewrite_manifest(copy, json.dumps(manifest))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "compiled with torch 1.13.1")
+    manifest["toolchain"]["torch"] = torch.__version__
+    manifest["formats"] = ["pt2"]
+    rewrite_manifest(copy, json.dumps(manifest))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "no AOTInductor packages", "--format aoti")
+    refused(runner_binary, tmp_path / "nowhere", embeddings[0], tmp_path, "no such artifact folder")
+
+
+def test_bad_arguments_exit_2(runner_binary, copy, embeddings, tmp_path):
+    for args in ([str(copy)], [str(copy), "--embeddings", str(embeddings[0]), "--out", "x", "--seed", "abc"],
+                 [str(copy), "--bogus"]):
+        done = subprocess.run([str(runner_binary), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and "usage: postdiff-run" in done.stderr, done.stderr
+
+
+def test_python_aoti_backend_refuses_packages_of_another_torch(copy):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["toolchain"]["torch"] = "2.12.0"
+    rewrite_manifest(copy, json.dumps(manifest))
+    with pytest.raises(PostDiffError, match="compiled with torch 2.12.0"):
+        postdiff_compile.load(copy, "aoti")
