@@ -1,7 +1,7 @@
 """The C++ runner against the Python runner on the same AOTInductor packages, and what building them costs.
 
     python benchmarks/bench_cpp_runner.py [--models tiny,reference] [--presets none,quality,balanced,fast]
-                                          [--repeat 5] [--runner PATH] [--name cpp_runner_cpu]
+                                          [--repeat 5] [--runner PATH] [--reuse DIR] [--name cpp_runner_cpu]
 
 Measures, on this machine: the C++ build (cmake configure + build of runtimes/cpp against the torch wheel),
 AOTInductor's compile time for every variant of every preset, and per denoising step the time of each runner
@@ -11,7 +11,8 @@ timed generation follows a warm-up one; the median over `--repeat` generations i
 
 Models: `tiny`, the tests' tiny SD1.5-layout U-Net (tests/tiny_models.py) at 128x128, DDIM, 20 steps;
 `reference`, the embedded reference model (32x32 pixel space, DDIM with clip_sample). Writes
-benchmarks/results/NAME.{json,md}.
+benchmarks/results/NAME.{json,md}. `--reuse DIR` times artifacts compiled before (DIR/<model>-<preset>, or
+DIR/<preset> for the tiny model, e.g. tests/test_cpp_runner.py's), taking their compile times from the manifests.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--presets", default="none,quality,balanced,fast")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--runner", type=Path, help="a built postdiff-run (skips and does not time the build)")
+    parser.add_argument("--reuse", type=Path, help="folder of already compiled artifacts (see above)")
     parser.add_argument("--name", default="cpp_runner_cpu")
     args = parser.parse_args()
     from safetensors.torch import load_file, save_file
@@ -118,10 +120,19 @@ def main() -> None:
     for model_name in args.models.split(","):
         source, resolution = model_source(model_name)
         for preset in args.presets.split(","):
+            reused = [d for d in ((args.reuse / f"{model_name}-{preset}", args.reuse / preset) if args.reuse else ())
+                      if (d / "manifest.json").is_file() and (model_name == "tiny" or d.name != preset)]
             start = time.perf_counter()
-            result = compile_artifact(source, ConfigRequest(preset), work / f"{model_name}-{preset}", resolution,
-                                      formats="pt2,aoti")
-            compile_seconds = time.perf_counter() - start
+            if reused:
+                from postdiff_compile.compile import CompileResult
+                from postdiff_compile.exporters.manifest import read_manifest
+
+                result = CompileResult(reused[0], read_manifest(reused[0]), None, {})
+                compile_seconds = None
+            else:
+                result = compile_artifact(source, ConfigRequest(preset), work / f"{model_name}-{preset}", resolution,
+                                          formats="pt2,aoti")
+                compile_seconds = round(time.perf_counter() - start, 1)
             manifest = result.manifest
             for v in manifest["variants"]:
                 variants.append({"model": model_name, "preset": preset, "variant": v["id"],
@@ -144,7 +155,7 @@ def main() -> None:
             agreement = rel_l2(load_file(str(work / "latents.safetensors"))["latents"], latents)
             med = statistics.median
             row = {"model": model_name, "preset": preset, "steps": manifest["steps"],
-                   "variants": len(manifest["variants"]), "compile_s": round(compile_seconds, 1),
+                   "variants": len(manifest["variants"]), "compile_s": compile_seconds,
                    "python_step_ms": round(med(py_steps), 3), "python_package_ms": round(med(py_calls), 3),
                    "cpp_step_ms": round(med(cpp_steps), 3), "cpp_package_ms": round(med(cpp_calls), 3),
                    "python_overhead_ms": round(med(a - b for a, b in zip(py_steps, py_calls)), 3),
@@ -167,7 +178,8 @@ def main() -> None:
               "C++ step | C++ package | C++ overhead | C++ vs Python rel L2 |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['preset']} | {r['steps']} | {r['variants']} | {r['compile_s']} | "
+        compiled = r["compile_s"] if r["compile_s"] is not None else "earlier"
+        lines.append(f"| {r['model']} | {r['preset']} | {r['steps']} | {r['variants']} | {compiled} | "
                      f"{r['python_step_ms']:.3f} | {r['python_package_ms']:.3f} | {r['python_overhead_ms']:.3f} | "
                      f"{r['cpp_step_ms']:.3f} | {r['cpp_package_ms']:.3f} | {r['cpp_overhead_ms']:.3f} | "
                      f"{r['cpp_vs_python_rel_l2']:.1e} |")

@@ -87,6 +87,11 @@ def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
     shallow = next(v for v in manifest["variants"] if v["name"] == "shallow")
     full = next(v for v in manifest["variants"] if v["name"] == "full+write_dc" and v["batch"] == 2)
     assert shallow["flops"]["paper"] < 0.6 * full["flops"]["paper"]   # the deep blocks are gone
+    table = manifest["scheduler_table"]    # for runtimes without diffusers: one row per step, checked at build
+    assert table["reason"] is None and len(table["steps"]) == len(manifest["plan"])
+    assert table["verification"]["rel_l2_error"] <= table["verification"]["tolerance"] == 1e-5
+    assert [r["transition"] for r in table["steps"]] == \
+        [s["index"] == manifest["transition"]["switch_step"] - 1 for s in manifest["plan"]]
     broken = {k: v for k, v in manifest.items() if k != "plan"}
     with pytest.raises(PostDiffError, match="plan"):
         validate(broken, Path("manifest.json"))

@@ -116,4 +116,7 @@ def test_a_nonlinear_scheduler_gets_no_table_and_a_reason():
     table = scheduler_table(thresholded, 20, 0)
     assert table["steps"] is None
     assert "DDIMScheduler" in table["reason"] and "not linear" in table["reason"]
+    # LCM's clip_sample clamps x0 inside a mix the step does not return: refused, not clamped in the wrong place.
+    lcm = scheduler_table({**SD15, "_class_name": "LCMScheduler", "clip_sample": True}, 4, 0)
+    assert lcm["steps"] is None and "LCMScheduler" in lcm["reason"]
     assert table["verification"]["rel_l2_error"] > 1e-2

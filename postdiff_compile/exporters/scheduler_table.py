@@ -131,9 +131,12 @@ def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
             before = copy.deepcopy(scheduler)
         draws.clear()
         with _noise_from(scheduler, draw):
-            result = scheduler.step(output, t, latents, **extra, return_dict=False)
+            result = scheduler.step(output, t, latents, **extra, return_dict=clipped is not None)
         if clipped is not None:
-            x0 = result[1].float().reshape(-1)   # pred_original_sample (DDIM, DDPM)
+            # DDIM and DDPM name their x0 prediction; LCM's second output is its `denoised` mix, not x0, so it
+            # gets no table (AttributeError) rather than a clamp in the wrong place.
+            x0 = result.pred_original_sample.float().reshape(-1)
+            result = (result.prev_sample,)
             r = float(clipped.config.clip_sample_range)
             weight = _clip_weight(before, clipped, t, float(x0[at]), float(x0[at + 1]), r)
             with _noise_from(clipped, lambda shape, kwargs: torch.zeros(shape)):
@@ -147,9 +150,10 @@ def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
 
 
 def evaluate(table: dict, latents: torch.Tensor, outputs: list[torch.Tensor], generator: torch.Generator,
-             transitions: list[torch.Tensor]) -> torch.Tensor:
+             transitions: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Walk the table in float32: `outputs[i]` is step i's guided model output, `transitions` the latents
-    each transition returns (in order). The readable reference of what the C++ runner does."""
+    each transition returns (in order), noise drawn in the artifact's `dtype`. The readable reference of what
+    the C++ runner does."""
     basis: list[torch.Tensor] = []
     latents = latents.float()
     restarts = iter(transitions)
@@ -160,11 +164,11 @@ def evaluate(table: dict, latents: torch.Tensor, outputs: list[torch.Tensor], ge
             continue
         basis += [latents, outputs[row["index"]].float()]
         for _ in range(row["noise_draws"]):
-            basis.append(torch.randn(latents.shape, generator=generator))
-        latents = sum(c * basis[k] for k, c in row["update"])
+            basis.append(torch.randn(latents.shape, generator=generator, dtype=dtype).float())
+        latents = sum((c * basis[k] for k, c in row["update"]), torch.zeros_like(latents))
         if "clip" in row:
             clip = row["clip"]
-            x0 = sum(c * basis[k] for k, c in clip["x0"])
+            x0 = sum((c * basis[k] for k, c in clip["x0"]), torch.zeros_like(latents))
             latents = latents + clip["weight"] * (x0.clamp(-clip["range"], clip["range"]) - x0)
     return latents
 
@@ -206,15 +210,15 @@ def scheduler_table(scheduler_config: dict, steps: int, switch: int) -> dict:
         else:
             table = probe(make_scheduler(scheduler_config), steps, switch)
         error = check_table(make_scheduler(scheduler_config), steps, switch, table)
-    except (IndexError, TypeError, ZeroDivisionError, RuntimeError) as err:   # no pred_original_sample, ...
+    except Exception as err:   # no pred_original_sample, a step that refuses unit vectors, ...: no table, not no artifact
         table, error = {"init_noise_sigma": float(make_scheduler(scheduler_config).init_noise_sigma)}, float("inf")
         cause = f"probing it failed ({type(err).__name__}: {err})"
     else:
-        cause = f"the table differs from it by relative L2 {error:.3g}"
+        cause = (f"it is not linear in the latent and the model output (thresholding?): the table differs from "
+                 f"it by relative L2 {error:.3g}")
     if not error <= TABLE_TOLERANCE:
         return {"steps": None, "init_noise_sigma": table["init_noise_sigma"],
-                "reason": f"{name} with this configuration is not linear in the latent and the model output "
-                          f"(thresholding?): {cause}",
+                "reason": f"{name} with this configuration cannot be written as a coefficient table: {cause}",
                 "verification": {"rel_l2_error": error if error < float("inf") else None,
                                  "tolerance": TABLE_TOLERANCE}}
     return {**table, "reason": None,

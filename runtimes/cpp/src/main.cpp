@@ -37,14 +37,24 @@ Args parse(int argc, char** argv) {
       if (i + 1 >= argc) throw postdiff::Error(std::string(name) + " needs a value");
       return argv[++i];
     };
+    // Whole-string numbers only: "3x" or "-1" for a seed is a mistake, not 3 or 2^64 - 1.
+    auto whole = [&](const std::string& text, auto parse) {
+      size_t used = 0;
+      auto number = parse(text, &used);
+      if (used != text.size() || text.empty() || (text[0] == '-' && arg == "--seed")) throw std::invalid_argument(text);
+      return number;
+    };
     try {
       if (arg == "--embeddings") args.embeddings = value("--embeddings");
       else if (arg == "--out") args.out = value("--out");
-      else if (arg == "--seed") args.seed = std::stoull(value("--seed"));
-      else if (arg == "--guidance-scale") args.guidance_scale = std::stod(value("--guidance-scale"));
+      else if (arg == "--seed")
+        args.seed = whole(value("--seed"), [](const std::string& t, size_t* n) { return std::stoull(t, n); });
+      else if (arg == "--guidance-scale")
+        args.guidance_scale = whole(value("--guidance-scale"), [](const std::string& t, size_t* n) { return std::stod(t, n); });
       else if (arg == "--device") args.device = value("--device");
       else if (arg == "--step-times") args.step_times = true;
-      else if (arg == "--repeat") args.repeat = std::stoi(value("--repeat"));
+      else if (arg == "--repeat")
+        args.repeat = whole(value("--repeat"), [](const std::string& t, size_t* n) { return std::stoi(t, n); });
       else if (arg == "-h" || arg == "--help") {
         std::fputs(kUsage, stdout);
         std::exit(0);

@@ -54,6 +54,8 @@ std::string major_minor(const std::string& version) {
 
 }  // namespace
 
+void read_fields(const json& doc, Manifest& m, const std::string& device, bool verify_files);
+
 Manifest read_manifest(const std::string& folder, const std::string& device, bool verify_files) {
   Manifest m;
   m.folder = folder;
@@ -62,7 +64,10 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
   const std::string text = read_text(m.path, "the manifest");
   const std::string checksum_path = (fs::path(folder) / "manifest.sha256").string();
   const std::string checksum = read_text(checksum_path, "the manifest checksum");
-  if (checksum.substr(0, checksum.find_first_of(" \t\n")) != sha256_hex(text))
+  std::istringstream fields(checksum);
+  std::string recorded;
+  fields >> recorded;   // "<hex>  manifest.json", whitespace as sha256sum writes it (or a stray \r)
+  if (recorded != sha256_hex(text))
     throw Error("does not match manifest.sha256: the manifest was edited or damaged", m.path);
 
   json doc;
@@ -72,7 +77,68 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
     throw Error(std::string("malformed manifest: not JSON (") + err.what() + ")", m.path);
   }
   if (!doc.is_object()) throw Error("malformed manifest: not a JSON object", m.path);
-  if (doc.value("format", "") != "postdiff-artifact")
+  try {
+    read_fields(doc, m, device, verify_files);
+  } catch (const json::exception& err) {   // a type the reads below did not expect
+    throw Error(std::string("malformed manifest: ") + err.what(), m.path);
+  }
+  return m;
+}
+
+namespace {
+
+void check_tensor_specs(const VariantEntry& v, const std::string& path) {
+  if (v.inputs.size() < 3 || v.outputs.empty())
+    throw Error("malformed manifest: variant " + v.id + " needs the latent, timestep and text inputs and an output",
+                path);
+  for (const auto& spec : v.inputs)
+    if (spec.shape.empty() || spec.shape[0] < 1)
+      throw Error("malformed manifest: variant " + v.id + " input " + spec.name + " has no batch dimension", path);
+  if (v.inputs[0].shape.size() != 4)
+    throw Error("malformed manifest: variant " + v.id + " latent input " + v.inputs[0].name + " is not 4-D", path);
+  bool text = false;
+  for (const auto& spec : v.inputs) {
+    if (spec.name == "encoder_hidden_states") {
+      text = true;
+      if (spec.shape.size() != 3)
+        throw Error("malformed manifest: variant " + v.id + " encoder_hidden_states is not 3-D", path);
+    }
+    if (spec.name == "timestep_cond" && spec.shape.size() != 2)
+      throw Error("malformed manifest: variant " + v.id + " timestep_cond is not 2-D", path);
+  }
+  if (!text) throw Error("malformed manifest: variant " + v.id + " has no encoder_hidden_states input", path);
+}
+
+void check_table(const Manifest& m) {
+  int basis = 0;   // tensors in the current segment (docs/manifest.md, "The scheduler table")
+  for (size_t i = 0; i < m.table.size(); ++i) {
+    const TableRow& row = m.table[i];
+    const bool transition_here = m.transition && static_cast<int>(i) == m.transition->switch_step - 1;
+    if (row.index != static_cast<int>(i) || row.transition != transition_here || row.noise_draws < 0)
+      throw Error("malformed manifest: scheduler table row " + std::to_string(i) + " has index " +
+                      std::to_string(row.index) + ", transition " + (row.transition ? "true" : "false") +
+                      " (the transition row is step switch_step - 1)",
+                  m.path);
+    if (row.transition) {
+      basis = 0;
+      continue;
+    }
+    basis += 2 + row.noise_draws;
+    for (const auto* terms : {&row.update, &row.clip_x0})
+      for (const auto& [index, coefficient] : *terms)
+        if (index < 0 || index >= basis)
+          throw Error("malformed manifest: scheduler table row " + std::to_string(i) + " reads tensor " +
+                          std::to_string(index) + " of " + std::to_string(basis),
+                      m.path);
+    if (row.clip && !(row.clip_range > 0))
+      throw Error("malformed manifest: scheduler table row " + std::to_string(i) + " clips to a range <= 0", m.path);
+  }
+}
+
+}  // namespace
+
+void read_fields(const json& doc, Manifest& m, const std::string& device, bool verify_files) {
+  if (!doc.contains("format") || doc["format"] != "postdiff-artifact")
     throw Error("not a postdiff-compile artifact manifest (format is not \"postdiff-artifact\")", m.path);
   if (!doc.contains("format_version") || doc["format_version"] != 1)
     throw Error("format_version " + (doc.contains("format_version") ? doc["format_version"].dump() : "missing") +
@@ -98,7 +164,9 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
   m.latent_height = field<int>(doc, "/resolution/latent_height", m.path);
   m.latent_width = field<int>(doc, "/resolution/latent_width", m.path);
   const json config = field<json>(doc, "/config", m.path);
-  m.cross_attn_cache = config.value("cross_attn_cache", "off");
+  m.cross_attn_cache = config.is_object() && config.contains("cross_attn_cache")
+                           ? field<std::string>(doc, "/config/cross_attn_cache", m.path)
+                           : "off";
 
   const auto plan = field<json>(doc, "/plan", m.path);
   for (size_t i = 0; i < plan.size(); ++i) {
@@ -109,6 +177,10 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
     step.cfg = field<bool>(doc, at + "/cfg", m.path);
     const auto reads = field<std::vector<std::string>>(doc, at + "/reads", m.path);
     step.reads_cross_attn = std::find(reads.begin(), reads.end(), "cross_attn") != reads.end();
+    step.low_res = field<std::string>(doc, at + "/resolution", m.path) == "low";
+    if (step.index != static_cast<int>(i))
+      throw Error("malformed manifest: plan step " + std::to_string(i) + " has index " + std::to_string(step.index),
+                  m.path);
     m.plan.push_back(step);
   }
   if (static_cast<int>(m.plan.size()) != m.steps)
@@ -128,11 +200,65 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
     t.prediction_type = field<std::string>(doc, "/transition/prediction_type", m.path);
     t.renoise = field<std::string>(doc, "/transition/renoise", m.path);
     t.clamp_x0 = field<double>(doc, "/transition/clamp_x0", m.path);
-    if (t.low.size() != 2 || t.full.size() != 2 || t.switch_step < 1 || t.switch_step >= m.steps)
+    if (t.low.size() != 2 || t.full.size() != 2 || t.switch_step < 1 || t.switch_step >= m.steps ||
+        t.low[0] < 1 || t.low[1] < 1 || t.full[0] < 1 || t.full[1] < 1)
       throw Error("malformed manifest: /transition sizes or switch_step out of range", m.path);
+    const std::string space = field<std::string>(doc, "/transition/latent_space", m.path);
+    if (space != "vp" && space != "sigma") throw Error("malformed manifest: /transition/latent_space " + space, m.path);
+    if (t.prediction_type != "epsilon" && t.prediction_type != "v_prediction" && t.prediction_type != "sample")
+      throw Error("malformed manifest: /transition/prediction_type " + t.prediction_type, m.path);
+    if (t.renoise != "fresh" && t.renoise != "predicted")
+      throw Error("malformed manifest: /transition/renoise " + t.renoise, m.path);
+    if (!(t.alpha_bar_t > 0 && t.alpha_bar_t < 1) || !(t.alpha_bar_next > 0 && t.alpha_bar_next <= 1) ||
+        !(t.clamp_x0 >= 0 && t.clamp_x0 < 1e300))
+      throw Error("malformed manifest: /transition alpha_bar_t must be in (0, 1), alpha_bar_next in (0, 1], "
+                  "clamp_x0 >= 0",
+                  m.path);
     m.transition = t;
   }
+  int low = 0;
+  for (const auto& step : m.plan) low += step.low_res;
+  for (const auto& step : m.plan)
+    if (step.low_res != (step.index < low))
+      throw Error("malformed manifest: low-resolution steps must come first", m.path);
+  if (low != (m.transition ? m.transition->switch_step : 0))
+    throw Error("malformed manifest: the plan and the transition disagree on the switch step", m.path);
 
+  if (!doc.contains("scheduler_table"))
+    throw Error("the manifest has no scheduler_table (built by postdiff-compile before the C++ runner existed); "
+                "recompile the artifact",
+                m.path);
+  const json& table = doc["scheduler_table"];
+  if (!table.is_object()) throw Error("malformed manifest: /scheduler_table is not an object", m.path);
+  if (!table.contains("steps") || table["steps"].is_null())
+    throw Error("the C++ runner cannot run this artifact's scheduler: " +
+                    (table.contains("reason") && table["reason"].is_string() ? table["reason"].get<std::string>()
+                                                                            : std::string("no table")),
+                m.path);
+  m.init_noise_sigma = field<double>(doc, "/scheduler_table/init_noise_sigma", m.path);
+  const auto rows = field<json>(doc, "/scheduler_table/steps", m.path);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const std::string at = "/scheduler_table/steps/" + std::to_string(i);
+    TableRow row;
+    row.index = field<int>(doc, at + "/index", m.path);
+    row.timestep = field<double>(doc, at + "/timestep", m.path);
+    row.input_scale = field<double>(doc, at + "/input_scale", m.path);
+    row.transition = field<bool>(doc, at + "/transition", m.path);
+    row.noise_draws = field<int>(doc, at + "/noise_draws", m.path);
+    row.update = field<std::vector<std::pair<int, double>>>(doc, at + "/update", m.path);
+    if (rows.is_array() && rows[i].is_object() && rows[i].contains("clip")) {
+      row.clip = true;
+      row.clip_range = field<double>(doc, at + "/clip/range", m.path);
+      row.clip_weight = field<double>(doc, at + "/clip/weight", m.path);
+      row.clip_x0 = field<std::vector<std::pair<int, double>>>(doc, at + "/clip/x0", m.path);
+    }
+    m.table.push_back(row);
+  }
+  if (m.table.size() != m.plan.size())
+    throw Error("malformed manifest: the scheduler table has " + std::to_string(m.table.size()) +
+                    " steps, the plan " + std::to_string(m.plan.size()),
+                m.path);
+  check_table(m);
   const auto variants = field<json>(doc, "/variants", m.path);
   if (!variants.is_array() || variants.empty()) throw Error("malformed manifest: /variants is empty", m.path);
   for (size_t i = 0; i < variants.size(); ++i) {
@@ -141,13 +267,14 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
     v.id = field<std::string>(doc, at + "/id", m.path);
     v.inputs = tensor_specs(doc, at + "/inputs", m.path);
     v.outputs = tensor_specs(doc, at + "/outputs", m.path);
+    check_tensor_specs(v, m.path);
     const std::string file = field<std::string>(doc, at + "/files/aoti/file", m.path);
     if (file.find('/') != std::string::npos || file == "..")
       throw Error("malformed manifest: file name " + file + " is not a plain name", m.path);
     const std::string built_for = field<std::string>(doc, at + "/files/aoti/device", m.path);
     if (built_for != device)
-      throw Error("compiled for " + built_for + ", asked to run on " + device, (fs::path(folder) / file).string());
-    v.package = (fs::path(folder) / file).string();
+      throw Error("compiled for " + built_for + ", asked to run on " + device, (fs::path(m.folder) / file).string());
+    v.package = (fs::path(m.folder) / file).string();
     if (!fs::is_regular_file(v.package)) throw Error("the AOTInductor package is missing", v.package);
     const auto bytes = field<uint64_t>(doc, at + "/files/aoti/bytes", m.path);
     if (fs::file_size(v.package) != bytes)
@@ -166,38 +293,6 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
                             m.path);
   }
 
-  if (!doc.contains("scheduler_table"))
-    throw Error("the manifest has no scheduler_table (built by postdiff-compile before the C++ runner existed); "
-                "recompile the artifact",
-                m.path);
-  const json& table = doc["scheduler_table"];
-  if (table.value("steps", json()).is_null())
-    throw Error("the C++ runner cannot run this artifact's scheduler: " + table.value("reason", std::string("?")),
-                m.path);
-  m.init_noise_sigma = field<double>(doc, "/scheduler_table/init_noise_sigma", m.path);
-  const auto rows = field<json>(doc, "/scheduler_table/steps", m.path);
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const std::string at = "/scheduler_table/steps/" + std::to_string(i);
-    TableRow row;
-    row.index = field<int>(doc, at + "/index", m.path);
-    row.timestep = field<double>(doc, at + "/timestep", m.path);
-    row.input_scale = field<double>(doc, at + "/input_scale", m.path);
-    row.transition = field<bool>(doc, at + "/transition", m.path);
-    row.noise_draws = field<int>(doc, at + "/noise_draws", m.path);
-    row.update = field<std::vector<std::pair<int, double>>>(doc, at + "/update", m.path);
-    if (rows[i].contains("clip")) {
-      row.clip = true;
-      row.clip_range = field<double>(doc, at + "/clip/range", m.path);
-      row.clip_weight = field<double>(doc, at + "/clip/weight", m.path);
-      row.clip_x0 = field<std::vector<std::pair<int, double>>>(doc, at + "/clip/x0", m.path);
-    }
-    m.table.push_back(row);
-  }
-  if (m.table.size() != m.plan.size())
-    throw Error("malformed manifest: the scheduler table has " + std::to_string(m.table.size()) +
-                    " steps, the plan " + std::to_string(m.plan.size()),
-                m.path);
-  return m;
 }
 
 }  // namespace postdiff

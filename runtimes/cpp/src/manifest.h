@@ -25,6 +25,7 @@ struct PlanStep {
   std::string variant_id;
   bool cfg = false;
   bool reads_cross_attn = false;
+  bool low_res = false;
 };
 
 struct TableRow {   // one step of the scheduler table (exporters/scheduler_table.py)
@@ -60,9 +61,10 @@ struct Manifest {
 };
 
 // Checks, in order, each failure one postdiff::Error naming the file: manifest.sha256 matches manifest.json;
-// the JSON parses; format and format_version; the fields this runner reads, with their types; AOTInductor
-// packages for every variant, compiled for `device` by this libtorch's major.minor version; a scheduler table;
-// every package's size and sha256.
+// the JSON parses; format and format_version; AOTInductor packages compiled by this libtorch's major.minor
+// version; the fields this runner reads, with their types and ranges, and their consistency (plan, transition
+// and scheduler table agree; the table reads only tensors that exist); a scheduler table at all; then each
+// package: compiled for `device`, present, its size and sha256.
 Manifest read_manifest(const std::string& folder, const std::string& device, bool verify_files = true);
 
 }  // namespace postdiff

@@ -83,6 +83,8 @@ class ArtifactImpl {
   }
 
   torch::Tensor run(const TensorMap& inputs, const RunOptions& options) const;
+  torch::Tensor denoise(const torch::Tensor& embeds, const torch::Tensor& negative, const TensorMap& added,
+                        const TensorMap& negative_added, double guidance, const RunOptions& options) const;
 };
 
 Artifact::Artifact(std::unique_ptr<ArtifactImpl> impl) : impl_(std::move(impl)) {}
@@ -127,8 +129,6 @@ torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& optio
   torch::NoGradGuard no_grad;
   const Manifest& m = manifest;
   const double guidance = options.guidance_scale.value_or(cfg ? 7.5 : 8.5);
-  const std::string latent_input = first_inputs.front().name;
-  const int64_t channels = first_inputs.front().shape[1];
 
   torch::Tensor embeds = checked("prompt_embeds", inputs, "encoder_hidden_states");
   torch::Tensor negative = cfg ? checked("negative_prompt_embeds", inputs, "encoder_hidden_states") : embeds;
@@ -154,6 +154,19 @@ torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& optio
     negative_added[name] = checked("negative_" + name, negative_given, name);
   }
 
+  try {
+    return denoise(embeds, negative, added, negative_added, guidance, options);
+  } catch (const Error& err) {
+    if (!err.file.empty()) throw;
+    throw Error(err.what(), m.path);   // inputs were checked above: what fails now comes from the manifest
+  }
+}
+
+torch::Tensor ArtifactImpl::denoise(const torch::Tensor& embeds, const torch::Tensor& negative, const TensorMap& added,
+                                    const TensorMap& negative_added, double guidance, const RunOptions& options) const {
+  const Manifest& m = manifest;
+  const std::string latent_input = first_inputs.front().name;
+  const int64_t channels = first_inputs.front().shape[1];
   at::Generator generator = at::detail::createCPUGenerator(options.seed);
   const std::vector<int64_t> start =
       m.transition ? m.transition->low : std::vector<int64_t>{m.latent_height, m.latent_width};

@@ -39,12 +39,14 @@ TensorMap read_safetensors(const std::string& path) {
   if (header_size > size - 8) throw Error("not a safetensors file: header length past the end of the file", path);
   std::string header(header_size, '\0');
   in.read(header.data(), static_cast<std::streamsize>(header_size));
+  if (static_cast<uint64_t>(in.gcount()) != header_size) throw Error("not a safetensors file: header cut short", path);
   nlohmann::json entries;
   try {
     entries = nlohmann::json::parse(header);
   } catch (const nlohmann::json::exception& err) {
     throw Error(std::string("not a safetensors file: header is not JSON (") + err.what() + ")", path);
   }
+  if (!entries.is_object()) throw Error("not a safetensors file: header is not a JSON object", path);
   const uint64_t data_start = 8 + header_size;
   TensorMap tensors;
   for (const auto& [name, entry] : entries.items()) {
@@ -55,13 +57,21 @@ TensorMap read_safetensors(const std::string& path) {
       if (found == dtypes().end()) throw Error("tensor " + name + " has unsupported dtype " + dtype, path);
       std::vector<int64_t> shape = entry.at("shape").get<std::vector<int64_t>>();
       auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
-      torch::Tensor tensor = torch::empty(shape, torch::TensorOptions().dtype(found->second));
-      const uint64_t bytes = tensor.numel() * tensor.element_size();
-      if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != bytes ||
-          data_start + offsets[1] > size)
+      // Sizes are checked against the file before anything is allocated: the header is untrusted.
+      uint64_t bytes = c10::elementSize(found->second);
+      for (int64_t dim : shape) {
+        if (dim < 0) throw Error("tensor " + name + " has a negative dimension", path);
+        if (dim != 0 && bytes > (size - data_start) / static_cast<uint64_t>(dim))
+          throw Error("tensor " + name + ": its shape needs more bytes than the file has", path);
+        bytes *= static_cast<uint64_t>(dim);
+      }
+      if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] > size - data_start ||
+          offsets[1] - offsets[0] != bytes)
         throw Error("tensor " + name + ": data_offsets do not match its shape and dtype or the file size", path);
+      torch::Tensor tensor = torch::empty(shape, torch::TensorOptions().dtype(found->second));
       in.seekg(static_cast<std::streamoff>(data_start + offsets[0]));
       in.read(static_cast<char*>(tensor.data_ptr()), static_cast<std::streamsize>(bytes));
+      if (static_cast<uint64_t>(in.gcount()) != bytes) throw Error("tensor " + name + ": file ends early", path);
       tensors[name] = tensor;
     } catch (const nlohmann::json::exception& err) {
       throw Error("tensor " + name + ": malformed header entry (" + err.what() + ")", path);

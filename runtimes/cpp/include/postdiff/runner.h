@@ -35,7 +35,8 @@ TensorMap read_safetensors(const std::string& path);
 void write_safetensors(const std::string& path, const TensorMap& tensors);
 
 struct RunOptions {
-  uint64_t seed = 0;                      // torch.Generator("cpu").manual_seed(seed), as the Python runner
+  uint64_t seed = 0;   // a CPU generator, as the Python runner's torch.Generator("cpu").manual_seed(seed); on CUDA
+                       // too (the Python runner then draws on the GPU, so the two differ there)
   std::optional<double> guidance_scale;   // default: 7.5, LCM artifacts 8.5 (diffusers' defaults)
   bool print_step_times = false;          // one line per step on stderr
 };
