@@ -164,7 +164,8 @@ void read_fields(const json& doc, Manifest& m, const std::string& device, bool v
   m.latent_height = field<int>(doc, "/resolution/latent_height", m.path);
   m.latent_width = field<int>(doc, "/resolution/latent_width", m.path);
   const json config = field<json>(doc, "/config", m.path);
-  m.cross_attn_cache = config.is_object() && config.contains("cross_attn_cache")
+  if (!config.is_object()) throw Error("malformed manifest: /config is not an object", m.path);
+  m.cross_attn_cache = config.contains("cross_attn_cache")
                            ? field<std::string>(doc, "/config/cross_attn_cache", m.path)
                            : "off";
 
