@@ -171,7 +171,7 @@ def main() -> None:
              f"`python benchmarks/bench_cpp_runner.py --models {args.models} --presets {args.presets} "
              f"--repeat {args.repeat}{f' --reuse {args.reuse}' if args.reuse else ''}`", ""]
     if args.reuse:
-        lines += [f"Artifacts compiled earlier (`--reuse`): their AOTInductor times come from their manifests.", ""]
+        lines += ["Artifacts compiled earlier (`--reuse`): their AOTInductor times come from their manifests.", ""]
     if build_times:
         lines += [f"C++ build (runtimes/cpp against the torch wheel's libtorch): configure {build_times['configure']} s, "
                   f"build {build_times['build']} s.", ""]

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from tiny_models import text_embeddings, tiny_sd_pipeline
+from tiny_models import runner_inputs, text_embeddings, tiny_sd_pipeline
 
 import postdiff_compile
 from postdiff_compile.capture import rel_l2
@@ -243,25 +243,6 @@ def test_format_names_are_checked():
 FAMILY_STEPS = {"sdxl": 20, "pixart_alpha": 20, "lcm_sd15": 4, "lcm_sdxl": 4, "sd2": 20}
 
 
-def _family_inputs(runner, family):
-    """Prompt embeddings and the added conditioning the runner cannot derive itself: SDXL's pooled embeddings,
-    PixArt's attention masks (padding at the end, the negative prompt shorter, as T5 prompts are)."""
-    spec = runner.text["shape"]
-    cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
-    added, negative_added = {}, {}
-    if "text_embeds" in runner.added_inputs:
-        gen = torch.Generator().manual_seed(1)
-        added["text_embeds"], negative_added["text_embeds"] = torch.randn(1, 1280, generator=gen), \
-            torch.randn(1, 1280, generator=gen)
-    if "encoder_attention_mask" in runner.added_inputs:
-        mask, negative_mask = torch.zeros(1, spec[1]), torch.zeros(1, spec[1])
-        mask[:, :12], negative_mask[:, :1] = 1, 1
-        added["encoder_attention_mask"], negative_added["encoder_attention_mask"] = mask, negative_mask
-    if family.startswith("lcm"):
-        return cond, None, added or None, None
-    return cond, uncond, added or None, negative_added or None
-
-
 @pytest.mark.parametrize("family", list(FAMILY_STEPS))
 def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
     """Every preset, compiled to pt2+onnx, runs on torch and onnxruntime with the same result; the fast
@@ -277,7 +258,7 @@ def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
         out = compile_artifact(model, ConfigRequest(preset), tmp_path / preset, RESOLUTION, steps,
                                formats="pt2,onnx").out
         runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
-        cond, uncond, added, negative_added = _family_inputs(runners["torch"], family)
+        cond, uncond, added, negative_added = runner_inputs(runners["torch"])
         results = [r(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=1, guidance_scale=4.5)
                    for r in runners.values()]
         err = rel_l2(results[1], results[0])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import text_embeddings, tiny_pipeline, tiny_sd_pipeline
+from tiny_models import runner_inputs, text_embeddings, tiny_pipeline, tiny_sd_pipeline
 
 import postdiff_compile
 from postdiff_compile.capture import rel_l2
@@ -119,23 +119,11 @@ def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, f
     out = compile_artifact(model, ConfigRequest(preset), tmp_path / "art", resolution, steps, dtype=dtype,
                            formats="pt2,aoti").out
     python = postdiff_compile.load(out, "torch")
-    spec = python.text["shape"]
-    cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
-    tensors, added, negative_added = {"prompt_embeds": cond}, {}, {}
-    if python.cfg:
+    cond, uncond, added, negative_added = runner_inputs(python)
+    tensors = {"prompt_embeds": cond, **(added or {}), **{f"negative_{k}": v for k, v in (negative_added or {}).items()}}
+    if uncond is not None:
         tensors["negative_prompt_embeds"] = uncond
-    if "text_embeds" in python.added_inputs:
-        gen = torch.Generator().manual_seed(1)
-        added["text_embeds"], negative_added["text_embeds"] = torch.randn(1, 1280, generator=gen), \
-            torch.randn(1, 1280, generator=gen)
-    if "encoder_attention_mask" in python.added_inputs:
-        mask, negative_mask = torch.zeros(1, spec[1]), torch.zeros(1, spec[1])
-        mask[:, :12], negative_mask[:, :1] = 1, 1
-        added["encoder_attention_mask"], negative_added["encoder_attention_mask"] = mask, negative_mask
-    tensors.update(added)
-    tensors.update({f"negative_{k}": v for k, v in negative_added.items()})
-    expected = python(cond, uncond if python.cfg else None, added_cond=added or None,
-                      negative_added_cond=negative_added or None, seed=9, guidance_scale=4.5)
+    expected = python(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=9, guidance_scale=4.5)
     embeddings = write_embeddings(tmp_path / "embeddings.safetensors", tensors)
     done = run_cpp(runner_binary, out, embeddings, tmp_path / "latents.safetensors", "--seed", "9",
                    "--guidance-scale", "4.5")
@@ -148,7 +136,7 @@ def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, f
         # decides whether a pixel is clipped, and later steps amplify it. The same Python runtime, given
         # embeddings that differ by one part in a million, moves by more than 1e-4; then C++ (which computes
         # the same steps in another order of float operations) is held to the size of that effect.
-        nudged = python(cond * (1 + 1e-6), uncond * (1 + 1e-6), seed=9, guidance_scale=4.5)
+        nudged = python(cond * (1 + 1e-6), uncond * (1 + 1e-6), seed=9, guidance_scale=4.5)   # no added inputs
         sensitivity = rel_l2(nudged, expected)
         print(f"scenes32: the Python runtime moves by {sensitivity:.2e} under a 1e-6 change of its input")
         if sensitivity > 1e-4:

@@ -179,3 +179,23 @@ def pipeline_embeds(family: str, seed: int = 0) -> dict:
 def text_embeddings(batch: int = 1, length: int = 77, width: int = 768, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, length, width, generator=gen), torch.randn(batch, length, width, generator=gen)
+
+
+def runner_inputs(runner) -> tuple:
+    """(cond, uncond, added, negative_added) for an artifact runner: prompt embeddings and the added conditioning
+    the runner cannot derive itself: SDXL's pooled embeddings, PixArt's attention masks (padding at the end, the
+    negative prompt shorter, as T5 prompts are). No negative half without CFG (LCM)."""
+    spec = runner.text["shape"]
+    cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
+    added, negative_added = {}, {}
+    if "text_embeds" in runner.added_inputs:
+        gen = torch.Generator().manual_seed(1)
+        added["text_embeds"], negative_added["text_embeds"] = torch.randn(1, 1280, generator=gen), \
+            torch.randn(1, 1280, generator=gen)
+    if "encoder_attention_mask" in runner.added_inputs:
+        mask, negative_mask = torch.zeros(1, spec[1]), torch.zeros(1, spec[1])
+        mask[:, :12], negative_mask[:, :1] = 1, 1
+        added["encoder_attention_mask"], negative_added["encoder_attention_mask"] = mask, negative_mask
+    if not runner.cfg:
+        return cond, None, added or None, None
+    return cond, uncond, added or None, negative_added or None
