@@ -344,12 +344,12 @@ def test_a_format_this_reader_does_not_know_is_checked_and_ignored(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     extra = copy / "future.bin"
     extra.write_bytes(b"a later tool's package")
-    manifest["formats"].append("aoti")
-    manifest["variants"][0]["files"]["aoti"] = {"file": extra.name, "sha256": sha256_file(extra),
-                                                 "bytes": extra.stat().st_size}
+    manifest["formats"].append("coreml")       # a format of some later tool
+    manifest["variants"][0]["files"]["coreml"] = {"file": extra.name, "sha256": sha256_file(extra),
+                                                   "bytes": extra.stat().st_size}
     rewrite_manifest(copy, manifest)
-    assert postdiff_compile.load(copy, "onnxruntime").manifest["formats"][-1] == "aoti"
+    assert postdiff_compile.load(copy, "onnxruntime").manifest["formats"][-1] == "coreml"
     assert manifest["variants"][0]["id"] in format_inspection(copy, read_manifest(copy))
     flip_byte(extra, 0)
-    with pytest.raises(PostDiffError, match="aoti graph of variant .* does not match its sha256"):
+    with pytest.raises(PostDiffError, match="coreml graph of variant .* does not match its sha256"):
         postdiff_compile.load(copy, "onnxruntime")
