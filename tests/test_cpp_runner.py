@@ -274,7 +274,7 @@ def test_wrong_or_missing_inputs_are_refused(runner_binary, copy, embeddings, tm
     # A header whose offsets point past the end (or wrap around) must not hand back uninitialised memory.
     header = json.dumps({"prompt_embeds": {"dtype": "F32", "shape": [1, 77, 768],
                                            "data_offsets": [2**64 - 16 - 4 * 77 * 768, 2**64 - 16]}}).encode()
-    (tmp_path / "offsets.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    (tmp_path / "offsets.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4 * 77 * 768)
     refused(runner_binary, copy, tmp_path / "offsets.safetensors", tmp_path, "data_offsets do not match")
 
 
