@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PostDiffError
 
+
 def save_aoti(program: torch.export.ExportedProgram, path: Path) -> Path:
     """Compile `program` (see pt2.export_variant) and write the package to `path`."""
     import torch._inductor
