@@ -6,7 +6,9 @@ by the caches it writes; `Variant.inputs` / `.outputs` name them ("deepcache", "
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -85,9 +87,10 @@ class Variant:
     module: torch.fx.GraphModule
     inputs: list[str]    # denoiser inputs, then caches read
     outputs: list[str]   # "noise_pred", then caches written
+    compiled: Callable[..., Any] | None = None   # torch.compile(module), when the store compiles
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.module(*inputs)
+        return (self.module if self.compiled is None else self.compiled)(*inputs)
 
 
 def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
@@ -166,11 +169,16 @@ def verify_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modu
 
 
 class VariantStore:
-    """Variants of one denoiser, made on first use: one capture per bucket, rewritten per variant."""
+    """Variants of one denoiser, made on first use: one capture per bucket, rewritten per variant.
 
-    def __init__(self, denoiser: torch.nn.Module, family: FamilySpec):
+    With `compile`, each variant also gets `torch.compile(variant.module)` (made on first use, compiled by
+    torch at its first call); the rewritten graphs stay what the passes made, only their execution changes.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, family: FamilySpec, compile: bool = False):
         self.denoiser = denoiser
         self.family = family
+        self.compile = compile
         self.latent_input = "hidden_states" if family.denoiser_class.startswith("PixArt") else "sample"
         self.captured: dict[Bucket, Captured] = {}
         self._roots: dict[Bucket, torch.nn.Module] = {}
@@ -190,5 +198,9 @@ class VariantStore:
         key = (spec.name, cache_branch, bucket)
         if key not in self._variants:
             captured, root = self.prepare(bucket)
-            self._variants[key] = build_variant(captured, spec, cache_branch, root)
+            variant = build_variant(captured, spec, cache_branch, root)
+            if self.compile:
+                # Every variant is one static shape; dynamic=False keeps torch from guessing at symbolic sizes.
+                variant.compiled = torch.compile(variant.module, dynamic=False)
+            self._variants[key] = variant
         return self._variants[key]

@@ -37,14 +37,15 @@ class PostDiffRuntime:
     last_plan: list = field(default_factory=list)
 
 
-def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any) -> Any:
+def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool = False, **overrides: Any) -> Any:
     """Make `pipe` denoise through postdiff-compile; returns `pipe`.
 
     `pipe` is a diffusers StableDiffusionPipeline (SD1.x, SD2.x, LCM U-Nets), LatentConsistencyModelPipeline,
     StableDiffusionXLPipeline or PixArtAlphaPipeline, or a subclass of one.
 
     `preset` is a preset name or a whole PostDiffConfig; `overrides` set PostDiffConfig fields by name
-    (unknown names are an error). Example:
+    (unknown names are an error). `compile=True` runs each captured variant through `torch.compile` (compiled
+    at its first call, so the first generation is slow). Example:
 
         pipe = optimize(pipe, preset="none")
         latents = pipe(prompt_embeds=c, negative_prompt_embeds=u, num_inference_steps=20,
@@ -66,10 +67,10 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", **overrides: Any)
         check_scheduler(pipe.scheduler)   # again at each call: the scheduler may be swapped in between
     base = getattr(type(pipe), "_postdiff_base", type(pipe))
     previous = getattr(pipe, "_postdiff", None)
-    if previous is not None and previous.store.denoiser is loaded.module:
+    if previous is not None and previous.store.denoiser is loaded.module and previous.store.compile == compile:
         store = previous.store   # re-optimizing with another config reuses the captured graphs
     else:
-        store = VariantStore(loaded.module, loaded.family)
+        store = VariantStore(loaded.module, loaded.family, compile=compile)
     pipe.__class__ = _optimized_class(base)
     pipe._postdiff = PostDiffRuntime(config, loaded.family, store)
     return pipe
