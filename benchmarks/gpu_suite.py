@@ -171,10 +171,11 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
         return fn
 
     runs = {("diffusers", "eager"): run_plain(plain)}
-    runs.update({(p, "eager"): run_ours(ours, p, False) for p in PRESETS})
+    presets = args.presets.split(",")
+    runs.update({(p, "eager"): run_ours(ours, p, False) for p in presets})
     if "torch.compile" in args.backends.split(","):
         runs[("diffusers", "torch.compile")] = run_plain(compiled_baseline)
-        runs.update({(p, "torch.compile"): run_ours(ours_compiled, p, True) for p in PRESETS})
+        runs.update({(p, "torch.compile"): run_ours(ours_compiled, p, True) for p in presets})
 
     outputs, first = {}, {}
     for key, fn in list(runs.items()):   # first calls: capture, rewrite, and for torch.compile, compile
@@ -287,6 +288,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--sections", default="transition,denoise,tensorrt")
     parser.add_argument("--backends", default="eager,torch.compile", help="of the denoise section (eager always runs)")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="of the denoise section")
     args = parser.parse_args()
 
     budget = Budget(args.budget_s)
