@@ -1,0 +1,327 @@
+"""Latency on this CPU, one process: plain diffusers, our runtime per preset per backend, and the peers.
+
+    python benchmarks/latency_cpu.py --model reference|sd15 [--rounds 5] [--steps 20] [--resolution 256]
+                                     [--backends eager,torch.compile,torch,onnxruntime,aoti] [--rows ...]
+
+Models: `reference` is the shipped reference model (pixel space, 32x32, its own weights); `sd15` is the
+SD1.5-architecture U-Net (bundled config, random weights) at --resolution (default 256x256) with a VAE that
+is not run. Only the denoising loop is timed: embeddings are given (random, fixed), latents come out.
+
+Rows, each a configuration on a backend:
+  diffusers          the plain StableDiffusionPipeline (the baseline); `diffusers 8 steps` the fewer-steps one
+  <preset>/eager     optimize(pipe, preset): the rewritten graphs, eagerly
+  <preset>/torch.compile   optimize(pipe, preset, compile=True)
+  <preset>/torch|onnxruntime|aoti   postdiff_compile.load(artifact, backend) on an artifact compiled here
+                     (pt2, onnx, aoti); the compile time is recorded, not timed as latency
+  DeepCacheSDHelper  DeepCache's own helper, interval 2, branch 1 (= our DeepCache setting)
+  tgate              T-GATE's TgateSDLoader with its documented defaults (gate_step 10, sp_interval 5,
+                     fi_interval 1, warm_up 2: self-attention is cached too)
+  tomesd             ToMe for SD, ratio 0.5 (max_downsample 1 for SD1.5; 4 for the reference model, whose
+                     attention sits at downsample 2 and 4)
+Every row is called once before timing (captures, compiles, patches); then --rounds rounds run one call of
+each row, order rotated each round, and the median is reported. Speedup is against `diffusers`; the FLOPs
+ideal is the baseline's true FLOPs over the row's (from `explain`), where explain can count the row.
+
+Writes benchmarks/results/latency_cpu_<model>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+PRESETS = ("none", "quality", "balanced", "fast")
+PEERS = ("DeepCacheSDHelper", "tgate", "tomesd")
+ARTIFACT_BACKENDS = ("torch", "onnxruntime", "aoti")
+
+
+def sd15_pipeline(resolution: int):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from postdiff_compile.models.families import get_family
+
+    family = get_family("sd15")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({k: v for k, v in family.config().items() if not k.startswith("_")})
+    unet.eval().requires_grad_(False)
+    vae = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=32).eval()   # never run; 4 levels make vae_scale_factor 8
+    scheduler = {k: v for k, v in family.scheduler().items() if not k.startswith("_")}
+
+    def make():
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                       scheduler=DDIMScheduler.from_config(scheduler), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return make
+
+
+def reference_pipeline():
+    from postdiff_compile.reference import load_pipeline
+
+    from postdiff_compile.reference.model import ReferenceParts, make_pipeline
+
+    shared = load_pipeline()
+    parts = ReferenceParts(shared.tokenizer, shared.text_encoder, shared.unet)
+    scheduler = dict(shared.scheduler.config)   # clip_sample on: pixel-space DDIM
+
+    def make():
+        # make_pipeline, not StableDiffusionPipeline(**components): diffusers' constructor turns clip_sample off
+        # in the scheduler it is given, which would change the reference model's sampler.
+        pipe = make_pipeline(parts, type(shared.scheduler).from_config(scheduler))
+        assert pipe.scheduler.config.clip_sample
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return make
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("reference", "sd15"), required=True)
+    parser.add_argument("--resolution", type=int, help="sd15 only (default 256); the reference model is 32x32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--backends", default="eager,torch.compile," + ",".join(ARTIFACT_BACKENDS))
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", help="default: latency_cpu_<model>")
+    args = parser.parse_args()
+    if args.rounds < 5:
+        print(f"note: {args.rounds} rounds; the committed results use at least 5", file=sys.stderr)
+
+    from postdiff_compile import load, optimize, resolve_config
+    from postdiff_compile.explain import explain
+    from postdiff_compile.models.families import get_family
+
+    torch.set_grad_enabled(False)
+    family_name = "scenes32" if args.model == "reference" else "sd15"
+    family = get_family(family_name)
+    if args.model == "reference":
+        if args.resolution not in (None, 32):
+            parser.error("the reference model is 32x32")
+        res, make = 32, reference_pipeline()
+    else:
+        res = args.resolution or 256
+        make = sd15_pipeline(res)
+    backends, presets = args.backends.split(","), args.presets.split(",")
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = [b for b in backends if b not in ("eager", "torch.compile", *ARTIFACT_BACKENDS)] + \
+        [p for p in presets if p not in PRESETS] + [p for p in peers if p not in PEERS]
+    if unknown:
+        parser.error(f"unknown backend, preset or peer: {', '.join(unknown)}")
+    configs = {p: resolve_config(p, family=family_name) for p in presets}
+
+    probe = make()
+    width = probe.unet.config.cross_attention_dim
+    length = probe.tokenizer.model_max_length if probe.tokenizer is not None else 77
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(1, length, width, generator=gen), torch.randn(1, length, width, generator=gen)
+    call = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, output_type="latent",
+                height=res, width=res)
+
+    def seeded():
+        return torch.Generator().manual_seed(0)
+
+    flops_of = {}   # row -> PostDiffConfig and steps that explain counts it as
+    runs, notes, build = {}, {}, {}
+    plain = make()
+    runs["diffusers"] = lambda: plain(**call, num_inference_steps=args.steps, generator=seeded()).images
+    flops_of["diffusers"] = (resolve_config("none"), args.steps)
+    runs["diffusers 8 steps"] = lambda: plain(**call, num_inference_steps=8, generator=seeded()).images
+    flops_of["diffusers 8 steps"] = (resolve_config("none"), 8)
+    for backend in ("eager", "torch.compile"):
+        if backend not in backends:
+            continue
+        pipe = make()   # one pipeline per backend, re-optimized per preset: captures (and compiles) shared
+
+        def ours(preset, pipe=pipe, compile=backend == "torch.compile"):
+            optimize(pipe, configs[preset], compile=compile)
+            return pipe(**call, num_inference_steps=args.steps, generator=seeded()).images
+        for preset in presets:
+            runs[f"{preset}/{backend}"] = lambda preset=preset, fn=ours: fn(preset)
+            flops_of[f"{preset}/{backend}"] = (configs[preset], args.steps)
+
+    artifact_backends = [b for b in backends if b in ARTIFACT_BACKENDS]
+    tmp = tempfile.TemporaryDirectory(prefix="latency_cpu_")
+    if artifact_backends:
+        from postdiff_compile.compile import compile_artifact
+
+        formats = tuple(dict.fromkeys(["pt2", *({"torch": "pt2", "onnxruntime": "onnx", "aoti": "aoti"}[b]
+                                                for b in artifact_backends)]))
+        source = make() if args.model == "sd15" else None
+        for preset in presets:
+            folder = Path(tmp.name) / preset
+            start = time.perf_counter()
+            try:
+                from postdiff_compile.reference import reference_folder
+
+                result = compile_artifact(source.unet if source is not None else reference_folder(), configs[preset],
+                                          folder, resolution=(res, res), steps=args.steps, dtype="float32",
+                                          formats=formats)
+            except Exception as err:
+                for b in artifact_backends:
+                    notes[f"{preset}/{b}"] = f"compile failed: {type(err).__name__}: {err}"
+                traceback.print_exc()
+                continue
+            build[preset] = {"seconds": round(time.perf_counter() - start, 1),
+                             "stages_s": {k: round(v, 1) for k, v in result.stages.items()}}
+            print(f"compiled {preset} ({', '.join(formats)}): {build[preset]['seconds']:.0f} s", file=sys.stderr,
+                  flush=True)
+            for b in artifact_backends:
+                runner = load(folder, b)
+                runs[f"{preset}/{b}"] = lambda runner=runner: runner(cond, uncond, seed=0, guidance_scale=7.5)
+                flops_of[f"{preset}/{b}"] = (configs[preset], args.steps)
+
+    if "DeepCacheSDHelper" in peers:
+        from DeepCache import DeepCacheSDHelper
+
+        helper_pipe = make()
+        helper = DeepCacheSDHelper(pipe=helper_pipe)
+        helper.set_params(cache_interval=2, cache_branch_id=1)
+
+        def run_helper():
+            helper.enable()
+            try:
+                return helper_pipe(**call, num_inference_steps=args.steps, generator=seeded()).images
+            finally:
+                helper.disable()
+        runs["DeepCacheSDHelper"] = run_helper
+        flops_of["DeepCacheSDHelper"] = (resolve_config("none", cache_interval=2, cache_branch=1), args.steps)
+    if "tgate" in peers:
+        import tgate
+
+        gated = tgate.TgateSDLoader(make())
+        runs["tgate"] = lambda: gated.tgate(**call, num_inference_steps=args.steps, gate_step=10, sp_interval=5,
+                                            fi_interval=1, warm_up=2, generator=seeded()).images
+        notes["tgate"] = "FLOPs not counted: T-GATE also caches self-attention (sp_interval 5), outside explain's model"
+    if "tomesd" in peers:
+        import tomesd
+
+        merged = make()
+        max_downsample = 4 if args.model == "reference" else 1
+
+        def run_tome():
+            tomesd.apply_patch(merged, ratio=0.5, max_downsample=max_downsample)
+            try:
+                return merged(**call, num_inference_steps=args.steps, generator=seeded()).images
+            finally:
+                tomesd.remove_patch(merged)
+        runs["tomesd"] = run_tome
+        notes["tomesd"] = "FLOPs not counted: token merging is outside explain's model"
+
+    flops = {}
+    for row, (config, steps) in flops_of.items():
+        flops[row] = explain(family, config, steps, (res, res)).total
+
+    outputs, first = {}, {}
+    for row, fn in list(runs.items()):   # first calls: captures, compiles, patches (not timed below)
+        start = time.perf_counter()
+        try:
+            outputs[row] = fn()
+        except Exception as err:   # a peer that cannot run this model must not lose the other rows
+            notes[row] = f"failed: {type(err).__name__}: {err}"
+            traceback.print_exc()
+            del runs[row]
+            continue
+        first[row] = time.perf_counter() - start
+        print(f"first call {row}: {first[row]:.1f} s", file=sys.stderr, flush=True)
+    times = {row: [] for row in runs}
+    names = list(runs)
+    for round_ in range(args.rounds):
+        for row in names[round_ % len(names):] + names[:round_ % len(names)]:
+            start = time.perf_counter()
+            runs[row]()
+            times[row].append(time.perf_counter() - start)
+        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    tmp.cleanup()
+
+    base = statistics.median(times["diffusers"])
+    reference = outputs["diffusers"]
+    rows = []
+    for row in names:
+        median = statistics.median(times[row])
+        entry = {"row": row, "median_s": round(median, 4), "runs_s": [round(t, 4) for t in times[row]],
+                 "first_call_s": round(first[row], 2), "speedup": round(base / median, 3),
+                 "rel_l2_vs_diffusers": float((outputs[row] - reference).norm() / reference.norm())}
+        if row in flops:
+            ideal = flops["diffusers"].true / flops[row].true
+            entry.update(flops_true=flops[row].true, flops_ideal_speedup=round(ideal, 3),
+                         speedup_over_ideal=round(base / median / ideal, 3))
+        if row in notes:
+            entry["note"] = notes[row]
+        rows.append(entry)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    model = ("the shipped reference model (pixel space, 32x32)" if args.model == "reference" else
+             f"SD1.5-architecture U-Net (bundled config, random weights), {res}x{res} (latent {res // 8}x{res // 8})")
+    result = {"benchmark": "latency_cpu", "model": model, "family": family_name, "resolution": res,
+              "steps": args.steps, "scheduler": type(plain.scheduler).__name__, "guidance_scale": 7.5,
+              "rounds": args.rounds, "machine": machine, "command": " ".join(["python", *sys.argv]),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifact_builds": build,
+              "skipped": {k: v for k, v in notes.items() if k not in runs}, "rows": rows}
+    name = args.name or f"latency_cpu_{args.model}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Latency, {model}, {args.steps} steps, CFG 7.5", "",
+             f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}; `{result['command']}`; "
+             f"median of {args.rounds} interleaved rounds (order rotated); speedup against plain diffusers; FLOPs ideal "
+             "= the baseline's true FLOPs over the row's, from `explain`.", "",
+             "| row | median s | speedup | FLOPs ideal | speedup / ideal | first call s | rel. L2 vs diffusers |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ideal = f"{r['flops_ideal_speedup']:.2f}x" if "flops_ideal_speedup" in r else "-"
+        ratio = f"{r['speedup_over_ideal']:.2f}" if "speedup_over_ideal" in r else "-"
+        lines.append(f"| {r['row']} | {r['median_s']:.3f} | {r['speedup']:.2f}x | {ideal} | {ratio} | "
+                     f"{r['first_call_s']:.1f} | {r['rel_l2_vs_diffusers']:.3g} |")
+    if build:
+        lines += ["", "Artifact compile time per preset (s): " +
+                  ", ".join(f"{p} {b['seconds']:.0f}" for p, b in build.items())]
+    if notes:
+        lines += ["", *[f"- {k}: {v}" for k, v in notes.items()]]
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, args.out / f"{name}.png", f"{model}, {args.steps} steps, {machine['cpu']}")
+    print("\n".join(lines))
+    return 0
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
+    names = [r["row"] for r in rows][::-1]
+    speed = [r["speedup"] for r in rows][::-1]
+    ax.barh(names, speed, color="tab:blue", label="measured speedup")
+    ideal = [(i, r["flops_ideal_speedup"]) for i, r in enumerate(rows[::-1]) if "flops_ideal_speedup" in r]
+    if ideal:
+        ax.scatter([v for _, v in ideal], [i for i, _ in ideal], marker="|", s=200, color="tab:red",
+                   label="FLOPs ideal", zorder=3)
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("speedup against plain diffusers (higher is faster)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
