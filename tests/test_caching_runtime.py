@@ -129,13 +129,13 @@ def test_second_order_schedulers_and_unread_caches():
 
 def test_compiled_variants_give_the_eager_latents():
     """optimize(compile=True) runs the same rewritten graphs through torch.compile: same latents as eager,
-    every variant of the plan compiled (a store that ignored the flag would leave `compiled` unset)."""
-    eager = _call(optimize(tiny_sd_pipeline("sd15", "ddim"), preset="quality"))
-    pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset="quality", compile=True)
+    and the variant really is compiled (a store that ignored the flag would leave `compiled` unset)."""
+    # `none` has one variant, and each variant compiles for ~40 s on 2 cores.
+    eager = _call(optimize(tiny_sd_pipeline("sd15", "ddim"), preset="none"))
+    pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset="none", compile=True)
     compiled = _call(pipe)
-    variants = pipe._postdiff.store._variants.values()
-    assert len(variants) == 2   # full at each resolution (each variant compiles for ~40 s on 2 cores)
-    assert all(v.compiled is not None for v in variants)
+    variants = list(pipe._postdiff.store._variants.values())
+    assert len(variants) == 1 and variants[0].compiled is not None
     assert rel_l2(compiled, eager) < 1e-4
     # Re-optimizing without compile must not keep running the compiled graphs.
-    assert optimize(pipe, preset="quality")._postdiff.store.compile is False
+    assert optimize(pipe, preset="none")._postdiff.store.compile is False

@@ -168,7 +168,7 @@ def test_the_minimal_program_of_the_docs_builds_and_runs(runner_binary, artifact
                             capture_output=True, text=True, check=True).stdout.strip()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     for command in (["cmake", "-S", str(project), "-B", str(project / "build"), *generator,
-                     f"-DCMAKE_PREFIX_PATH={prefix}"], ["cmake", "--build", str(project / "build"), "--target", "embed"]):
+                     f"-DCMAKE_PREFIX_PATH={prefix}"], ["cmake", "--build", str(project / "build"), "--target", "embed", "-j", str(os.cpu_count() or 2)]):
         done = subprocess.run(command, capture_output=True, text=True)
         assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     done = subprocess.run([str(project / "build" / "embed"), str(artifacts["none"]), str(embeddings[0])],
