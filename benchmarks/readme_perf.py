@@ -43,7 +43,7 @@ def paper_section(results: Path) -> list[str]:
     off = [r for r in rows if not r["within_0.5%"]]
     lines += ["", f"Rows whose configuration the paper's numbers pin down that come within 0.5%: "
                   f"{sum(r['within_0.5%'] for r in known)} of {len(known)}. Not reproduced:"]
-    lines += [f"- {r['model']} {r['label']}: ratio {r['ratio']:.3f}. {r['note']}" for r in off]
+    lines += [f"- {r['model']} {r['label']}: ratio {r['ratio']:.3f}. {r.get('why_off') or r['note']}" for r in off]
     search = data.get("sdxl_mix_cache_search")
     if search:
         lines.append(f"- SDXL configurations that would fit its Mix + Cache row (arithmetic, not evidence): "
@@ -83,8 +83,10 @@ def gpu_section(results: Path) -> list[str]:
         data = _load(path)
         env = data["environment"]
         machine = f"{env['card']}, torch {env['torch']}, CUDA {env['cuda']}, triton {env.get('triton')}"
-        lines += [f"#### GPU: {env['card']}", "", f"`python benchmarks/gpu_suite.py` ({machine}; "
-                  f"`{path.name}`, {data.get('elapsed_s', '?')} s of a {data['budget_s']:.0f} s budget).", ""]
+        commit = f", script at commit {data['commit']}" if data.get("commit") else ""
+        lines += [f"#### GPU: {env['card']}", "", f"`python {data.get('command', 'benchmarks/gpu_suite.py').removeprefix('python ')}` "
+                  f"({machine}; `{path.name}`{commit}, {data.get('elapsed_s', '?')} s of a {data['budget_s']:.0f} s "
+                  "budget).", ""]
         tr = data.get("transition", {})
         if "rows" in tr:
             check = tr["check"]
@@ -104,20 +106,27 @@ def gpu_section(results: Path) -> list[str]:
                 lines.append(f"| {case} | {dtype} | {f['bytes'] / 1e6:.3f} | {floor_us:.2f} | {f['ms'] * 1e3:.1f} ({f['ms_p20'] * 1e3:.1f}-{f['ms_p80'] * 1e3:.1f}) | "
                              f"{p['seeded']['ms'] * 1e3:.1f} | {p['eager']['ms'] * 1e3:.1f} | "
                              f"{p['compile']['ms'] * 1e3:.1f} | {f['ms'] * 1e3 / floor_us:.0f}x |")
-            lines += ["", "These latents are under 2 MB: one kernel launch (about 5 us) costs far more than moving the "
-                      "bytes, so every provider sits tens of times above the floor, and the fused kernel's gain is "
-                      "the launches it saves (eager runs about ten kernels). One run each: where the p20-p80 range is "
-                      "wide, the median is noise on a launch-bound kernel rather than a property of the size.", ""]
+            fused_x = [p["fused"]["ms"] * 1e3 / (p["fused"]["bytes"] / (peak * 1e9) * 1e6) for p in by.values()]
+            eager_x = [p["eager"]["ms"] / p["fused"]["ms"] for p in by.values()]
+            compiled_faster = sum(p["compile"]["ms"] <= p["fused"]["ms"] for p in by.values())
+            lines += ["", f"Every provider is launch-bound at these sizes (under 2 MB moved): the fused kernel takes "
+                      f"{min(fused_x):.0f}x to {max(fused_x):.0f}x its byte floor, the eager sequence "
+                      f"{min(eager_x):.1f}x to {max(eager_x):.1f}x the fused kernel's time, and torch.compile of the "
+                      f"same sequence is as fast as or faster than the fused kernel in {compiled_faster} of {len(by)} "
+                      "rows. One do_bench run each; where p20-p80 is wide the median is noise.", ""]
         dn = data.get("denoise", {})
         if dn.get("rows"):
             lines += [f"{dn['model']}, {dn['resolution']}x{dn['resolution']}, {dn['steps']} {dn['scheduler']} steps, "
                       f"CFG {dn['guidance_scale']}, latents out; median of {dn.get('rounds_done', dn['rounds'])} "
-                      "interleaved rounds. First call = capture (and compile, for torch.compile).", "",
-                      "| config | backend | median ms | speedup vs diffusers eager | FLOPs ideal | first call s |",
-                      "|---|---|---|---|---|---|"]
+                      "interleaved rounds. First call = what that row had to build first (captures, and compiles for "
+                      "torch.compile); graphs an earlier row built are shared, not rebuilt.", "",
+                      "| config | backend | median ms | runs ms (min-max) | speedup vs diffusers eager | FLOPs ideal | "
+                      "first call s |", "|---|---|---|---|---|---|---|"]
             for r in dn["rows"]:
+                speedup = r.get("speedup_vs_diffusers_eager")
                 lines.append(f"| {r['config']} | {r['backend']} | {r['median_s'] * 1e3:.1f} | "
-                             f"{r['speedup_vs_diffusers_eager']:.2f}x | {r['flops_reduction_true']:.2f}x | "
+                             f"{min(r['runs_s']) * 1e3:.0f}-{max(r['runs_s']) * 1e3:.0f} | "
+                             f"{'-' if speedup is None else f'{speedup:.2f}x'} | {r['flops_reduction_true']:.2f}x | "
                              f"{r['first_call_s']:.1f} |")
             for key, why in dn.get("skipped", {}).items():
                 lines.append(f"\n{key}: not run ({why})")
