@@ -26,31 +26,6 @@ from pathlib import Path
 import torch
 
 
-def build_pipelines(resolution: int):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from postdiff_compile.models.families import get_family
-
-    family = get_family("sd15")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({k: v for k, v in family.config().items() if not k.startswith("_")})
-    unet.eval().requires_grad_(False)
-    # Never run (latents out), but its 4 levels make the pipeline's vae_scale_factor 8, as SD's VAE.
-    vae = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32).eval()
-    scheduler_config = {k: v for k, v in family.scheduler().items() if not k.startswith("_")}
-
-    def pipe():
-        p = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                    scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None,
-                                    feature_extractor=None, requires_safety_checker=False)
-        p.set_progress_bar_config(disable=True)
-        return p
-
-    return unet, pipe
-
-
 def configs():
     from postdiff_compile import resolve_config
 
@@ -103,7 +78,10 @@ def main() -> int:
     if HELPER in wanted:
         flops[HELPER] = explain(family, known["deepcache"], args.steps, res).total   # the same computation
 
-    unet, make_pipe = build_pipelines(args.resolution)
+    from sd15_pipeline import pipeline_factory, random_sd15_unet
+
+    unet = random_sd15_unet()
+    make_pipe = pipeline_factory(unet)
     pipe_check = make_pipe()
     assert pipe_check.vae_scale_factor == 8, pipe_check.vae_scale_factor
     gen = torch.Generator().manual_seed(0)

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -91,41 +90,19 @@ def transition_section(device: torch.device, card: str) -> dict:
 
 
 def build_unet(model: str, device: torch.device, dtype: torch.dtype):
+    if model == "sd15":
+        from sd15_pipeline import random_sd15_unet
+
+        return random_sd15_unet(device, dtype)
     from diffusers import UNet2DConditionModel
 
-    from postdiff_compile.models.families import get_family
+    sys.path.insert(0, str(HERE.parent / "tests"))   # the test suite's tiny SD1.5 layout
+    from tiny_models import TINY_CONFIGS
 
-    if model == "sd15":
-        config = {k: v for k, v in get_family("sd15").config().items() if not k.startswith("_")}
-    else:   # the test suite's tiny SD1.5 layout (tests/tiny_models.py)
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny_models import TINY_CONFIGS
-
-        config = TINY_CONFIGS["sd15"]
     torch.manual_seed(0)
-    with torch.device(device):   # initialised where it runs: 860M parameters on a CPU take a while
-        unet = UNet2DConditionModel.from_config(config)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(TINY_CONFIGS["sd15"])
     return unet.to(dtype).eval().requires_grad_(False)
-
-
-def make_pipeline_factory(unet, device: torch.device, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
-    from postdiff_compile.models.families import get_family
-
-    # Never run (latents out), but its 4 levels make vae_scale_factor 8, as SD's VAE.
-    vae = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32).to(device, dtype).eval()
-    scheduler = {k: v for k, v in get_family("sd15").scheduler().items() if not k.startswith("_")}
-
-    def make(denoiser=None):
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet if denoiser is None else denoiser,
-                                       scheduler=DDIMScheduler.from_config(scheduler), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    return make
 
 
 def sync(device: torch.device) -> None:
@@ -139,6 +116,7 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
     from postdiff_compile.explain import explain
     from postdiff_compile.models.families import get_family
     from postdiff_compile.plan import build_plan
+    from sd15_pipeline import pipeline_factory
 
     res = args.resolution
     family = get_family("sd15")
@@ -146,7 +124,7 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
     flops = {p: explain(family, configs[p], args.steps, (res, res)).total for p in PRESETS}
     t = time.perf_counter()
     unet = build_unet(args.model, device, dtype)
-    make = make_pipeline_factory(unet, device, dtype)
+    make = pipeline_factory(unet, device, dtype)
     result.update({"model": f"SD1.5-architecture U-Net ({args.model}), random weights, {str(dtype).removeprefix('torch.')}",
               "resolution": res, "steps": args.steps, "scheduler": "DDIM", "guidance_scale": 7.5,
               "rounds": args.rounds, "build_model_s": round(time.perf_counter() - t, 2),

@@ -44,30 +44,6 @@ PEERS = ("DeepCacheSDHelper", "tgate", "tomesd")
 ARTIFACT_BACKENDS = ("torch", "onnxruntime", "aoti")
 
 
-def sd15_pipeline(resolution: int):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from postdiff_compile.models.families import get_family
-
-    family = get_family("sd15")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({k: v for k, v in family.config().items() if not k.startswith("_")})
-    unet.eval().requires_grad_(False)
-    vae = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32).eval()   # never run; 4 levels make vae_scale_factor 8
-    scheduler = {k: v for k, v in family.scheduler().items() if not k.startswith("_")}
-
-    def make(own_unet=None):
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None,
-                                       unet=unet if own_unet is None else own_unet,
-                                       scheduler=DDIMScheduler.from_config(scheduler), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    return make
-
-
 def reference_pipeline():
     from postdiff_compile.reference import load_pipeline
 
@@ -115,8 +91,10 @@ def main() -> int:
             parser.error("the reference model is 32x32")
         res, make = 32, reference_pipeline()
     else:
+        from sd15_pipeline import pipeline_factory, random_sd15_unet
+
         res = args.resolution or 256
-        make = sd15_pipeline(res)
+        make = pipeline_factory(random_sd15_unet())
     backends, presets = args.backends.split(","), args.presets.split(",")
     peers = [p for p in args.peers.split(",") if p]
     unknown = [b for b in backends if b not in ("eager", "torch.compile", *ARTIFACT_BACKENDS)] + \

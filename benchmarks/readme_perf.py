@@ -46,7 +46,7 @@ def paper_section(results: Path) -> list[str]:
     lines += [f"- {r['model']} {r['label']}: ratio {r['ratio']:.3f}. {r.get('why_off') or r['note']}" for r in off]
     search = data.get("sdxl_mix_cache_search")
     if search:
-        lines.append(f"- SDXL configurations that would fit its Mix + Cache row (arithmetic, not evidence): "
+        lines.append("- SDXL configurations that would fit its Mix + Cache row (arithmetic, not evidence): "
                      + "; ".join(f"`{json.dumps(f['overrides'])}` ({f['ratio']:.4f})" for f in search[:4])
                      + (f"; {len(search) - 4} more in paper_tables.md" if len(search) > 4 else ""))
     return lines
