@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from provenance import git_commit   # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 PRESETS = ("none", "quality", "balanced", "fast")
 COMPILE_S_PER_GRAPH = 50   # torch.compile's first call per graph, H100 host, cold cache (see denoise_section)
@@ -268,16 +270,6 @@ def tensorrt_section(args, device: torch.device, dtype: torch.dtype, budget: Bud
                 skipped[preset] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
     return {"rows": rows, "skipped": skipped}
-
-
-def git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> int:

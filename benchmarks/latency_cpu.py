@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from provenance import git_commit   # benchmarks/ is on sys.path when a script runs
+
 PRESETS = ("none", "quality", "balanced", "fast")
 PEERS = ("DeepCacheSDHelper", "tgate", "tomesd")
 ARTIFACT_BACKENDS = ("torch", "onnxruntime", "aoti")
@@ -287,16 +289,6 @@ def main() -> int:
     plot(rows, args.out / f"{name}.png", f"{model}, {args.steps} steps, {machine['cpu']}")
     print("\n".join(lines))
     return 0
-
-
-def git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
