@@ -1,6 +1,7 @@
 """Load a denoiser, offline, from a checkpoint file, a diffusers folder or an in-memory diffusers object."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections import Counter
@@ -228,6 +229,7 @@ def _load_object(obj: Any, dtype: torch.dtype | None) -> LoadedDenoiser:
     if scheduler is not None and "prediction_type" in scheduler.config:
         detection.prediction_type = scheduler.config["prediction_type"]
         detection.evidence.append(f"prediction type {detection.prediction_type} from the pipeline's scheduler")
-    if dtype is not None:
-        module.to(dtype)
+    if dtype is not None and dtype != next(module.parameters()).dtype:
+        # A cast copy: the caller's model is theirs and keeps its dtype.
+        module = copy.deepcopy(module).to(dtype)
     return LoadedDenoiser(module, detection, f"<in-memory {type(module).__name__}>")
