@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .capture import Bucket
 from .config import PostDiffConfig
@@ -17,6 +18,9 @@ from .metrics.flops import FlopCount, count_flops
 from .models.families import FamilySpec, get_family
 from .plan import Step, build_plan, switch_of
 from .resolution import low_res_latent
+
+if TYPE_CHECKING:   # variants imports torch.export machinery; explain's callers may only want the dataclasses
+    from .variants import VariantStore
 
 
 @dataclass
@@ -72,13 +76,25 @@ def architecture_of(source: str) -> tuple[FamilySpec, dict]:
 
 
 _VARIANT_FLOPS: dict[tuple[str, str, int], FlopCount] = {}
+_META_STORES: dict[str, VariantStore] = {}
+
+
+def _meta_store(family: FamilySpec, denoiser_config: dict | None, architecture: str) -> VariantStore:
+    """One meta-device denoiser and its captures per architecture and process: explaining several presets
+    (--all-presets, tune, study) captures each bucket once, not once per preset."""
+    from .models.build import build_denoiser
+    from .variants import VariantStore
+
+    if architecture not in _META_STORES:
+        denoiser = build_denoiser(family.denoiser_class, denoiser_config or family.config(), "meta").eval()
+        _META_STORES[architecture] = VariantStore(denoiser, family)
+    return _META_STORES[architecture]
 
 
 def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None, resolution: tuple[int, int] | None = None,
             denoiser_config: dict | None = None, cfg: bool = True,
             on_stage: Callable[[str], None] | None = None) -> Explanation:
-    from .models.build import build_denoiser
-    from .variants import VariantStore, check_cache_branch
+    from .variants import check_cache_branch
 
     height, width = resolution or family.default_resolution
     latent = family.check_resolution(height, width)
@@ -86,13 +102,11 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None
     cfg = cfg and family.classifier_free_guidance   # an LCM pipeline never batches CFG
     plan = build_plan(config, steps, cfg)
     low = low_res_latent(family, latent, config.low_res_scale) if switch_of(plan) else None
-    denoiser = build_denoiser(family.denoiser_class, denoiser_config or family.config(), "meta").eval()
-    check_cache_branch(denoiser, config)   # before any capture
-    store = VariantStore(denoiser, family)
-    dtype = next(denoiser.parameters()).dtype
+    architecture = f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if denoiser_config else 'default'}"
+    store = _meta_store(family, denoiser_config, architecture)
+    check_cache_branch(store.denoiser, config)   # before any capture
+    dtype = next(store.denoiser.parameters()).dtype
     costs: dict[str, FlopCount] = {}
-
-    architecture = json.dumps(denoiser_config, sort_keys=True) if denoiser_config else family.name
 
     def cost(name: str, batch: int, size: tuple[int, int]) -> FlopCount:
         bucket = Bucket(batch, *size, family.text_length, dtype)
@@ -100,7 +114,8 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None
         if key not in costs:
             # A variant's count depends only on the architecture, the bucket and the branch: sweeps that explain
             # many configs (tune, study) capture each variant once per process.
-            memo = (architecture, key, config.cache_branch)
+            deep = "shallow" in name or "write_dc" in name     # the branch matters to DeepCache variants only
+            memo = (architecture, key, config.cache_branch if deep else 0)
             if memo not in _VARIANT_FLOPS:
                 if on_stage:
                     on_stage(f"capturing {key}")
