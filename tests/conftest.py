@@ -1,10 +1,54 @@
 """Test-session setup that must happen before any test module is imported."""
 import os
+from pathlib import Path
 
-import torch
+# One intra-op thread: the tests run tiny models whose ops are too small to split, and on these 2-core
+# machines a second thread mostly waits on the other core. Measured (one peer-parity case, test_families'
+# SDXL presets): quiet machine 5.8 s / 16.0 s with 1 thread against 6.7 s / 18.3 s with 2; with the other
+# core busy 5.5 s against 10.0 s. Set before torch is imported so OpenMP starts with it; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a GPU the Triton kernels run in Triton's interpreter. The variable is read when triton.language
 # defines its own jit functions (tl.randn, ...), i.e. when triton is first imported, which torch may do
 # for an earlier test module; so it is set here, before collection, not in the kernel tests' module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# ---- expensive things built once per test run -------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+TINY_RESOLUTION = (128, 128)   # latent 16x16, low resolution 8x8
+TINY_STEPS = 20
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """artifact(preset, formats="pt2,onnx") -> folder: the tiny SD1.5-layout U-Net (seed 0, DDIM, 20 steps,
+    128x128) compiled once per preset for the whole run, shared by test_artifact, test_cli_artifact and
+    test_cpp_runner. A preset asked for with a format it lacks is rebuilt with the union of the formats, so an
+    AOTInductor compile is paid only by a test that needs it. Tests must copy a folder before changing it."""
+    from tiny_models import tiny_sd_pipeline
+
+    from postdiff_compile.compile import compile_artifact, parse_formats
+    from postdiff_compile.config import ConfigRequest
+
+    root = tmp_path_factory.mktemp("tiny-artifacts")
+    unet = tiny_sd_pipeline("sd15").unet
+    built: dict[str, tuple[Path, set[str]]] = {}
+
+    def artifact(preset: str, formats: str = "pt2,onnx") -> Path:
+        wanted = set(parse_formats(formats))
+        if preset not in built or not wanted <= built[preset][1]:
+            union = wanted | (built[preset][1] if preset in built else set())
+            out = root / f"{preset}-{'-'.join(sorted(union))}"
+            compile_artifact(unet, ConfigRequest(preset), out, TINY_RESOLUTION, TINY_STEPS, formats=",".join(union))
+            built[preset] = (out, union)
+        return built[preset][0]
+
+    return artifact

@@ -10,6 +10,8 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from artifact_checks import variant_errors
+from test_scheduler_table import diffusers_run
 from tiny_models import runner_inputs, text_embeddings, tiny_sd_pipeline
 
 import postdiff_compile
@@ -18,6 +20,7 @@ from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import PRESETS, ConfigRequest
 from postdiff_compile.errors import PostDiffError
 from postdiff_compile.exporters.manifest import SCHEMA, read_manifest, validate
+from postdiff_compile.exporters.scheduler_table import evaluate
 from postdiff_compile.runtime.artifact import make_scheduler
 
 PRESET_NAMES = list(PRESETS)          # none, quality, balanced, fast
@@ -29,25 +32,49 @@ def pipe():
     return tiny_sd_pipeline("sd15")
 
 
+# What the default tier builds of each preset (ONNX export is the costly part: about 10 s a variant here). `fast`
+# has every kind of variant, so the ONNX tests use it; `none` also carries the one AOTInductor package.
+DEFAULT_FORMATS = {"none": "pt2,onnx,aoti", "quality": "pt2", "balanced": "pt2", "fast": "pt2,onnx"}
+
+
+class _Artifacts:
+    def __init__(self, build):
+        self.build = build
+
+    def __getitem__(self, preset: str) -> Path:
+        return self.build(preset, DEFAULT_FORMATS[preset])
+
+
 @pytest.fixture(scope="module")
-def artifacts(pipe, tmp_path_factory):
-    """One pt2+onnx artifact per preset, compiled from the pipeline's own U-Net."""
-    root = tmp_path_factory.mktemp("artifacts")
-    return {name: compile_artifact(pipe.unet, ConfigRequest(name), root / name, RESOLUTION, 20,
-                                   formats="pt2,onnx").out for name in PRESET_NAMES}
+def artifacts(tiny_artifact):
+    """artifacts[preset]: the tiny U-Net of `pipe` compiled with that preset (conftest.py builds each once a run)."""
+    return _Artifacts(tiny_artifact)
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
-def test_onnxruntime_runner_equals_torch_runner(artifacts, preset):
+@pytest.mark.parametrize("preset", [p if p in ("none", "fast") else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in PRESET_NAMES])
+def test_onnxruntime_runner_equals_torch_runner(tiny_artifact, preset):
+    folder = tiny_artifact(preset, "pt2,onnx")
     cond, uncond = text_embeddings(1, 77, 768, seed=5)
-    by_torch = postdiff_compile.load(artifacts[preset], "torch")(cond, uncond, seed=3, guidance_scale=7.5)
-    by_ort = postdiff_compile.load(artifacts[preset], "onnxruntime")(cond, uncond, seed=3, guidance_scale=7.5)
+    by_torch = postdiff_compile.load(folder, "torch")(cond, uncond, seed=3, guidance_scale=7.5)
+    by_ort = postdiff_compile.load(folder, "onnxruntime")(cond, uncond, seed=3, guidance_scale=7.5)
     assert by_torch.shape == (1, 4, 16, 16)
     assert torch.isfinite(by_torch).all()
     assert rel_l2(by_ort, by_torch) <= 1e-4
     # A different seed gives a different image: the comparison is not between two constants.
-    other = postdiff_compile.load(artifacts[preset], "onnxruntime")(cond, uncond, seed=4, guidance_scale=7.5)
+    other = postdiff_compile.load(folder, "onnxruntime")(cond, uncond, seed=4, guidance_scale=7.5)
     assert rel_l2(other, by_torch) > 1e-2
+
+
+def test_aoti_backend_equals_torch_backend(artifacts):
+    """One AOTInductor package (the `none` artifact's single variant) on the Python aoti backend; the C++ runner
+    and the other presets' packages are the slow tier's (test_cpp_runner.py)."""
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    by_torch = postdiff_compile.load(artifacts["none"], "torch")(cond, uncond, seed=3, guidance_scale=6.0)
+    by_aoti = postdiff_compile.load(artifacts["none"], "aoti")(cond, uncond, seed=3, guidance_scale=6.0)
+    manifest = read_manifest(artifacts["none"])
+    assert manifest["formats"] == ["pt2", "onnx", "aoti"] and manifest["variants"][0]["files"]["aoti"]["device"] == "cpu"
+    assert torch.isfinite(by_aoti).all() and rel_l2(by_aoti, by_torch) <= 1e-5
 
 
 @pytest.mark.parametrize("preset", ["none", "fast"])
@@ -82,19 +109,29 @@ def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
     assert {"shallow", "full+write_dc", "full+write_ca", "shallow+read_ca", "full+write_dc+read_ca"} <= kinds
     for v in manifest["variants"]:
         assert v["flops"]["paper"] > 0 and v["flops"]["true"] > v["flops"]["paper"]
-        assert v["verification"]["rel_l2_error"] <= 1e-6
-        assert v["files"]["onnx"]["verification"]["rel_l2_error"] <= 1e-5
     shallow = next(v for v in manifest["variants"] if v["name"] == "shallow")
     full = next(v for v in manifest["variants"] if v["name"] == "full+write_dc" and v["batch"] == 2)
     assert shallow["flops"]["paper"] < 0.6 * full["flops"]["paper"]   # the deep blocks are gone
     table = manifest["scheduler_table"]    # for runtimes without diffusers: one row per step, checked at build
     assert table["reason"] is None and len(table["steps"]) == len(manifest["plan"])
-    assert table["verification"]["rel_l2_error"] <= table["verification"]["tolerance"] == 1e-5
+    # The table as written, run on random data, against diffusers' scheduler (not the compiler's own check).
+    start, outputs, restart, expected, _ = diffusers_run(manifest["scheduler"], len(manifest["plan"]),
+                                                          manifest["transition"]["switch_step"], seed=3)
+    assert rel_l2(evaluate(table, start, outputs, torch.Generator().manual_seed(103), restart), expected) <= 1e-5
     assert [r["transition"] for r in table["steps"]] == \
         [s["index"] == manifest["transition"]["switch_step"] - 1 for s in manifest["plan"]]
     broken = {k: v for k, v in manifest.items() if k != "plan"}
     with pytest.raises(PostDiffError, match="plan"):
         validate(broken, Path("manifest.json"))
+
+
+def test_saved_programs_equal_the_eager_model(artifacts, pipe):
+    """Every saved program of every preset, shallow and cache-reading variants included, run outside the
+    compiler against the plain diffusers U-Net (tests/artifact_checks.py)."""
+    for preset in PRESET_NAMES:
+        errors = variant_errors(artifacts[preset], pipe.unet)
+        print(preset, errors)
+        assert errors and max(errors.values()) <= 1e-5, (preset, errors)
 
 
 def test_onnx_graphs_name_inputs_and_weights_as_the_model_does(artifacts, pipe):
@@ -122,7 +159,7 @@ def test_onnx_graphs_name_inputs_and_weights_as_the_model_does(artifacts, pipe):
 
 
 def test_a_weight_read_from_the_shared_file_is_the_models(artifacts, pipe):
-    folder = artifacts["balanced"]
+    folder = artifacts["fast"]
     v = read_manifest(folder)["variants"][0]
     model = onnx.load(str(folder / v["files"]["onnx"]["file"]))   # resolves weights.bin
     tensor = next(t for t in model.graph.initializer if t.name == "conv_in.weight")
@@ -135,7 +172,7 @@ def test_a_weight_read_from_the_shared_file_is_the_models(artifacts, pipe):
 @pytest.fixture
 def copy(artifacts, tmp_path):
     folder = tmp_path / "art"
-    shutil.copytree(artifacts["balanced"], folder)
+    shutil.copytree(artifacts["fast"], folder)
     return folder
 
 
@@ -229,6 +266,34 @@ def test_an_onnx_graph_that_disagrees_with_torch_fails_the_build(tmp_path, pipe,
     assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())   # nothing half-written is left
 
 
+def test_a_float16_artifact_is_verified_on_a_float32_twin_and_runs(pipe, tmp_path):
+    """float16 on a CPU: the rewrite is verified in float32 on a copy of the weights (float16 convolutions are
+    far too slow there), the graphs take float16, and the generations stay within float16 rounding of the
+    float32 in-memory runtime on both backends. The caller's model keeps its dtype."""
+    out = compile_artifact(pipe.unet, ConfigRequest("none"), tmp_path / "fp16", RESOLUTION, 4, dtype="float16",
+                           formats="pt2,onnx").out
+    assert pipe.unet.dtype == torch.float32
+    manifest = read_manifest(out)
+    (variant,) = manifest["variants"]
+    assert manifest["denoiser"]["dtype"] == "float16" and variant["inputs"][0]["dtype"] == "float16"
+    assert variant["verification"]["reference"] == "torch eager, float32 twin of the float16 weights"
+    assert variant["files"]["onnx"]["verification"]["tolerance"] == 1e-2
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    pipe.scheduler = make_scheduler(manifest["scheduler"])
+    postdiff_compile.optimize(pipe, preset="none")
+    try:
+        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=RESOLUTION[0], width=RESOLUTION[1],
+                        num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(3),
+                        output_type="latent").images
+    finally:
+        postdiff_compile.restore(pipe)
+    for backend in ("onnxruntime", "torch"):
+        got = postdiff_compile.load(out, backend)(cond, uncond, seed=3, guidance_scale=7.5)
+        err = rel_l2(got.float(), expected)
+        print(f"float16 {backend} against float32: rel L2 {err:.2e}")
+        assert got.dtype == torch.float16 and 1e-5 < err <= 1e-2     # float16 rounding, not float32 run twice
+
+
 def test_format_names_are_checked():
     from postdiff_compile.compile import parse_formats
 
@@ -240,53 +305,60 @@ def test_format_names_are_checked():
 # --- families with added conditioning -------------------------------------------------------------------------------
 
 
-FAMILY_STEPS = {"sdxl": 20, "pixart_alpha": 20, "lcm_sd15": 4, "lcm_sdxl": 4, "sd2": 20}
+FAMILY_STEPS = {"sdxl": 20, "pixart_alpha": 20, "pixart_alpha_sized": 20, "lcm_sd15": 4, "lcm_sdxl": 4, "sd2": 20}
+# The default tier compiles `quality` (both resolutions, the transition) for one family per kind of scheduler and
+# added conditioning: SDXL (Euler, time ids, pooled embeddings), PixArt-alpha with resolution conditioning
+# (DPM-Solver++, masks), LCM (no CFG, the guidance embedding). Every other pair (21 artifacts, about 20 minutes
+# here) is the slow tier's.
+DEFAULT_FAMILY_CASES = {("sdxl", "quality"), ("pixart_alpha_sized", "quality"), ("lcm_sd15", "quality")}
+FAMILY_CASES = [pytest.param(family, preset, marks=() if (family, preset) in DEFAULT_FAMILY_CASES else pytest.mark.slow,
+                             id=f"{family}-{preset}") for family in FAMILY_STEPS for preset in PRESET_NAMES]
 
 
-@pytest.mark.parametrize("family", list(FAMILY_STEPS))
-def test_every_family_and_preset_runs_on_both_backends(tmp_path, family):
-    """Every preset, compiled to pt2+onnx, runs on torch and onnxruntime with the same result; the fast
-    artifact's torch runner equals optimize(pipe) on the family's own diffusers pipeline, which checks the
-    added conditioning the runner fills in (SDXL time ids, PixArt's resolution, LCM's guidance embedding)."""
-    from tiny_models import tiny_pipeline
+@pytest.mark.parametrize("family, preset", FAMILY_CASES)
+def test_every_family_and_preset_runs_on_both_backends(tmp_path, family, preset):
+    """A preset compiled to pt2+onnx runs on torch and onnxruntime with the same result, and the torch runner
+    equals optimize(pipe) on the family's own diffusers pipeline, which checks the added conditioning the runner
+    fills in (SDXL time ids, PixArt's masks and resolution conditioning, LCM's guidance embedding)."""
+    from tiny_models import base_family, tiny_pipeline
 
-    name = "pixart_alpha_deep" if family == "pixart_alpha" else family
-    pipe = tiny_pipeline(name)
-    model = pipe.transformer if family == "pixart_alpha" else pipe.unet
+    base = base_family(family)
+    pipe = tiny_pipeline("pixart_alpha_deep" if family == "pixart_alpha" else family)
+    model = pipe.transformer if base == "pixart_alpha" else pipe.unet
     steps = FAMILY_STEPS[family]
-    for preset in PRESET_NAMES:
-        out = compile_artifact(model, ConfigRequest(preset), tmp_path / preset, RESOLUTION, steps,
-                               formats="pt2,onnx").out
-        runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
-        cond, uncond, added, negative_added = runner_inputs(runners["torch"])
-        results = [r(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=1, guidance_scale=4.5)
-                   for r in runners.values()]
-        err = rel_l2(results[1], results[0])
-        print(f"{family} {preset}: onnxruntime vs torch rel L2 {err:.2e}, "
-              f"{len(runners['torch'].manifest['variants'])} variants")
-        assert results[0].shape == (1, 4, 16, 16) and torch.isfinite(results[0]).all()
-        assert err <= 1e-4
-    # The last artifact is `fast`: the torch runner against the in-memory runtime on the diffusers pipeline.
+    out = compile_artifact(model, ConfigRequest(preset), tmp_path / preset, RESOLUTION, steps, formats="pt2,onnx").out
+    runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
+    cond, uncond, added, negative_added = runner_inputs(runners["torch"])
+    results = [r(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=1, guidance_scale=4.5)
+               for r in runners.values()]
+    err = rel_l2(results[1], results[0])
+    print(f"{family} {preset}: onnxruntime vs torch rel L2 {err:.2e}, {len(runners['torch'].manifest['variants'])} "
+          "variants")
+    assert results[0].shape == (1, 4, 16, 16) and torch.isfinite(results[0]).all()
+    assert err <= 1e-4
+    # The torch runner against the in-memory runtime on the diffusers pipeline.
     runner = runners["torch"]
-    assert runner.manifest["config"] == PRESETS["fast"].for_family(family).to_dict()
+    assert runner.manifest["config"] == PRESETS[preset].for_family(base).to_dict()
+    if family == "pixart_alpha_sized":
+        assert {"resolution", "aspect_ratio"} <= set(runner.added_inputs)
     got = runner(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=7, guidance_scale=4.5)
     pipe.scheduler = make_scheduler(runner.manifest["scheduler"])
     kwargs = dict(prompt_embeds=cond, height=RESOLUTION[0], width=RESOLUTION[1], num_inference_steps=steps,
                   guidance_scale=4.5, generator=torch.Generator().manual_seed(7), output_type="latent")
     if uncond is not None:
         kwargs["negative_prompt_embeds"] = uncond
-    if family.endswith("sdxl"):
+    if base.endswith("sdxl"):
         kwargs["pooled_prompt_embeds"] = added["text_embeds"]
         if uncond is not None:
             kwargs["negative_pooled_prompt_embeds"] = negative_added["text_embeds"]
-    if family == "pixart_alpha":
+    if base == "pixart_alpha":
         kwargs.update(prompt_attention_mask=added["encoder_attention_mask"].long(),
                       negative_prompt_attention_mask=negative_added["encoder_attention_mask"].long(),
                       negative_prompt=None, use_resolution_binning=False)
-    expected = postdiff_compile.optimize(pipe, preset="fast")(**kwargs).images
+    expected = postdiff_compile.optimize(pipe, preset=preset)(**kwargs).images
     assert rel_l2(got, expected) <= 1e-5
     # What only the text encoder knows must be given: SDXL's negative pooled embeddings, PixArt's masks.
-    required = {"sdxl": "text_embeds", "pixart_alpha": "encoder_attention_mask"}.get(family)
+    required = {"sdxl": "text_embeds", "pixart_alpha": "encoder_attention_mask"}.get(base)
     if required:
         with pytest.raises(PostDiffError, match=f"the artifact needs negative {required}"):
             runner(cond, uncond, added_cond=added, seed=7, guidance_scale=4.5)
@@ -353,3 +425,13 @@ def test_a_format_this_reader_does_not_know_is_checked_and_ignored(copy):
     flip_byte(extra, 0)
     with pytest.raises(PostDiffError, match="coreml graph of variant .* does not match its sha256"):
         postdiff_compile.load(copy, "onnxruntime")
+
+
+def test_python_aoti_backend_refuses_packages_of_another_torch(artifacts, tmp_path):
+    copy = tmp_path / "aoti"
+    shutil.copytree(artifacts["none"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["toolchain"]["torch"] = "2.12.0"
+    rewrite_manifest(copy, manifest)
+    with pytest.raises(PostDiffError, match="compiled with torch 2.12.0"):
+        postdiff_compile.load(copy, "aoti")

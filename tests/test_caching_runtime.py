@@ -127,6 +127,7 @@ def test_second_order_schedulers_and_unread_caches():
     assert all(step.variant == "full" for step in pipe._postdiff.last_plan)
 
 
+@pytest.mark.slow   # inductor compiles C++ for the variant: about a minute here
 def test_compiled_variants_give_the_eager_latents():
     """optimize(compile=True) runs the same rewritten graphs through torch.compile: same latents as eager,
     and the variant really is compiled (a store that ignored the flag would leave `compiled` unset)."""

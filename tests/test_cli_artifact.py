@@ -86,6 +86,18 @@ def test_a_prompt_outside_the_reference_vocabulary_is_one_error(reference_artifa
     assert not (tmp_path / "r").exists()
 
 
+def test_run_into_an_existing_folder_needs_force(reference_artifact, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run_cli(capsys, "run", reference_artifact, "--out", out)
+    assert_one_error(code, err, "already exists", "--force", str(out))
+    assert (out / "keep.txt").read_text() == "precious"
+    code, _, err = run_cli(capsys, "run", reference_artifact, "--out", out, "--force", "--guidance-scale", "2.0")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["image.png", "latents.safetensors"]
+
+
 def test_bad_artifact_folders_are_one_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "run", tmp_path / "nowhere")
     assert_one_error(code, err, "nowhere")

@@ -32,7 +32,7 @@ def test_frechet_distance_with_correlated_covariances():
     rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
     b = a @ rot.T                              # covariance diag(0.25, 4): FD = (2 - 0.5)^2 * 2 = 4.5
     assert frechet_distance(a, b) == pytest.approx(4.5, rel=0.02)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"same d, got \(100000, 1\), \(100000, 2\)"):
         frechet_distance(a[:, :1], b)
 
 

@@ -36,12 +36,13 @@ def _grid(latent, tokens):
 
 @torch.no_grad()
 def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, prediction="epsilon",
-                renoise="fresh", clamp=0.0, images=1, deepcache=None):
+                renoise="fresh", clamp=0.0, images=1, deepcache=None, full_steps=None):
     """Low resolution for round(fraction * N) steps, then x0 -> bilinear up -> re-noise, then full resolution.
 
     With `cache_step` m, the Cond cross-attention cache (attn2 outputs of step m - 1, positive half) is
     read from step m on without CFG, resized at the switch when it was written at low resolution. With
-    `deepcache` (k, branch) the UNet runs under DeepCacheSDHelper (full every k-th step by step index).
+    `deepcache` (k, branch) the UNet runs under DeepCacheSDHelper (full every k-th step by step index, or at
+    exactly the steps in `full_steps`).
     A sigma-space scheduler (Euler) gets the k-diffusion form: x0 = x - sigma * eps, x' = up(x0) + sigma' * noise.
     """
     unet = pipe.unet
@@ -51,11 +52,12 @@ def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, p
     timesteps = scheduler.timesteps
     euler = type(scheduler).__name__ == "EulerDiscreteScheduler"
     cond, uncond = (e.repeat(images, 1, 1) for e in text_embeddings(1, width=unet.config.cross_attention_dim))
-    full = (height // 8, width // 8)
+    channels, factor = unet.config.in_channels, pipe.vae_scale_factor   # the reference model: 3 and 1 (pixels)
+    full = (height // factor, width // factor)
     low = (round(full[0] * scale), round(full[1] * scale))
     switch = math.floor(fraction * STEPS + 0.5)
     gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn((images, 4, *low), generator=gen) * scheduler.init_noise_sigma
+    latents = torch.randn((images, channels, *low), generator=gen) * scheduler.init_noise_sigma
 
     cache, phase = {}, {"now": "compute"}
 
@@ -75,7 +77,13 @@ def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, p
 
         pipe.scheduler.set_timesteps(STEPS)      # the helper finds the step index in the pipe's scheduler
         helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=deepcache[0], cache_branch_id=deepcache[1])
+        helper.set_params(cache_interval=deepcache[0], cache_branch_id=deepcache[1],
+                          skip_mode="uniform" if full_steps is None else "explicit")
+        if full_steps is not None:
+            # The helper's own block-position rule decides what a cached step skips; which steps are full is
+            # given (its "uniform" mode would only know "every k-th step").
+            position_rule = helper.is_skip_step
+            helper.is_skip_step = lambda *a, **k: helper.cur_timestep not in full_steps and position_rule(*a, **k)
         helper.enable()
     try:
         for i, t in enumerate(timesteps):
@@ -104,7 +112,7 @@ def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, p
                 x0 = x0.clamp(-clamp, clamp)
             x0 = F.interpolate(x0, size=full, mode="bilinear", align_corners=False)
             if renoise == "fresh":
-                noise = torch.randn((images, 4, *full), generator=gen)
+                noise = torch.randn((images, channels, *full), generator=gen)
             else:   # the predicted noise (epsilon prediction: the guided output itself), upsampled
                 noise = F.interpolate(eps, size=full, mode="bilinear", align_corners=False)
             if euler:
@@ -131,8 +139,11 @@ def eager_mixed(pipe, height, width, scale, fraction, seed=0, cache_step=None, p
     return latents
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
-@pytest.mark.parametrize("size", [(128, 128), (128, 192)])
+# Each scheduler once in the default tier (two sizes between them), the other three pairs in the slow tier.
+@pytest.mark.parametrize("scheduler, size", [
+    ("ddim", (128, 192)), ("dpmpp", (128, 128)), ("euler", (128, 192)),
+    *(pytest.param(s, z, marks=pytest.mark.slow) for s, z in (("ddim", (128, 128)), ("dpmpp", (128, 192)),
+                                                              ("euler", (128, 128))))])
 def test_mixed_resolution_matches_eager(scheduler, size):
     pipe = tiny_sd_pipeline("sd15", scheduler)
     expected = eager_mixed(pipe, *size, scale=0.5, fraction=0.5)
@@ -211,6 +222,28 @@ def test_reproducible_with_a_generator_and_runs_without_one():
     assert unseeded.shape == first.shape and torch.isfinite(unseeded).all()
 
 
+def test_fast_matches_an_eager_reference_with_every_technique():
+    """`fast`: mixed resolution, DeepCache and the Cond cross-attention cache together, against the eager loop
+    with DeepCacheSDHelper and attn2 hooks. Which steps are full is the documented rule (plan.py, README):
+    every k-th step counted from the last restart, the restarts being step 0, the switch L, and m - 1 and m."""
+    m, k, steps = 6, 2, STEPS
+    switch = 4                                   # round(0.5 * 8)
+    restarts = [0, switch, m - 1, m]
+    full = {i for i in range(steps) if (i - max(r for r in restarts if r <= i)) % k == 0}
+    assert full == {0, 2, 4, 5, 6}
+    pipe = tiny_sd_pipeline("sd15_deep", "ddim")
+    expected = eager_mixed(pipe, 128, 128, scale=0.5, fraction=0.5, cache_step=m, deepcache=(k, 1), full_steps=full)
+    got = _call(optimize(pipe, preset="fast", cross_attn_cache_step=m), 128, 128)
+    plan = pipe._postdiff.last_plan
+    assert {s.index for s in plan if s.variant.startswith("full")} == full
+    assert pipe._postdiff.config.cache_interval == k and pipe._postdiff.config.cache_branch == 1
+    err = rel_l2(got, expected)
+    print(f"fast against the eager reference: rel L2 {err:.2e}")
+    assert err <= TOLERANCE
+    # Each technique matters to the result: without the caches (quality) it moves by far more than the tolerance.
+    assert rel_l2(_call(optimize(pipe, preset="quality"), 128, 128), expected) > 1e-3
+
+
 @pytest.mark.parametrize("preset", ["balanced", "fast"])
 def test_presets_with_caches_run_mixed_resolution(preset):
     pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset=preset, cross_attn_cache_step=3)
@@ -219,6 +252,9 @@ def test_presets_with_caches_run_mixed_resolution(preset):
     plan = pipe._postdiff.last_plan
     switch = sum(s.low_res for s in plan)
     assert switch == 4 and plan[switch].variant.startswith("full")
+    # Near the same run without caches (measured: 0.036 balanced, 0.044 fast); finite noise would be ~1.
+    err = rel_l2(out, eager_mixed(tiny_sd_pipeline("sd15", "ddim"), 128, 128, scale=0.5, fraction=0.5))
+    assert 1e-4 < err < 0.15, err
 
 
 def test_initial_latents_must_be_low_resolution():

@@ -80,6 +80,7 @@ def test_shipped_model_is_small_and_offline(shipped):
     assert get_family("scenes32").check_resolution(32, 32) == (32, 32)
 
 
+@pytest.mark.slow   # 100 generations and the classifier: about 40 s
 def test_shipped_model_draws_what_the_caption_says(shipped):
     """The trained model against the classifier: far above what an untrained one scores."""
     from postdiff_compile.metrics.classifier import load_classifier
@@ -104,15 +105,22 @@ def _prompt(pipe, **kwargs):
 
 
 def test_optimize_presets_run_on_the_shipped_model(shipped):
+    """Every preset on the pixel-space model (DDIM with clip_sample, a transition clamp of 1). `quality` equals the
+    eager mixed-resolution loop of test_mixed_resolution.py; the caching presets stay near it (measured 0.059:
+    at 10 steps the cross-attention cache of `fast` is off, m = 10); noise would be ~1. Mixed resolution alone
+    moves these 10-step images as far from the baseline as another seed does, so the baseline is no yardstick."""
+    from test_mixed_resolution import _call, eager_mixed
+
     baseline = _prompt(shipped)
     try:
-        for preset in ("none", "quality", "balanced", "fast"):
-            got = _prompt(optimize(shipped, preset=preset))
-            assert got.shape == baseline.shape and torch.isfinite(got).all()
-            if preset == "none":
-                assert rel_l2(got, baseline) < 1e-5
-            else:
-                assert rel_l2(got, baseline) > 1e-4
+        got = {preset: _prompt(optimize(shipped, preset=preset)) for preset in ("none", "quality", "balanced", "fast")}
+        for image in got.values():
+            assert image.shape == baseline.shape and torch.isfinite(image).all()
+        assert rel_l2(got["none"], baseline) < 1e-5
+        for preset in ("balanced", "fast"):
+            assert 1e-4 < rel_l2(got[preset], got["quality"]) < 0.15, preset
+        expected = eager_mixed(shipped, 32, 32, scale=0.5, fraction=0.5, clamp=1.0)
+        assert rel_l2(_call(optimize(shipped, preset="quality"), 32, 32), expected) <= 1e-5
     finally:
         from postdiff_compile.runtime.pipeline import restore
         restore(shipped)
@@ -147,7 +155,8 @@ def test_peers_run_unchanged_on_the_shipped_model(shipped):
         merged = _prompt(shipped)
     finally:
         tomesd.remove_patch(shipped)
-    assert torch.isfinite(merged).all() and rel_l2(merged, baseline) > 1e-4
+    # ToMe approximates: near the baseline (measured 0.022; a random image is 0.75) but not equal to it.
+    assert torch.isfinite(merged).all() and 1e-4 < rel_l2(merged, baseline) < 0.1
 
 
 def test_training_refuses_seeds_that_reach_the_metrics_prompts(tmp_path):

@@ -46,8 +46,18 @@ TINY_CONFIGS["lcm_sd15"] = dict(TINY_CONFIGS["sd15"], time_cond_proj_dim=256)
 TINY_CONFIGS["lcm_sdxl"] = dict(TINY_CONFIGS["sdxl"], time_cond_proj_dim=256)
 # PixArt with enough blocks for the block cache to keep 1 or 2 at each end and cache the middle.
 TINY_CONFIGS["pixart_alpha_deep"] = dict(TINY_CONFIGS["pixart_alpha"], num_layers=6)
+# PixArt with the resolution and aspect-ratio conditioning of the released 1024 model: use_additional_conditions,
+# which diffusers' pipeline feeds only when sample_size is 128; the size embedding takes a third of the inner
+# width, so the width is a multiple of 3.
+TINY_CONFIGS["pixart_alpha_sized"] = dict(TINY_CONFIGS["pixart_alpha"], attention_head_dim=48, cross_attention_dim=48,
+                                          sample_size=128, use_additional_conditions=True)
 # SDXL layout with 3 resnets per up block (layers_per_block 2, as the released SDXL), for DeepCache's branches.
 TINY_CONFIGS["sdxl_deep"] = dict(TINY_CONFIGS["sdxl"], layers_per_block=2)
+
+
+def base_family(family: str) -> str:
+    """The family a tiny variant config belongs to: "pixart_alpha_deep" -> "pixart_alpha"."""
+    return family.removesuffix("_deep").removesuffix("_sized")
 
 
 def tiny_denoiser(family: str, seed: int = 0) -> torch.nn.Module:
@@ -98,7 +108,7 @@ def _scheduler(family: str, scheduler: str):
 
     from postdiff_compile.models.families import get_family
 
-    sched_config = get_family(family.removesuffix("_deep")).scheduler()
+    sched_config = get_family(base_family(family)).scheduler()
     default = sched_config.pop("_class_name")
     name = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp": "DPMSolverMultistepScheduler",
             "lcm": "LCMScheduler", "default": default}[scheduler]
@@ -132,7 +142,7 @@ def tiny_pipeline(family: str, scheduler: str = "default", seed: int = 0):
     import diffusers
 
     vae, denoiser, sched = _tiny_vae(seed), tiny_denoiser(family, seed), _scheduler(family, scheduler)
-    base = family.removesuffix("_deep")
+    base = base_family(family)
     if base in ("sd15", "sd2"):
         return tiny_sd_pipeline(family, "ddim" if scheduler == "default" else scheduler, seed)
     if base == "lcm_sd15":
@@ -155,7 +165,7 @@ def tiny_pipeline(family: str, scheduler: str = "default", seed: int = 0):
 def pipeline_embeds(family: str, seed: int = 0) -> dict:
     """Random prompt embeddings (and added conditioning) for one image, as the family's pipeline takes them."""
     gen = torch.Generator().manual_seed(seed)
-    base = family.removesuffix("_deep")
+    base = base_family(family)
     if base.startswith("pixart_alpha"):
         length, width = 8, TINY_CONFIGS["pixart_alpha"]["caption_channels"]
         mask = torch.ones(1, length, dtype=torch.int64)
