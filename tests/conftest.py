@@ -2,7 +2,7 @@
 import os
 from pathlib import Path
 
-# One intra-op thread: the tests run tiny models whose ops are too small to split, and on these 2-core
+# One intra-op thread per test process (pytest-xdist runs two): the tests run tiny models whose ops are too small to split, and on these 2-core
 # machines a second thread mostly waits on the other core. Measured (one peer-parity case, test_families'
 # SDXL presets): quiet machine 5.8 s / 16.0 s with 1 thread against 6.7 s / 18.3 s with 2; with the other
 # core busy 5.5 s against 10.0 s. Set before torch is imported so OpenMP starts with it; subprocesses inherit it.

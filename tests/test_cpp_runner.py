@@ -113,8 +113,9 @@ def test_cpp_runner_equals_the_python_runtime(runner_binary, artifacts, embeddin
     assert got.shape == expected.shape == (1, 4, 16, 16) and torch.isfinite(got).all()
     print(f"{preset}: C++ vs Python (torch) rel L2 {rel_l2(got, expected):.2e}, aoti backend "
           f"{rel_l2(by_aoti, expected):.2e}")
-    assert rel_l2(got, expected) <= 1e-4
-    assert rel_l2(by_aoti, expected) <= 1e-4
+    # docs/embedding.md: float32 artifacts agree with the Python runner to about 1e-6 (measured 1.2e-6 to 1.6e-6).
+    assert rel_l2(got, expected) <= 1e-5
+    assert rel_l2(by_aoti, expected) <= 1e-5
     # Seed and guidance scale reach the C++ loop: each changes the result.
     for extra in (["--seed", "4", "--guidance-scale", "6.0"], ["--seed", "3", "--guidance-scale", "2.0"]):
         done = run_cpp(runner_binary, artifacts[preset], path, tmp_path / "other.safetensors", *extra)
@@ -158,17 +159,13 @@ def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, f
     assert done.returncode == 0, done.stderr
     got = load_file(str(tmp_path / "latents.safetensors"))["latents"]
     table = python.manifest["scheduler_table"]["steps"]
-    bound = 1e-4
+    # docs/embedding.md: about 1e-6 for float32 artifacts; 4e-5 for the reference model, whose DDIM clip_sample
+    # amplifies rounding (where x0 sits at the clamp edge, the order of float operations decides a clip). The
+    # bound is fixed, not derived from how sensitive the run turns out to be.
+    bound = 1e-4 if family == "scenes32" else 1e-5
     if family == "scenes32":
-        # DDIM's clip_sample makes the sampler chaotic: where x0 sits at the clamp edge, a rounding difference
-        # decides whether a pixel is clipped, and later steps amplify it. The same Python runtime, given
-        # embeddings that differ by one part in a million, moves by more than 1e-4; then C++ (which computes
-        # the same steps in another order of float operations) is held to the size of that effect.
         nudged = python(cond * (1 + 1e-6), uncond * (1 + 1e-6), seed=9, guidance_scale=4.5)   # no added inputs
-        sensitivity = rel_l2(nudged, expected)
-        print(f"scenes32: the Python runtime moves by {sensitivity:.2e} under a 1e-6 change of its input")
-        if sensitivity > 1e-4:
-            bound = 1e-2
+        print(f"scenes32: the Python runtime moves by {rel_l2(nudged, expected):.2e} under a 1e-6 change of its input")
     print(f"{family} {preset}: C++ vs Python rel L2 {rel_l2(got, expected):.2e} (bound {bound:g}), "
           f"{len(python.manifest['variants'])} variants, {python.manifest['scheduler']['_class_name']}")
     assert got.shape == expected.shape and rel_l2(got, expected) <= bound
@@ -189,7 +186,7 @@ def test_the_minimal_program_of_the_docs_builds_and_runs(cpp_build, artifacts, e
     got = load_file(str(tmp_path / "latents.safetensors"))["latents"]
     _, cond, uncond = embeddings
     expected = postdiff_compile.load(artifacts["none"], "torch")(cond, uncond, seed=42, guidance_scale=7.5)
-    assert rel_l2(got, expected) <= 1e-4
+    assert rel_l2(got, expected) <= 1e-5
     done = subprocess.run([str(cpp_build["embed"]), str(tmp_path / "nowhere"), str(embeddings[0])],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "no such artifact folder" in done.stderr
