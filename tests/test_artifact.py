@@ -82,15 +82,20 @@ def test_torch_runner_equals_the_in_memory_runtime(pipe, artifacts, preset):
     cond, uncond = text_embeddings(1, 77, 768, seed=6)
     runner = postdiff_compile.load(artifacts[preset], "torch")
     got = runner(cond, uncond, seed=11, guidance_scale=5.0)
-    pipe.scheduler = make_scheduler(runner.manifest["scheduler"])   # the artifact's own scheduler
+    expected = in_memory_latents(pipe, runner.manifest, preset, cond, uncond, steps=20, guidance=5.0, seed=11)
+    assert rel_l2(got, expected) <= 1e-5
+
+
+def in_memory_latents(pipe, manifest, preset, cond, uncond, steps, guidance, seed):
+    """`optimize(pipe, preset)` run with the artifact's own scheduler, then the pipeline restored."""
+    pipe.scheduler = make_scheduler(manifest["scheduler"])
     postdiff_compile.optimize(pipe, preset=preset)
     try:
-        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=RESOLUTION[0], width=RESOLUTION[1],
-                        num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(11),
-                        output_type="latent").images
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=RESOLUTION[0], width=RESOLUTION[1],
+                    num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+                    output_type="latent").images
     finally:
         postdiff_compile.restore(pipe)
-    assert rel_l2(got, expected) <= 1e-5
 
 
 def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
@@ -280,14 +285,7 @@ def test_a_float16_artifact_is_verified_on_a_float32_twin_and_runs(pipe, tmp_pat
     assert variant["verification"]["reference"] == "torch eager, float32 twin of the float16 weights"
     assert variant["files"]["onnx"]["verification"]["tolerance"] == 1e-2
     cond, uncond = text_embeddings(1, 77, 768, seed=5)
-    pipe.scheduler = make_scheduler(manifest["scheduler"])
-    postdiff_compile.optimize(pipe, preset="none")
-    try:
-        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=RESOLUTION[0], width=RESOLUTION[1],
-                        num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(3),
-                        output_type="latent").images
-    finally:
-        postdiff_compile.restore(pipe)
+    expected = in_memory_latents(pipe, manifest, "none", cond, uncond, steps=4, guidance=7.5, seed=3)
     for backend in ("onnxruntime", "torch"):
         got = postdiff_compile.load(out, backend)(cond, uncond, seed=3, guidance_scale=7.5)
         err = rel_l2(got.float(), expected)
