@@ -48,9 +48,9 @@ TINY_CONFIGS["lcm_sdxl"] = dict(TINY_CONFIGS["sdxl"], time_cond_proj_dim=256)
 TINY_CONFIGS["pixart_alpha_deep"] = dict(TINY_CONFIGS["pixart_alpha"], num_layers=6)
 # PixArt with the resolution and aspect-ratio conditioning of the released 1024 model: use_additional_conditions,
 # which diffusers' pipeline feeds only when sample_size is 128; the size embedding takes a third of the inner
-# width, so the width is a multiple of 3.
-TINY_CONFIGS["pixart_alpha_sized"] = dict(TINY_CONFIGS["pixart_alpha"], attention_head_dim=48, cross_attention_dim=48,
-                                          sample_size=128, use_additional_conditions=True)
+# width, so the width is a multiple of 3. Six blocks, as pixart_alpha_deep, so every preset's block cache fits.
+TINY_CONFIGS["pixart_alpha_sized"] = dict(TINY_CONFIGS["pixart_alpha_deep"], attention_head_dim=48,
+                                          cross_attention_dim=48, sample_size=128, use_additional_conditions=True)
 # SDXL layout with 3 resnets per up block (layers_per_block 2, as the released SDXL), for DeepCache's branches.
 TINY_CONFIGS["sdxl_deep"] = dict(TINY_CONFIGS["sdxl"], layers_per_block=2)
 
