@@ -67,6 +67,7 @@ def test_samples_command_writes_a_grid(tmp_path, capsys):
     assert np.abs(tiles[0][0] - tiles[1][0]).mean() > 1                     # so did the prompt
 
 
+@pytest.mark.slow   # about 40 s; tune's bad input stays in the default tier (below)
 def test_tune_command_small(tmp_path, capsys):
     # 10 candidates under the budget, each drawn for 2 calibration and 2 full prompts at 4 steps (about 40 s).
     code = main(["tune", "--flops-budget", "0.3", "--calibration", "2", "--full", "2", "--steps", "4",
