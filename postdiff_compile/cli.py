@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import PRESETS, ConfigRequest, PostDiffConfig
+from .cli_parser import Parser
 from .errors import PostDiffError
 
 QUALITY_COMMANDS = ("study", "tune", "samples")
@@ -56,7 +59,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="postdiff-compile",
         description="Compile a diffusion checkpoint (SD1.x, SD2.x, SDXL, PixArt-alpha) into an artifact folder: "
                     "exported graphs, the step plan and a manifest with each graph's verification error. "
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_explain_parser() -> argparse.ArgumentParser:
     from .models.families import FAMILIES
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="postdiff-compile explain",
         description="Print the per-step plan of a config and its FLOPs, counted from the variant graphs of the "
                     "real architecture built on the meta device (no weights, no download).")
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser = build_explain_parser() if command == "explain" else build_parser()
     args = parser.parse_args(argv[1:] if command else argv)
+    in_main = threading.current_thread() is threading.main_thread()   # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         if command in cli_artifact.ARTIFACT_COMMANDS:
             return cli_artifact.run(command, args)
@@ -122,14 +127,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:   # Ctrl-C, or SIGTERM (below): the atomic writers have cleaned up
+        print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}; no output was written",
+              file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:  # a bug, not bad input: say so, keep the traceback behind --debug
         if args.debug:
             raise
         print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that `finally` blocks remove what a run had half written."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -145,7 +162,6 @@ def _compile(args: argparse.Namespace) -> int:
     source = args.source
     if source is None:
         source = str(embedded_default_path())
-        print(f"no SOURCE given: compiling {DESCRIPTION} from {source}", file=sys.stderr)
     if is_reference_folder(source):
         args.dtype = args.dtype or "float32"     # shipped in float16 to stay small; CPUs compute in float32
     stem = "scenes32" if args.source is None else Path(source).name.split(".")[0]
@@ -154,6 +170,8 @@ def _compile(args: argparse.Namespace) -> int:
         result = compile_artifact(source, config, out, args.resolution, args.steps, args.force, args.dtype,
                                   args.prediction_type, progress, formats)
     print_summary(result)
+    if args.source is None:   # said after the work, so that an error is the only line a failed run prints
+        print(f"no SOURCE given: compiled {DESCRIPTION} from {source}", file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,10 @@
-"""`postdiff-compile run DIR` and `postdiff-compile inspect DIR`: execute an artifact, or describe it.
+"""`postdiff-compile run DIR`, `inspect DIR`, `sign DIR`, `keygen`: execute an artifact, describe it, sign it.
 
     postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt|aoti] [--embeddings FILE.safetensors | --prompt TEXT]
-                             [--seed N] [--guidance-scale G] [--out FOLDER]
-    postdiff-compile inspect DIR [--json]
+                             [--seed N] [--guidance-scale G] [--out FOLDER] [--source MODEL] [--public-key KEY.pub]
+    postdiff-compile inspect DIR [--json] [--public-key KEY.pub]
+    postdiff-compile sign DIR --key KEY
+    postdiff-compile keygen --out KEY
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_parser import Parser
 from .errors import PostDiffError
 
-ARTIFACT_COMMANDS = ("run", "inspect")
+ARTIFACT_COMMANDS = ("run", "inspect", "sign", "keygen")
 # What `run` draws on the reference model when no embeddings are given (a caption of its scene grammar).
 DEFAULT_PROMPT = "small red circle top left, large blue square center, on striped grey"
 EMBEDDING_KEYS = ("prompt_embeds", "negative_prompt_embeds")
@@ -23,13 +26,27 @@ EMBEDDING_KEYS = ("prompt_embeds", "negative_prompt_embeds")
 def build_parser(command: str) -> argparse.ArgumentParser:
     from .runtime.backends import BACKENDS
 
-    if command == "inspect":
-        parser = argparse.ArgumentParser(prog="postdiff-compile inspect",
-                                         description="Print an artifact's plan, FLOPs, files and verification errors.")
+    key_help = "refuse the artifact unless it carries this Ed25519 public key's signature (postdiff-compile sign)"
+    if command == "keygen":
+        parser = Parser(prog="postdiff-compile keygen",
+                        description="Write a new Ed25519 key pair for signing artifacts: KEY (private, mode 0600) and "
+                                    "KEY.pub (give that to whoever loads the artifacts).")
+        parser.add_argument("--out", type=Path, required=True, metavar="KEY", help="private key file to write")
+    elif command == "sign":
+        parser = Parser(prog="postdiff-compile sign",
+                        description="Sign a valid artifact: writes DIR/manifest.sig, an Ed25519 signature of "
+                                    "manifest.sha256 (which covers the manifest and through it every file).")
+        parser.add_argument("artifact", type=Path, help="artifact folder")
+        parser.add_argument("--key", type=Path, required=True, metavar="KEY", help="private key (PEM, keygen)")
+    elif command == "inspect":
+        parser = Parser(prog="postdiff-compile inspect",
+                        description="Validate an artifact like load() does (manifest, every file's size and sha256) "
+                                    "and print its plan, FLOPs, files and verification errors.")
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--json", action="store_true", help="print the manifest (after validating it)")
+        parser.add_argument("--public-key", type=Path, metavar="KEY.pub", help=key_help)
     else:
-        parser = argparse.ArgumentParser(
+        parser = Parser(
             prog="postdiff-compile run",
             description="Execute an artifact on a backend: text embeddings in, latents out (and an image when the "
                         "source has a VAE). With no embeddings, an artifact of the reference model encodes --prompt "
@@ -45,18 +62,42 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="default: 4 for the reference model, 8.5 for LCM, 7.5 otherwise")
         parser.add_argument("--out", type=Path, help="output folder (default: ./postdiff-run/ARTIFACT-seedN)")
         parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+        parser.add_argument("--source", type=Path, metavar="MODEL",
+                            help="the model folder the artifact was compiled from, for its VAE (and, for the reference "
+                                 "model, its text encoder); checked against the manifest's hashes. Default: the "
+                                 "shipped reference model for scenes32 artifacts, no decoding otherwise")
+        parser.add_argument("--public-key", type=Path, metavar="KEY.pub", help=key_help)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return parser
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    return _inspect(args) if command == "inspect" else _run(args)
+    return {"inspect": _inspect, "run": _run, "sign": _sign, "keygen": _keygen}[command](args)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .signing import generate_key
+
+    private, public = generate_key(args.out)
+    print(f"{private}: private key (keep it secret); {public}: public key (for load(..., public_key=) and "
+          "--public-key)")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from .signing import sign
+
+    print(f"{sign(args.artifact, args.key)}: signed")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .exporters.manifest import read_manifest
+    from .exporters.manifest import check_files, read_manifest
+    from .runtime.artifact import check_contents
 
-    manifest = read_manifest(args.artifact)
+    manifest = read_manifest(args.artifact, args.public_key)
+    check_files(args.artifact, manifest)
+    check_contents(args.artifact, manifest)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
@@ -103,7 +144,7 @@ def format_inspection(folder: Path, m: dict) -> str:
     return "\n".join(lines)
 
 
-def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
+def _embeddings(args: argparse.Namespace, runner, source: Path | None) -> tuple[dict, float]:
     """The runner's keyword arguments and the default guidance scale."""
     import torch
 
@@ -132,6 +173,7 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
         raise PostDiffError(f"a {family} artifact has no text encoder inside; give --embeddings FILE.safetensors with "
                             f"{' and '.join(EMBEDDING_KEYS)} of shape [1, {runner.text['shape'][1]}, "
                             f"{runner.text['shape'][2]}]")
+    from .reference import is_reference_folder
     from .reference.scenes import vocabulary
 
     prompt = args.prompt or DEFAULT_PROMPT
@@ -140,19 +182,53 @@ def _embeddings(args: argparse.Namespace, runner) -> tuple[dict, float]:
     if unknown:   # the word-level tokenizer would read them as [UNK] and draw something else, silently
         raise PostDiffError(f"the reference model does not know the word(s) {', '.join(unknown)}; its vocabulary: "
                             f"{' '.join(vocabulary())} (captions like {DEFAULT_PROMPT!r})")
-    pipe = _reference_pipeline(runner.manifest)
+    if source is None or not is_reference_folder(source):
+        raise PostDiffError("--source is not a reference-model folder; give --embeddings instead", source)
+    pipe = _reference_pipeline(source)
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(prompt, torch.device("cpu"), 1, True, "")
     return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}, 4.0
 
 
-def _reference_pipeline(manifest: dict):
-    """The reference model an artifact was compiled from (the shipped one if its folder is gone), loaded once for
-    both encoding the prompt and decoding."""
-    from .reference import is_reference_folder
+def source_folder(manifest: dict, given: Path | None) -> Path | None:
+    """The model folder `run` may load a VAE (and the reference model's text encoder) from, or None.
 
-    source = Path(manifest["source"]["path"])
-    return _load_reference(str(source) if is_reference_folder(source) else None)
+    Never the manifest's own `source.path`: an artifact must not make the runner read files outside it. The
+    folder is the one the caller names, or for a scenes32 artifact the shipped reference model; either way its
+    denoiser files must have the sha256 the manifest recorded, so that the decoder belongs to this denoiser.
+    """
+    from .exporters.manifest import sha256_file
+    from .models.default_model import embedded_default_path
+
+    if given is None:
+        if manifest["source"]["family"] != "scenes32":
+            return None
+        folder, named = embedded_default_path(), False
+    else:
+        folder, named = Path(given), True
+        if not folder.is_dir():
+            raise PostDiffError("--source must be the model folder the artifact was compiled from", folder)
+    recorded = manifest["source"]["files"]
+    if not recorded:
+        raise PostDiffError("the artifact was compiled from an in-memory model; it records no files to check a "
+                            "--source against", folder)
+    for entry in recorded:
+        # Found by name and content, not by the recorded path (which the artifact could point anywhere).
+        name = Path(entry["file"]).name
+        candidates = [folder / name, *sorted(folder.glob(f"*/{name}"))]
+        if not any(p.is_file() and not p.is_symlink() and p.stat().st_size == entry["bytes"]
+                   and sha256_file(p) == entry["sha256"] for p in candidates):
+            hint = "" if named else "; give the folder it was compiled from with --source"
+            raise PostDiffError(f"no {name} here is the file the artifact was compiled from (size {entry['bytes']}, "
+                                f"sha256 {entry['sha256'][:12]}...){hint}", folder)
+    return folder
+
+
+def _reference_pipeline(folder: Path):
+    """The reference model in `folder` (checked by source_folder), loaded once for encoding and decoding."""
+    from .models.default_model import embedded_default_path
+
+    return _load_reference(None if Path(folder) == embedded_default_path() else str(folder))
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,15 +241,16 @@ def _load_reference(folder: str | None):
     return load_pipeline(folder)
 
 
-def _decoder(manifest: dict):
-    """A function latents -> PIL images when the source has a VAE we can load offline, else None."""
+def _decoder(source: Path | None):
+    """A function latents -> PIL images when the source folder has a VAE we can load offline, else None."""
     import torch
 
     from .reference import is_reference_folder
 
-    source = Path(manifest["source"]["path"])
+    if source is None:
+        return None
     if is_reference_folder(source):
-        pipe = _reference_pipeline(manifest)
+        pipe = _reference_pipeline(source)
         vae, processor = pipe.vae, pipe.image_processor
     elif (source / "vae" / "config.json").is_file():
         from diffusers import AutoencoderKL
@@ -202,9 +279,9 @@ def _run(args: argparse.Namespace) -> int:
 
     out = args.out or Path("postdiff-run") / f"{args.artifact.resolve().name}-seed{args.seed}"
     check_target(out, args.force)
-    print(f"validating and opening {args.artifact} on {args.backend} ...", file=sys.stderr)
-    runner = load(args.artifact, args.backend)
-    kwargs, guidance = _embeddings(args, runner)
+    runner = load(args.artifact, args.backend, public_key=args.public_key)
+    source = source_folder(runner.manifest, args.source)
+    kwargs, guidance = _embeddings(args, runner, source)
     guidance = args.guidance_scale if args.guidance_scale is not None else guidance
     steps = len(runner.plan)
     start = time.perf_counter()
@@ -215,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
 
     latents = runner(**kwargs, seed=args.seed, guidance_scale=guidance, on_step=on_step)
     seconds = time.perf_counter() - start
-    decode = _decoder(runner.manifest)
+    decode = _decoder(source)
     with atomic_dir(out, args.force) as tmp:
         save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp / "latents.safetensors"),
                   metadata={"artifact": str(args.artifact), "backend": args.backend, "seed": str(args.seed),
@@ -225,5 +302,5 @@ def _run(args: argparse.Namespace) -> int:
             decode(latents.cpu())[0].save(tmp / "image.png")
             written.append("image.png")
     print(f"{out}: {', '.join(written)} ({steps} steps on {args.backend} in {seconds:.2f} s)"
-          + ("" if decode else "; the source has no VAE this tool can load offline, so latents only"))
+          + ("" if decode else "; no --source folder with a VAE this tool can load offline, so latents only"))
     return 0

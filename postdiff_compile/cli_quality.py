@@ -15,6 +15,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .cli_parser import Parser
 from .errors import PostDiffError
 
 RESULTS = Path("benchmarks/results")
@@ -29,7 +30,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "study":
-        parser = argparse.ArgumentParser(
+        parser = Parser(
             prog="postdiff-compile study",
             description="Fewer steps (DDIM, DPM-Solver++) against PostDiff configurations on the reference model: "
                         "a FLOPs-versus-quality table (.md, .json) and a Pareto plot (.png).")
@@ -41,7 +42,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
         parser.add_argument("--name", default="study_scenes32", help="file name stem (default: study_scenes32)")
     elif command == "tune":
-        parser = argparse.ArgumentParser(
+        parser = Parser(
             prog="postdiff-compile tune",
             description="The best configuration under a FLOPs budget on a small calibration set, and how well "
                         "the calibration ranking predicts the ranking on a larger set (Spearman).")
@@ -56,7 +57,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
         parser.add_argument("--name", help="file name stem (default: tune_scenes32_<budget>)")
     else:
-        parser = argparse.ArgumentParser(prog="postdiff-compile samples",
+        parser = Parser(prog="postdiff-compile samples",
                                          description="A grid of samples: the baseline beside each preset, "
                                                      "same prompts and noise.")
         _common(parser)

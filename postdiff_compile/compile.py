@@ -15,7 +15,7 @@ import torch
 from .capture import Bucket, compare_outputs
 from .config import ConfigRequest, PostDiffConfig
 from .errors import PostDiffError
-from .exporters.atomic_dir import atomic_dir, check_target
+from .exporters.atomic_dir import atomic_dir
 from .exporters.manifest import sha256_file, toolchain, write_manifest
 from .exporters.scheduler_table import scheduler_table
 from .metrics.flops import count_flops
@@ -63,10 +63,18 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
                      resolution: tuple[int, int] | None = None, steps: int | None = None, force: bool = False, dtype: str | None = None,
                      prediction_type: str | None = None, progress: Progress | None = None,
                      formats: str | tuple[str, ...] = DEFAULT_FORMATS) -> CompileResult:
-    progress = progress or Progress()
     out = Path(out)
     formats = parse_formats(formats)
-    check_target(out, force)  # before any slow work
+    # The target's lock and a writable temporary folder beside it before any slow work: a second compile into
+    # the same folder, or an unusable location, fails now with one error.
+    with atomic_dir(out, force) as tmp:
+        return _compile_into(tmp, source, config, out, resolution, steps, dtype, prediction_type,
+                             progress or Progress(), formats)
+
+
+def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest, out: Path,
+                  resolution: tuple[int, int] | None, steps: int | None, dtype: str | None,
+                  prediction_type: str | None, progress: Progress, formats: tuple[str, ...]) -> CompileResult:
     trt_key = None
     if "tensorrt" in formats:
         from .exporters.tensorrt_export import check_tensorrt, device_key
@@ -90,7 +98,9 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         config = config.resolve(family.name)
     height, width = resolution or family.default_resolution
     latent_h, latent_w = family.check_resolution(height, width, loaded.source)
-    steps = steps or family.default_steps
+    scheduler = family.scheduler()
+    scheduler["prediction_type"] = loaded.detection.prediction_type
+    steps = family.check_steps(steps or family.default_steps, scheduler, loaded.source)
     plan = build_plan(config, steps, cfg=family.classifier_free_guidance)
     try:   # before any capture
         check_cache_branch(loaded.module, config)
@@ -98,8 +108,6 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         raise PostDiffError(str(err), loaded.source) from None
     switch = switch_of(plan)
     low_latent = low_res_latent(family, (latent_h, latent_w), config.low_res_scale) if switch else None
-    scheduler = family.scheduler()
-    scheduler["prediction_type"] = loaded.detection.prediction_type
     try:   # before any slow work: a transition the artifact's scheduler cannot run is a bad request
         transition = transition_manifest(config, switch, low_latent, (latent_h, latent_w), scheduler, steps)
     except PostDiffError as err:
@@ -132,7 +140,7 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
     ids = {key: f"{key[0]}@{Bucket(key[1], *key[2], 0, loaded.dtype).tag}" for key in wanted}
     variants = []
     store = VariantStore(loaded.module, family)
-    with atomic_dir(out, force) as tmp, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         weights = None
         if "onnx" in formats:
             from .exporters.onnx_export import export_onnx, verify_onnx

@@ -6,17 +6,21 @@ records exactly what was applied and `--config FILE.json` can give a whole confi
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import safe_json
 from .errors import PostDiffError
 
 CONFIG_VERSION = 1
 CROSS_ATTN_CACHE_MODES = ("off", "cond", "ave", "cfg")
 CACHE_SCHEDULES = ("uniform", "quad_center")
 RENOISE_MODES = ("fresh", "predicted")
+# quad_center_steps searches the power down from cache_pow in steps of 0.02: 10 bounds it to 450 tries (DeepCache
+# uses 1.4). Step counts, intervals and step indices above 10,000 mean nothing for a 1,000-step scheduler.
+MAX_CACHE_POW = 10.0
+MAX_COUNT = 10_000
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,13 @@ class PostDiffConfig:
             raise PostDiffError(f"cache_branch must be >= 0, got {self.cache_branch}")
         if self.cache_schedule not in CACHE_SCHEDULES:
             raise PostDiffError(f"cache_schedule must be one of {', '.join(CACHE_SCHEDULES)}, got {self.cache_schedule!r}")
-        if self.cache_pow <= 1.0:
-            raise PostDiffError(f"cache_pow must be > 1, got {self.cache_pow}")
+        if not 1.0 < self.cache_pow <= MAX_CACHE_POW:   # also refuses NaN; quad_center lowers it 0.02 at a time
+            raise PostDiffError(f"cache_pow must be in (1, {MAX_CACHE_POW:g}], got {self.cache_pow}")
+        if not 0 <= self.cache_center <= MAX_COUNT:
+            raise PostDiffError(f"cache_center must be in [0, {MAX_COUNT}], got {self.cache_center}")
+        for name in ("cache_interval", "cache_branch", "cross_attn_cache_step"):
+            if getattr(self, name) > MAX_COUNT:
+                raise PostDiffError(f"{name} must be at most {MAX_COUNT}, got {getattr(self, name)}")
         if self.cross_attn_cache not in CROSS_ATTN_CACHE_MODES:
             raise PostDiffError(
                 f"cross_attn_cache must be one of {', '.join(CROSS_ATTN_CACHE_MODES)}, got {self.cross_attn_cache!r}"
@@ -100,7 +109,7 @@ class PostDiffConfig:
             raise PostDiffError("a config must be a JSON object", source)
         data = dict(data)
         version = data.pop("config_version", CONFIG_VERSION)
-        if version != CONFIG_VERSION:
+        if type(version) is not int or version != CONFIG_VERSION:
             raise PostDiffError(f"config_version {version} is not supported (this tool writes {CONFIG_VERSION})", source)
         try:
             return cls().replace(**data)
@@ -113,24 +122,33 @@ class PostDiffConfig:
         if not path.is_file():
             raise PostDiffError("config file not found", path)
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PostDiffError(f"config file is not valid JSON ({err})", path) from None
-        return cls.from_dict(data, str(path))
+            raw = path.read_bytes()
+        except OSError as err:
+            raise PostDiffError(f"cannot read the config file ({err.strerror})", path) from None
+        return cls.from_dict(safe_json.loads(raw, path, message="config file is not valid JSON ({why})"), str(path))
 
 
 def _coerce(name: str, value: Any) -> Any:
+    """The value as the field's type. Numbers may come as numbers or as their text (flags, environment);
+    JSON true is not the integer 1, a list is not a string, and NaN or infinity is no setting."""
     field_type = {f.name: f.type for f in fields(PostDiffConfig)}[name]
-    try:
-        if field_type == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    if isinstance(value, str) and field_type in ("int", "float") and len(value) <= 40:
+        try:
+            value = int(value) if field_type == "int" and value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            pass
+    if field_type == "int":
+        if type(value) is float and value.is_integer():
             return int(value)
-        if field_type == "float":
+        if type(value) is int:
+            return value
+    elif field_type == "float":
+        if type(value) in (int, float):   # NaN and infinity are refused by each field's range in __post_init__
             return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise PostDiffError(f"{name} must be of type {field_type}, got {value!r}") from None
+    elif isinstance(value, str):
+        return value
+    raise PostDiffError(f"{name} must be of type {field_type}, got {shown}")
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None
 
     height, width = resolution or family.default_resolution
     latent = family.check_resolution(height, width)
-    steps = steps or family.default_steps
+    steps = family.check_steps(steps or family.default_steps)
     cfg = cfg and family.classifier_free_guidance   # an LCM pipeline never batches CFG
     plan = build_plan(config, steps, cfg)
     low = low_res_latent(family, latent, config.low_res_scale) if switch_of(plan) else None

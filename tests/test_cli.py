@@ -263,7 +263,13 @@ def test_every_config_flag_reaches_the_config(ckpt, capsys):
     ("--cache-schedule", "bogus", "cache_schedule must be one of uniform, quad_center, got 'bogus'"),
     ("--renoise", "nope", "renoise must be one of fresh, predicted, got 'nope'"),
     ("--clamp-x0", "-1", "clamp_x0 must be a finite number >= 0"),
-    ("--cache-pow", "0", "cache_pow must be > 1, got 0.0"),
+    ("--cache-pow", "0", "cache_pow must be in (1, 10], got 0.0"),
+    # issue 20 item 2: these hung (inf, 1e17) or passed validation (nan) in plan.quad_center_steps
+    ("--cache-pow", "inf", "cache_pow must be in (1, 10], got inf"),
+    ("--cache-pow", "1e17", "cache_pow must be in (1, 10], got 1e+17"),
+    ("--cache-pow", "nan", "cache_pow must be in (1, 10], got nan"),
+    # item 10: above the scheduler's 1000 training timesteps the artifact could never run
+    ("--steps", "1001", "--steps must be in [1, 1000] (the sd15 scheduler has 1000 training timesteps), got 1001"),
     ("--low-res-fraction", "2", "low_res_fraction must be in [0, 1), got 2.0"),
     ("--preset", "turbo", "turbo"),
 ])

@@ -55,7 +55,7 @@ def test_presets_per_family():
     (dict(cross_attn_cache="maybe"), "cross_attn_cache must be one of"),
     (dict(cross_attn_cache="cond"), "cross_attn_cache_step must be >= 1"),
     (dict(cache_schedule="random"), "cache_schedule must be one of"),
-    (dict(cache_pow=1.0), "cache_pow must be > 1"),
+    (dict(cache_pow=1.0), r"cache_pow must be in \(1, 10\]"),
 ])
 def test_bad_overrides(overrides, words):
     with pytest.raises(PostDiffError, match=words):

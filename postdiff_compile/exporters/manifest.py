@@ -13,6 +13,7 @@ import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .. import safe_json
 from ..errors import PostDiffError
 
 FORMAT = "postdiff-artifact"
@@ -69,34 +70,75 @@ def validate(data: dict, path: Path) -> None:
     if errors:
         first = errors[0]
         where = "/".join(str(p) for p in first.path) or "(top level)"
-        raise PostDiffError(f"not a valid format-{FORMAT_VERSION} manifest: at {where}: {first.message}"
+        message = first.message if len(first.message) <= 300 else first.message[:297] + "..."
+        raise PostDiffError(f"not a valid format-{FORMAT_VERSION} manifest: at {where[:200]}: {message}"
                             + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), path)
 
 
-def read_manifest(folder: Path) -> dict:
-    """The manifest of an artifact folder, after checking its checksum, its format version and its schema."""
+# A manifest of a 40-variant artifact is under 2 MB; this bounds what a hostile one makes the loader read.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def member(folder: Path, name: str, what: str = "file") -> Path:
+    """`folder / name` if it is a regular file inside the folder: the loader never follows a link out of it."""
+    path = Path(folder) / name
+    if path.is_symlink():
+        raise PostDiffError(f"the {what} is a symbolic link; an artifact holds its files, it does not point at them",
+                            path)
+    try:
+        inside = path.resolve().parent == Path(folder).resolve()
+    except (OSError, RuntimeError) as err:   # RuntimeError: a symlink loop on older Pythons
+        raise PostDiffError(f"cannot resolve the {what}: {err}", path) from None
+    if not inside:
+        raise PostDiffError(f"the {what} is outside the artifact folder", path)
+    if not path.exists():
+        raise PostDiffError(f"the {what} is missing from the artifact", path)
+    if not path.is_file():
+        raise PostDiffError(f"the {what} is not a regular file", path)
+    return path
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    size = path.stat().st_size
+    if size > limit:
+        raise PostDiffError(f"{size} bytes, more than any artifact's ({limit})", path)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise PostDiffError(f"cannot read: {err.strerror}", path) from None
+
+
+def read_manifest(folder: Path, public_key=None) -> dict:
+    """The manifest of an artifact folder, after checking its checksum, its format version, its schema and
+    the rules across its fields (manifest_rules.py); with `public_key` (a PEM file, PEM bytes or raw key), first
+    that manifest.sig is that key's signature of the checksum (signing.py)."""
+    from .manifest_rules import check_consistency
+
     folder = Path(folder)
     if not folder.is_dir():
         raise PostDiffError("not an artifact folder (no such folder)", folder)
-    path, checksum = folder / MANIFEST, folder / CHECKSUM
-    for required in (path, checksum):
-        if not required.is_file():
-            raise PostDiffError("missing from the artifact", required)
-    raw = path.read_bytes()
-    expected = checksum.read_text().split()[0] if checksum.read_text().split() else ""
-    if hashlib.sha256(raw).hexdigest() != expected:
+    path = member(folder, MANIFEST, "manifest")
+    checksum = member(folder, CHECKSUM, "manifest checksum")
+    checksum_bytes = _read_small(checksum, 1024)
+    if public_key is not None:
+        from ..signing import verify
+
+        verify(folder, checksum_bytes, public_key)
+    raw = _read_small(path, MAX_MANIFEST_BYTES)
+    expected = checksum_bytes.split()
+    if not expected or hashlib.sha256(raw).hexdigest().encode() != expected[0]:
         raise PostDiffError(f"sha256 does not match {CHECKSUM}: the manifest was edited or damaged after it was "
                             "written; recompile the artifact", path)
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise PostDiffError(f"not JSON: {err}", path) from None
+    data = safe_json.loads(raw, path, "manifest JSON")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PostDiffError(f"not a {FORMAT} manifest", path)
-    if data.get("format_version") != FORMAT_VERSION:
-        raise PostDiffError(f"format version {data.get('format_version')!r}; this postdiff-compile reads version "
-                            f"{FORMAT_VERSION}: recompile the artifact with it", path)
+    version = data.get("format_version")
+    if version != FORMAT_VERSION or type(version) is not int:
+        shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:37] + "..."
+        raise PostDiffError(f"format version {shown}; this postdiff-compile reads version {FORMAT_VERSION}: "
+                            "recompile the artifact with it", path)
     validate(data, path)
+    check_consistency(data, path)
     return data
 
 
@@ -112,9 +154,7 @@ def listed_files(manifest: dict) -> Iterator[tuple[str, dict]]:
 def check_files(folder: Path, manifest: dict, on_bytes: Callable[[int], None] | None = None) -> None:
     """Every listed file is present, has its size and its sha256."""
     for what, entry in listed_files(manifest):
-        path = Path(folder) / entry["file"]
-        if not path.is_file():
-            raise PostDiffError(f"the {what} is missing from the artifact", path)
+        path = member(folder, entry["file"], what)
         if path.stat().st_size != entry["bytes"]:
             raise PostDiffError(f"the {what} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}: "
                                 "the file is damaged or was replaced", path)

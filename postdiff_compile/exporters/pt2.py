@@ -23,5 +23,14 @@ def export_variant(variant: Variant) -> torch.export.ExportedProgram:
 
 
 def save_pt2(variant: Variant, path: Path, program: torch.export.ExportedProgram | None = None) -> Path:
-    torch.export.save(program if program is not None else export_variant(variant), str(path))
+    """Write the program without its sample inputs: torch stores them as a pickle, and an artifact holds data
+    only (runtime/pt2_archive.py refuses any archive torch would have to unpickle). The weights are raw tensor
+    bytes already. The caller's program keeps its sample inputs (AOTInductor compiles from them)."""
+    program = program if program is not None else export_variant(variant)
+    sample = program.example_inputs
+    program.example_inputs = None
+    try:
+        torch.export.save(program, str(path))
+    finally:
+        program.example_inputs = sample
     return path

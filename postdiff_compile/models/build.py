@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+from ..errors import PostDiffError
+
 
 @contextlib.contextmanager
 def _parameters_on_meta():
@@ -38,8 +40,12 @@ def build_denoiser(class_name: str, config: dict, device: str = "empty") -> torc
     """
     cls = denoiser_class(class_name)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    if device == "meta":
-        with torch.device("meta"):
+    try:
+        if device == "meta":
+            with torch.device("meta"):
+                return cls.from_config(config)
+        with _parameters_on_meta():
             return cls.from_config(config)
-    with _parameters_on_meta():
-        return cls.from_config(config)
+    except Exception as err:   # diffusers and torch refuse impossible configs with many error types
+        raise PostDiffError(f"the detected {class_name} architecture cannot be built: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''}") from None

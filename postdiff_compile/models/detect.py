@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ..errors import PostDiffError
@@ -56,6 +55,7 @@ def detect(shapes: Shapes, source: str | None = None, metadata: dict[str, str] |
 
 
 def _match(shapes: Shapes) -> Detection | None:
+    shapes = _Checked(shapes)
     for prefix in (LDM_PREFIX, ""):
         if f"{prefix}input_blocks.0.0.weight" in shapes:
             return _detect_unet(_ldm_view(shapes, prefix), "ldm", prefix)
@@ -113,7 +113,7 @@ class _UNetView:
 
 
 def _ldm_view(shapes: Shapes, prefix: str) -> _UNetView:
-    s = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    s = _Checked({k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)})
     levels, current, i = [], None, 1
     while f"input_blocks.{i}.0.op.weight" in s or f"input_blocks.{i}.0.in_layers.0.weight" in s:
         if f"input_blocks.{i}.0.op.weight" in s:
@@ -166,7 +166,7 @@ def _guidance_width(s: Shapes) -> int:
 
 
 def _count(s: Shapes, prefix: str) -> int:
-    found = {int(m[1]) for k in s if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    found = {int(m[1]) for k in s if (m := re.match(re.escape(prefix) + r"([0-9]{1,9})\.", k))}
     return max(found) + 1 if found else 0
 
 
@@ -189,6 +189,11 @@ def _detect_unet(view: _UNetView, layout: str, prefix: str) -> Detection:
         f"added conditioning width {view.adm_channels}" if view.adm_channels else "no added conditioning",
         f"{len(view.levels)} levels with channels {[lv.channels for lv in view.levels]}",
     ]
+    _bounded(evidence, levels=len(view.levels), channels=[lv.channels for lv in view.levels],
+             layers_per_block=[lv.resnets for lv in view.levels],
+             attention_depth=[lv.attention_depth for lv in view.levels], in_channels=view.in_channels,
+             out_channels=view.out_channels, context_dim=view.context_dim, adm_channels=view.adm_channels,
+             guidance_embedding=view.guidance_embedding)
     key = (view.context_dim, view.linear_projection, view.adm_channels)
     family = {(768, False, None): "sd15", (1024, True, None): "sd2", (2048, True, 2816): "sdxl",
               (128, False, None): "scenes32"}.get(key)
@@ -244,9 +249,13 @@ def _detect_pixart(s: Shapes, layout: str) -> Detection:
     evidence = [f"layout {layout}", f"caption width {caption_channels}", f"hidden width {inner}, patch {patch}"]
     if caption_channels != get_family("pixart_alpha").context_dim:
         raise _NotMatched(evidence)
+    _bounded(evidence, channels=inner, in_channels=in_channels, patch_size=patch, num_layers=_count(s, blocks),
+             out_channels=s[final_w][0] // (patch * patch) if patch else None)
     additional = csize in s
     if "pos_embed" in s:  # the original checkpoints carry the positional-embedding table at training size
         sample_size = int(round(s["pos_embed"][1] ** 0.5)) * patch
+        if not 1 <= sample_size <= 1024:
+            raise _NotMatched(evidence + [f"positional table of {s['pos_embed'][1]} tokens"])
         evidence.append(f"positional table of {s['pos_embed'][1]} tokens: trained at latent {sample_size}")
     else:
         sample_size = 128 if additional else 64
@@ -276,26 +285,51 @@ class _NotMatched(Exception):
         self.evidence = evidence
 
 
+class _Dims(tuple):
+    """A tensor's shape whose missing dimension is a detection miss, not an IndexError."""
+    name = ""
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except IndexError:
+            raise _NotMatched([f"tensor {self.name} has shape {list(self)}, too few dimensions"]) from None
+
+
+class _Checked(dict):
+    """Shapes as detection reads them: a missing sibling tensor or dimension ends detection with evidence
+    (a hostile or damaged header must give the unknown-architecture error, never a KeyError)."""
+
+    def __init__(self, shapes: Shapes):
+        super().__init__()
+        for name, shape in shapes.items():
+            dims = _Dims(shape)
+            dims.name = name
+            self[name] = dims
+
+    def __missing__(self, key: str):
+        raise _NotMatched([f"tensor {key} is missing"])
+
+
+# Plausibility bounds: a header can claim any count, and building a model of a million blocks (even on the
+# meta device) would hang; every released checkpoint is far inside these.
+_BOUNDS = {"levels": (1, 8), "layers_per_block": (1, 16), "attention_depth": (0, 64), "channels": (1, 1 << 16),
+           "num_layers": (1, 256), "patch_size": (1, 16), "in_channels": (1, 1024), "out_channels": (1, 1024),
+           "context_dim": (1, 1 << 16), "guidance_embedding": (0, 1 << 16), "adm_channels": (1, 1 << 16)}
+
+
+def _bounded(evidence: list[str], **values: int | list[int] | None) -> None:
+    for name, value in values.items():
+        low, high = _BOUNDS[name]
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not low <= v <= high:
+                raise _NotMatched(evidence + [f"{name.replace('_', ' ')} {v} outside [{low}, {high}]"])
+
+
 def _prediction_from_metadata(metadata: dict[str, str] | None) -> str | None:
     value = (metadata or {}).get("modelspec.prediction_type") or (metadata or {}).get("prediction_type")
     return {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon", "eps": "epsilon"}.get(
         (value or "").lower())
-
-
-@lru_cache(maxsize=None)
-def _reference_shapes(family: str, layout: str) -> dict[str, tuple[int, ...]]:
-    """The tensor names and shapes a full-size checkpoint of `family` has in `layout` (built on meta)."""
-    from .build import build_denoiser
-    from .key_maps import original_source
-
-    spec = get_family(family)
-    model = build_denoiser(spec.denoiser_class, spec.config(), device="meta")
-    prefix = LDM_PREFIX if layout == "ldm" else ""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, tensor in model.state_dict().items():
-        src = original_source(layout, key, spec.config(), prefix)
-        shapes[src.name] = (tensor.shape[0] * src.chunks, *tensor.shape[1:])  # fused tensors hold all chunks
-    return shapes
 
 
 def closest_family(shapes: Shapes) -> tuple[str, str, str, list[str]]:
@@ -304,11 +338,12 @@ def closest_family(shapes: Shapes) -> tuple[str, str, str, list[str]]:
     Names alone do not separate SD1.x from SD2.x (same names, other widths), so a name only counts as
     present when its shape matches too; ties go to the family with more names present.
     """
+    from .reference_shapes import layouts_of, reference_table
+
     best, best_key = None, None
-    for family, spec in FAMILIES.items():
-        layouts = ("pixart_original", "diffusers") if spec.denoiser_class.startswith("PixArt") else ("ldm", "diffusers")
-        for layout in layouts:
-            ref = _reference_shapes(family, layout)
+    for family in FAMILIES:   # in the families' order: the first of equal scores wins
+        for layout in layouts_of(family):
+            ref = reference_table()[f"{family}/{layout}"]
             named = sum(1 for n in ref if n in shapes)
             exact = sum(1 for n, shape in ref.items() if tuple(shapes.get(n, ())) == shape)
             key = (exact / len(ref), named / len(ref))

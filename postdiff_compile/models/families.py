@@ -50,6 +50,14 @@ class FamilySpec:
     def scheduler(self) -> dict:
         return copy.deepcopy(_load_json(self.scheduler_config))
 
+    def check_steps(self, steps: int, scheduler: dict | None = None, source: str | None = None) -> int:
+        """`steps` if the family's scheduler can take that many denoising steps (one timestep each)."""
+        train = (scheduler or self.scheduler()).get("num_train_timesteps", 1000)
+        if not 1 <= steps <= train:
+            raise PostDiffError(f"--steps must be in [1, {train}] (the {self.name} scheduler has {train} training "
+                                f"timesteps), got {steps}", source)
+        return steps
+
     def check_resolution(self, height: int, width: int, source: str | None = None) -> tuple[int, int]:
         """The latent size for an image size, or a clear error if this family cannot take it."""
         step = self.vae_scale_factor * self.latent_multiple

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .. import safe_json
 from ..errors import PostDiffError
 from .build import build_denoiser
 from .detect import Detection, detect
@@ -110,7 +110,12 @@ def _load_file(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
 
 def _assemble(files: _WeightFiles, detection: Detection, dtype: torch.dtype | None, source: str) -> LoadedDenoiser:
     spec = get_family(detection.family)
-    model = build_denoiser(spec.denoiser_class, detection.config)
+    for header in files.headers:   # before building: a truncated multi-GB download fails in a millisecond
+        header.check_data_present()
+    try:
+        model = build_denoiser(spec.denoiser_class, detection.config)
+    except PostDiffError as err:
+        raise PostDiffError(str(err), source) from None
     expected = model.state_dict()
     wanted = {key: original_source(detection.layout, key, detection.config, detection.prefix) for key in expected}
     missing = sorted({src.name for src in wanted.values() if src.name not in files.where})
@@ -118,8 +123,6 @@ def _assemble(files: _WeightFiles, detection: Detection, dtype: torch.dtype | No
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise PostDiffError(f"checkpoint detected as {detection.family} ({detection.layout} layout) "
                             f"but {len(missing)} of its tensors are missing: {shown}", source)
-    for header in files.headers:
-        header.check_data_present()
     majority = _checkpoint_dtype(files, {src.name for src in wanted.values()}, source)  # also rejects int/fp8
     target = dtype or majority
     state = {}
@@ -161,6 +164,8 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
         scheduler = path / "scheduler" / "scheduler_config.json"
         if scheduler.is_file():
             prediction_type = _read_json(scheduler).get("prediction_type")
+            if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+                raise PostDiffError(f"unknown prediction_type {str(prediction_type)[:60]!r}", scheduler)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.ckpt")):
@@ -172,6 +177,12 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
     files = _WeightFiles([read_header(w) for w in weights])
     detection = detect(files.shapes, str(model_dir), files.metadata, files.read)
     config = _read_json(config_path)
+    # The folder's config decides the architecture, but the weights decide the sizes: a config that disagrees
+    # with them cannot load (and one claiming a million blocks would take forever to build).
+    for key in _STRUCTURAL:
+        if key in detection.config and key in config and config[key] != detection.config[key]:
+            raise PostDiffError(f"{key} is {str(config[key])[:60]} but the weights have "
+                                f"{detection.config[key]}", config_path)
     detection.config = {k: v for k, v in config.items() if not k.startswith("_")}
     detection.evidence.append(f"config from {config_path}")
     if prediction_type:
@@ -196,11 +207,16 @@ def _folder_weights(model_dir: Path) -> list[Path]:
     raise PostDiffError("no diffusion_pytorch_model.safetensors found", model_dir)
 
 
+# Config fields a folder's config.json must agree on with what detection read from the weights' shapes.
+_STRUCTURAL = ("in_channels", "block_out_channels", "layers_per_block", "num_layers", "patch_size")
+
+
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PostDiffError(f"could not read JSON ({err})", path) from None
+        raw = path.read_bytes()
+    except OSError as err:
+        raise PostDiffError(f"could not read JSON ({err.strerror})", path) from None
+    data = safe_json.loads(raw, path)
     if not isinstance(data, dict):
         raise PostDiffError("expected a JSON object", path)
     return data

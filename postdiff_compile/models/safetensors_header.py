@@ -13,10 +13,12 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import safe_json
 from ..errors import PostDiffError
 
 # The safetensors library refuses headers above 100 MB; a real one for SDXL is under 300 KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_RANK = 8   # safetensors has no limit; no denoiser tensor has more than 5 dimensions
 
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -83,39 +85,46 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if header_len > MAX_HEADER_BYTES:
             raise PostDiffError(f"not a valid safetensors file: header length {header_len} exceeds 100 MB", path)
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PostDiffError(f"not a valid safetensors file: malformed header JSON ({err})", path) from None
+    header = safe_json.loads(raw, path, message="not a valid safetensors file: malformed header JSON ({why})")
     if not isinstance(header, dict):
         raise PostDiffError("not a valid safetensors file: the header is not a JSON object", path)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise PostDiffError("not a valid safetensors file: __metadata__ is not a JSON object", path)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PostDiffError("not a valid safetensors file: __metadata__ is not a JSON object of strings", path)
     tensors = {}
     for name, entry in header.items():
         tensors[name] = _tensor_info(name, entry, path)
-    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + header_len, file_size)
+    return SafetensorsHeader(path, tensors, metadata, 8 + header_len, file_size)
+
+
+def _is_count(value: object) -> bool:
+    # JSON true is a Python bool, which is an int: a shape of [true, 4] is not a shape.
+    return type(value) is int and 0 <= value < 1 << 63
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _tensor_info(name: str, entry: object, path: Path) -> TensorInfo:
     def bad(why: str) -> PostDiffError:
-        return PostDiffError(f"not a valid safetensors file: tensor {name!r} {why}", path)
+        return PostDiffError(f"not a valid safetensors file: tensor {_short(name)} {why}", path)
 
     if not isinstance(entry, dict):
         raise bad("has no dtype/shape/data_offsets entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
-        raise bad(f"has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise bad(f"has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise bad(f"has unknown dtype {_short(dtype)}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_count(d) for d in shape):
+        raise bad(f"has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(_is_count(o) for o in offsets)
         or offsets[1] < offsets[0]
     ):
-        raise bad(f"has invalid data_offsets {offsets!r}")
+        raise bad(f"has invalid data_offsets {_short(offsets)}")
     if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
         raise bad(f"has data_offsets {offsets} that do not match its shape {shape} and dtype {dtype}")
     return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])

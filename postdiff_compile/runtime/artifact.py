@@ -70,13 +70,17 @@ def check_toolchain(folder: Path, manifest: dict, backend: str, device: torch.de
                         Path(folder) / engine["file"])
 
 
-def make_scheduler(config: dict) -> Any:
+def make_scheduler(config: dict, path: Path | None = None) -> Any:
     import diffusers
 
     cls = getattr(diffusers, config["_class_name"], None)
-    if cls is None:
-        raise PostDiffError(f"unknown scheduler class {config['_class_name']!r} in the manifest")
-    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise PostDiffError(f"unknown scheduler class {config['_class_name'][:100]!r} in the manifest", path)
+    try:
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except Exception as err:   # diffusers refuses bad scheduler settings with several error types
+        raise PostDiffError(f"the manifest's {cls.__name__} settings cannot be used: {type(err).__name__}: "
+                            f"{str(err)[:200]}", path) from None
 
 
 @dataclass
@@ -108,7 +112,7 @@ class ArtifactRunner:
         self.added_inputs = [i["name"] for i in first if i["name"] in ADDED_INPUTS]
         self.input_shapes = {i["name"]: i["shape"] for i in first}
         self.cfg = any(step.cfg for step in self.plan)   # False for LCM: no negative half
-        self.scheduler = make_scheduler(manifest["scheduler"])
+        self.scheduler = make_scheduler(manifest["scheduler"], self.folder / MANIFEST)
         self._check_scheduler()
 
     @property
@@ -117,10 +121,14 @@ class ArtifactRunner:
 
     def _check_scheduler(self) -> None:
         """The transition's numbers come from the scheduler; a diffusers that computes others must not run it."""
+        try:   # every scheduler setting and step count the manifest holds passed its rules; diffusers has its own
+            self.scheduler.set_timesteps(self.steps)
+        except Exception as err:
+            raise PostDiffError(f"{type(self.scheduler).__name__} cannot run {self.steps} steps: {type(err).__name__}: "
+                                f"{str(err)[:200]}", self.folder / MANIFEST) from None
         transition = self.manifest["transition"]
         if transition is None:
             return
-        self.scheduler.set_timesteps(self.steps)
         step = transition["switch_step"]
         abar, abar_next = alpha_bars(self.scheduler, self.scheduler.timesteps, step - 1)
         got = (int(self.scheduler.timesteps[step - 1]), int(self.scheduler.timesteps[step]))
@@ -226,9 +234,29 @@ class ArtifactRunner:
         return denoise(self.variants, scheduler, self.plan, request, on_step=on_step)
 
 
+def check_contents(folder: Path, manifest: dict) -> None:
+    """What each backend checks before it opens a file, for every file: .pt2 programs read as data only, ONNX
+    graphs reading only the shared weights file. `inspect` runs it; `load` checks the files it opens."""
+    from .backends import check_external_data
+    from .pt2_archive import check_pt2
+
+    for variant in manifest["variants"]:
+        for fmt, entry in variant["files"].items():
+            path = Path(folder) / entry["file"]
+            if fmt == "pt2":
+                check_pt2(path.read_bytes(), path)
+            elif fmt == "onnx":
+                check_external_data(path)
+
+
 def load(folder: str | Path, backend: str = "torch", device: str | torch.device | None = None,
-         verify_files: bool = True) -> ArtifactRunner:
+         verify_files: bool = True, public_key=None) -> ArtifactRunner:
     """Validate an artifact folder and open it on `backend` ("torch", "onnxruntime", "tensorrt" or "aoti").
+
+    With `public_key` (an Ed25519 public key: PEM file path, PEM bytes or 32 raw bytes), the artifact must carry
+    that key's signature of its manifest checksum (signing.py); an unsigned or badly signed one is refused.
+    Nothing is unpickled from a .pt2 program (pt2_archive.py) and no file outside the folder is read; an
+    `aoti` or `tensorrt` artifact is native code: load one only from a source you trust, or signed.
 
     Refuses, with an error naming the file: an edited or damaged manifest, a missing, damaged or replaced
     file, a format version or schema it does not know, and a toolchain the backend cannot use (a TensorRT
@@ -238,7 +266,7 @@ def load(folder: str | Path, backend: str = "torch", device: str | torch.device 
     if backend not in BACKENDS:
         raise PostDiffError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, public_key)
     if verify_files:
         check_files(folder, manifest)
     device = torch.device(device if device is not None else ("cuda" if backend == "tensorrt" else "cpu"))

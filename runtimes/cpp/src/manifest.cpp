@@ -2,6 +2,7 @@
 
 #include <torch/version.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -17,6 +18,8 @@ using nlohmann::json;
 namespace {
 
 std::string read_text(const std::string& path, const std::string& what) {
+  // The loader never follows a link out of the artifact folder (as the Python loader, manifest.member).
+  if (fs::is_symlink(path)) throw Error(what + " is a symbolic link; an artifact holds its files", path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(what + " is missing", path);
   std::stringstream buffer;
@@ -69,6 +72,25 @@ Manifest read_manifest(const std::string& folder, const std::string& device, boo
   fields >> recorded;   // "<hex>  manifest.json", whitespace as sha256sum writes it (or a stray \r)
   if (recorded != sha256_hex(text))
     throw Error("does not match manifest.sha256: the manifest was edited or damaged", m.path);
+
+  // nlohmann's parser recurses once per level: a manifest nested 100,000 deep would overflow the stack.
+  // Bounded first, as the Python loader does (safe_json.py): no manifest nests more than 64 levels.
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  if (deepest > 64) throw Error("malformed manifest: nested " + std::to_string(deepest) + " levels deep", m.path);
 
   json doc;
   try {
@@ -270,12 +292,13 @@ void read_fields(const json& doc, Manifest& m, const std::string& device, bool v
     v.outputs = tensor_specs(doc, at + "/outputs", m.path);
     check_tensor_specs(v, m.path);
     const std::string file = field<std::string>(doc, at + "/files/aoti/file", m.path);
-    if (file.find('/') != std::string::npos || file == "..")
+    if (file.empty() || file.find('/') != std::string::npos || file[0] == '.' || file.size() > 200)
       throw Error("malformed manifest: file name " + file + " is not a plain name", m.path);
     const std::string built_for = field<std::string>(doc, at + "/files/aoti/device", m.path);
     if (built_for != device)
       throw Error("compiled for " + built_for + ", asked to run on " + device, (fs::path(m.folder) / file).string());
     v.package = (fs::path(m.folder) / file).string();
+    if (fs::is_symlink(v.package)) throw Error("the AOTInductor package is a symbolic link", v.package);
     if (!fs::is_regular_file(v.package)) throw Error("the AOTInductor package is missing", v.package);
     const auto bytes = field<uint64_t>(doc, at + "/files/aoti/bytes", m.path);
     if (fs::file_size(v.package) != bytes)

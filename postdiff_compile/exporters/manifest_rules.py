@@ -1,0 +1,82 @@
+"""The rules of a manifest that its JSON Schema cannot state: agreements between fields.
+
+The schema checks each field's type and range; these check that the fields describe one runnable
+artifact: the plan has `steps` steps in order, each naming a variant of its kind; every variant has a file
+in every listed format; the switch step is inside the plan and where the plan switches; the scheduler is a
+diffusers scheduler that has that many timesteps; the config is a valid PostDiffConfig. Each broken rule
+is one error naming the manifest and the field, so that `load`, `run` and `inspect` refuse what they could
+not execute (before this, nine such manifests passed the checksum and crashed with other exception types).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import PostDiffError
+
+KNOWN_FORMATS = {"pt2", "onnx", "tensorrt", "aoti"}
+
+
+def check_consistency(m: dict, path: Path) -> None:
+    def bad(where: str, why: str) -> PostDiffError:
+        return PostDiffError(f"not a valid manifest: at {where}: {why}", path)
+
+    steps, plan = m["steps"], m["plan"]
+    if len(plan) != steps:
+        raise bad("plan", f"{len(plan)} steps, but steps is {steps}")
+    for i, step in enumerate(plan):
+        if step["index"] != i:
+            raise bad(f"plan/{i}/index", f"{step['index']}, expected {i}")
+    variants = {}
+    for i, v in enumerate(m["variants"]):
+        if v["id"] in variants:
+            raise bad(f"variants/{i}/id", f"{v['id']!r} appears twice")
+        variants[v["id"]] = v
+        for fmt in set(m["formats"]) & KNOWN_FORMATS:   # a later tool's formats are its own business
+            if fmt not in v["files"]:
+                raise bad(f"variants/{i}/files", f"no {fmt} file, but formats lists {fmt}")
+        names = [t["name"] for t in v["inputs"]]
+        if len(v["inputs"][0]["shape"]) != 4:
+            raise bad(f"variants/{i}/inputs/0", "the latent input must have 4 dimensions")
+        if "encoder_hidden_states" not in names:
+            raise bad(f"variants/{i}/inputs", "no encoder_hidden_states input")
+        text = v["inputs"][names.index("encoder_hidden_states")]
+        if len(text["shape"]) != 3:
+            raise bad(f"variants/{i}/inputs/{names.index('encoder_hidden_states')}", "the text input must have 3 "
+                      "dimensions")
+    for i, step in enumerate(plan):
+        variant = variants.get(step["variant_id"])
+        if variant is None:
+            raise bad(f"plan/{i}/variant_id", f"{step['variant_id'][:100]!r} names no variant")
+        if variant["name"] != step["variant"]:
+            raise bad(f"plan/{i}/variant", f"{step['variant']!r}, but variant {variant['id']!r} is a "
+                      f"{variant['name']!r} variant")
+    low = sum(step["resolution"] == "low" for step in plan)
+    if low == steps:
+        raise bad("plan", "every step is at low resolution; the last steps run at full resolution")
+    if any(step["resolution"] == "low" for step in plan[low:]):
+        raise bad("plan", "a low-resolution step after a full-resolution one")
+    transition = m["transition"]
+    if transition is None and low:
+        raise bad("transition", f"null, but the plan has {low} low-resolution steps")
+    if transition is not None and transition["switch_step"] != low:
+        raise bad("transition/switch_step", f"{transition['switch_step']}, but the plan switches at step {low}"
+                  if low else f"{transition['switch_step']}, but the plan has no low-resolution step")
+    _check_scheduler(m["scheduler"], steps, bad)
+    from ..config import PostDiffConfig
+
+    try:
+        PostDiffConfig.from_dict(m["config"])
+    except PostDiffError as err:
+        raise bad("config", str(err)) from None
+
+
+def _check_scheduler(config: dict, steps: int, bad) -> None:
+    import diffusers
+
+    name = config["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise bad("scheduler/_class_name", f"{name!r} is not a diffusers scheduler class")
+    train = config.get("num_train_timesteps", 1000)
+    if steps > train:
+        raise bad("steps", f"{steps}, more than the scheduler's {train} training timesteps")
