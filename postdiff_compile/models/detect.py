@@ -166,7 +166,8 @@ def _guidance_width(s: Shapes) -> int:
 
 
 def _count(s: Shapes, prefix: str) -> int:
-    found = {int(m[1]) for k in s if (m := re.match(re.escape(prefix) + r"([0-9]{1,9})\.", k))}
+    number = re.compile(r"([0-9]{1,9})\.")
+    found = {int(m[1]) for k in s if k.startswith(prefix) and (m := number.match(k, len(prefix)))}
     return max(found) + 1 if found else 0
 
 
