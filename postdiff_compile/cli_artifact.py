@@ -290,7 +290,12 @@ def _run(args: argparse.Namespace) -> int:
         if sys.stderr.isatty():   # a log file gets the summary line only
             print(f"\rstep {i + 1}/{steps}", end="" if i + 1 < steps else "\n", file=sys.stderr, flush=True)
 
-    latents = runner(**kwargs, seed=args.seed, guidance_scale=guidance, on_step=on_step)
+    try:
+        latents = runner(**kwargs, seed=args.seed, guidance_scale=guidance, on_step=on_step)
+    except PostDiffError as err:   # a tensor of the wrong shape: name the file it came from
+        if err.path is not None or args.embeddings is None:
+            raise
+        raise PostDiffError(str(err), args.embeddings) from None
     seconds = time.perf_counter() - start
     decode = _decoder(source)
     with atomic_dir(out, args.force) as tmp:

@@ -256,6 +256,22 @@ def test_an_edited_manifest_is_refused(runner_binary, copy, embeddings, tmp_path
     refused(runner_binary, copy, embeddings[0], tmp_path, "does not match manifest.sha256", str(copy / MANIFEST))
 
 
+def test_links_and_deep_nesting_are_refused(runner_binary, copy, embeddings, tmp_path):
+    """As the Python loader (test_hostile_input.py): no link is followed, the manifest's nesting is bounded before
+    nlohmann's recursive parser sees it."""
+    text = (copy / MANIFEST).read_text()
+    manifest = json.loads(text)
+    manifest["config"]["x"] = json.loads("[" * 100 + "]" * 100)
+    rewrite_manifest(copy, json.dumps(manifest))
+    refused(runner_binary, copy, embeddings[0], tmp_path, "nested 102 levels deep", str(copy / MANIFEST))
+    rewrite_manifest(copy, text)
+    package = next(copy.glob("*.aoti.pt2"))
+    outside = tmp_path / "outside.aoti.pt2"
+    shutil.move(package, outside)
+    package.symlink_to(outside)
+    refused(runner_binary, copy, embeddings[0], tmp_path, "symbolic link", str(package))
+
+
 def test_a_missing_or_damaged_package_is_refused(runner_binary, copy, embeddings, tmp_path):
     package = next(copy.glob("*.aoti.pt2"))
     data = bytearray(package.read_bytes())

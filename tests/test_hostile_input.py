@@ -654,6 +654,25 @@ def test_quad_center_with_the_largest_power_finishes():
     assert len(plan) == 50 and time.perf_counter() - start < 30
 
 
+def test_json_true_is_not_a_dimension(tmp_path):
+    from postdiff_compile.models.safetensors_header import read_header
+
+    path = tmp_path / "bool.safetensors"
+    raw = json.dumps({"a": {"dtype": "F16", "shape": [True, 4], "data_offsets": [0, 8]}}).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
+    with pytest.raises(PostDiffError, match=r"tensor 'a' has an invalid shape \[True, 4\]"):
+        read_header(path)
+
+
+def test_embeddings_of_the_wrong_shape_name_their_file(art, capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "e.safetensors"
+    save_file({"prompt_embeds": torch.zeros(1, 3, 5), "negative_prompt_embeds": torch.zeros(1, 3, 5)}, str(bad))
+    code, _, err = cli("run", art, "--embeddings", bad, "--out", tmp_path / "o", capsys=capsys)
+    assert_one_line(code, err, "prompt_embeds must have shape", str(bad))
+
+
 # ---- 12. one line, fast diagnosis -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [["--bogus"], ["--resolution", "big"], ["run"], ["inspect", "a", "b"],

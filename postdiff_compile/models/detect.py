@@ -117,6 +117,8 @@ def _ldm_view(shapes: Shapes, prefix: str) -> _UNetView:
     levels, current, i = [], None, 1
     while f"input_blocks.{i}.0.op.weight" in s or f"input_blocks.{i}.0.in_layers.0.weight" in s:
         if f"input_blocks.{i}.0.op.weight" in s:
+            if current is None:   # found by the fuzzer: a downsample with no resnet before it
+                raise _NotMatched([f"input_blocks.{i} downsamples a level that has no resnet"])
             levels.append(current)
             current = None
         else:
