@@ -1,7 +1,7 @@
 """Hostile input (issue 20): each numbered finding of the probe, as a test that failed before the fix.
 
-Artifacts here are the shipped reference model (scenes32) compiled for 4 steps, once per module; every test
-copies it before tampering. "Tampered" means the attacker rewrote every hash to match: the file's sha256 and
+Artifacts here are the shipped reference model (scenes32) compiled for 4 steps (pt2), once per module; every
+test copies it before tampering. "Tampered" means the attacker rewrote every hash to match: the file's sha256 and
 size in the manifest, and manifest.sha256.
 """
 from __future__ import annotations
@@ -39,8 +39,7 @@ def reference_artifact(tmp_path_factory) -> Path:
     from postdiff_compile.models.default_model import embedded_default_path
 
     out = tmp_path_factory.mktemp("hostile") / "ref"
-    compile_artifact(str(embedded_default_path()), ConfigRequest("none"), out, steps=4, dtype="float32",
-                     formats="pt2,onnx")
+    compile_artifact(str(embedded_default_path()), ConfigRequest("none"), out, steps=4, dtype="float32")
     return out
 
 
@@ -181,19 +180,16 @@ def _pickle_as_constant(members, root, marker):
     members[f"{root}/data/constants/tensor_99"] = _torch_pickle(marker)
 
 
-def _pickle_as_custom_object(members, root, marker):
-    def edit(data):
-        data["config"]["evil"] = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": False,
-                                  "tensor_meta": None}
-    _json_member(members, f"{root}/data/constants/model_constants_config.json", edit)
-    members[f"{root}/data/constants/custom_obj_0"] = pickle.dumps(_Payload(marker))
-
-
 def _custom_object_in_config_only(members, root, marker):
     def edit(data):
         data["config"]["evil"] = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": False,
                                   "tensor_meta": None}
     _json_member(members, f"{root}/data/constants/model_constants_config.json", edit)
+
+
+def _pickle_as_custom_object(members, root, marker):
+    _custom_object_in_config_only(members, root, marker)
+    members[f"{root}/data/constants/custom_obj_0"] = pickle.dumps(_Payload(marker))
 
 
 def _pickle_as_opaque_object(members, root, marker):
@@ -283,23 +279,35 @@ def test_saved_programs_hold_no_pickle(art):
         check_pt2(pt2.read_bytes(), pt2)
 
 
-def test_onnx_external_data_outside_the_weights_file_is_refused(art, capsys, tmp_path):
+def test_onnx_external_data_outside_the_weights_file_is_refused(tmp_path):
+    """A graph whose initializer reads `../secret.bin`: onnxruntime would read it; the check refuses it (load and
+    inspect run this check on every ONNX graph before a session is made)."""
     import onnx
+    from onnx import TensorProto, helper
 
-    graph = next(art.glob("*.onnx"))
-    secret = tmp_path / "secret.bin"
-    secret.write_bytes(b"\0" * 4096)
-    model = onnx.load(str(graph), load_external_data=False)
-    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            entry.value = os.path.relpath(secret, art)
-    onnx.save(model, str(graph))
-    rehash(art, graph.name)
-    with pytest.raises(PostDiffError, match="reads its data from"):
-        load(art, backend="onnxruntime")
-    code, _, err = cli("inspect", art, capsys=capsys)
-    assert_one_line(code, err, "reads its data from", graph.name)
+    from postdiff_compile.runtime.backends import check_external_data
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 16)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
+    model = helper.make_model(graph)
+    for location, refused in (("weights.bin", False), ("../secret.bin", True), ("/etc/passwd", True)):
+        weight = model.graph.initializer[0]
+        weight.ClearField("float_data")
+        weight.data_location = TensorProto.EXTERNAL
+        del weight.external_data[:]
+        weight.external_data.add(key="location", value=location)
+        path = folder / "g.onnx"
+        onnx.save(model, str(path))
+        if refused:
+            with pytest.raises(PostDiffError, match=f"reads its data from '{location}'"):
+                check_external_data(path)
+        else:
+            check_external_data(path)
 
 
 # ---- signatures ---------------------------------------------------------------------------------------------
@@ -330,12 +338,14 @@ def test_signed_artifact_accepted_tampered_and_unsigned_refused(art, tmp_path, c
     # A tampered file with every hash rewritten passes the checksum chain; only the signature catches it.
     tampered = tmp_path / "tampered"
     shutil.copytree(art, tampered)
-    weights = tampered / "weights.bin"
-    data = bytearray(weights.read_bytes())
-    data[100] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    rehash(tampered, "weights.bin")
-    load(tampered, backend="onnxruntime")   # no key: the chain is consistent
+    pt2 = pt2_file(tampered)
+
+    def flip(members, root):
+        name = f"{root}/data/weights/weight_0"
+        members[name] = bytes([members[name][0] ^ 0xFF]) + members[name][1:]
+    _rewrite_pt2(pt2, flip)
+    rehash(tampered, pt2.name)
+    load(tampered)   # no key: the chain is consistent and a raw weight is data
     refused_everywhere(tampered, capsys, "signature does not match", public_key=public)
 
 
@@ -489,8 +499,9 @@ def test_killed_compile_leaves_nothing_the_next_run_does_not_clean(tmp_path, sig
     proc = subprocess.Popen(_compile_command(out), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        def midway():   # the partial folder holds a first variant's file, the manifest is not written yet
-            return any(any(p.iterdir()) for p in out.parent.glob(f".{out.name}.*.partial"))
+        def midway():   # SIGKILL: the partial folder holds a first variant's file, the manifest is not written
+            partials = list(out.parent.glob(f".{out.name}.*.partial"))   # SIGTERM: as soon as it exists
+            return bool(partials) and (sig == signal.SIGTERM or any(any(p.iterdir()) for p in partials))
         assert _wait_for(midway, 120), proc.communicate(timeout=60)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
