@@ -64,6 +64,7 @@ def test_compile_writes_a_verified_artifact(ckpt, tmp_path, capsys):
     assert variant_errors(out, tiny_denoiser("sd15")) == {variant["id"]: pytest.approx(0.0, abs=1e-6)}
 
 
+@pytest.mark.slow   # 30 s; the default tier checks fast's variant kinds and programs in test_artifact.py
 def test_compile_fast_preset_writes_every_variant(ckpt, tmp_path, capsys):
     out = tmp_path / "fast"
     code, stdout, _ = run_cli(capsys, ckpt, "--out", out, "--resolution", "64x64", "--steps", "6", "--preset", "fast",
