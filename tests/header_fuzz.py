@@ -35,8 +35,12 @@ MAX_SECONDS = 5.0
 @dataclass
 class Seed:
     name: str
-    header: str            # the header's JSON text, __metadata__ included
+    entries: dict           # the parsed header, __metadata__ included; never mutated (cases copy what they change)
     data_bytes: int | None  # sparse data section to write after the header; None: header only
+    segments: dict = field(default_factory=dict)   # name -> its `"name":{...}` text, for unchanged entries
+
+    def __post_init__(self):
+        self.segments = {k: f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in self.entries.items()}
 
 
 def load_seeds(folder: Path) -> list[Seed]:
@@ -45,7 +49,7 @@ def load_seeds(folder: Path) -> list[Seed]:
 
     seeds = []
     for path in sorted(FIXTURES.glob("*.safetensors")):
-        seeds.append(Seed(path.stem, json.dumps(_header_of(path.read_bytes())), None))
+        seeds.append(Seed(path.stem, _header_of(path.read_bytes()), None))
     folder.mkdir(parents=True, exist_ok=True)
     for family, layout in TINY_SEEDS:
         path = folder / f"tiny-{family}-{layout}.safetensors"
@@ -53,7 +57,7 @@ def load_seeds(folder: Path) -> list[Seed]:
             write_checkpoint(tiny_denoiser(family), path, layout, extra=ldm_extras() if layout == "ldm" else None)
         header = _header_of(path.read_bytes())
         end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
-        seeds.append(Seed(f"tiny-{family}-{layout}", json.dumps(header), end))
+        seeds.append(Seed(f"tiny-{family}-{layout}", header, end))
     return seeds
 
 
@@ -72,6 +76,15 @@ def _tensor_names(h: dict) -> list[str]:
     return [k for k in h if k != "__metadata__"]
 
 
+def _own(h: dict, name: str):
+    """The entry `name`, copied into this case first: the seed's entries are shared by every case."""
+    e = h[name]
+    if isinstance(e, dict):
+        e = {k: (list(v) if isinstance(v, list) else v) for k, v in e.items()}
+        h[name] = e
+    return e
+
+
 def m_delete_tensors(h, rng):
     names = _tensor_names(h)
     for name in rng.sample(names, min(len(names), rng.choice([1, 1, 2, 5, 20, len(names) // 2 or 1]))):
@@ -79,13 +92,13 @@ def m_delete_tensors(h, rng):
 
 
 def m_shape_value(h, rng):
-    e = h[rng.choice(_tensor_names(h))]
+    e = _own(h, rng.choice(_tensor_names(h)))
     if isinstance(e.get("shape"), list) and e["shape"]:
         e["shape"][rng.randrange(len(e["shape"]))] = rng.choice(_ODD_VALUES + [0, 3, 7, 64, 100000, 2 ** 40])
 
 
 def m_shape_rank(h, rng):
-    e = h[rng.choice(_tensor_names(h))]
+    e = _own(h, rng.choice(_tensor_names(h)))
     shape = e.get("shape")
     if isinstance(shape, list):
         if shape and rng.random() < 0.5:
@@ -97,7 +110,7 @@ def m_shape_rank(h, rng):
 
 def m_consistent_shape(h, rng):
     """A shape change with offsets kept consistent: reaches detection and the build with odd sizes."""
-    e = h[rng.choice(_tensor_names(h))]
+    e = _own(h, rng.choice(_tensor_names(h)))
     if isinstance(e.get("shape"), list) and e["shape"]:
         i = rng.randrange(len(e["shape"]))
         e["shape"][i] = rng.choice([0, 1, 3, 5, 17, 33, 2 * e["shape"][i] if isinstance(e["shape"][i], int) else 2])
@@ -115,19 +128,20 @@ def _fix_offsets(h, rng):
         except (TypeError, KeyError):
             continue
         if isinstance(size, int) and 0 <= size < 1 << 40:
-            e["data_offsets"] = [offset, offset + size]
+            if e.get("data_offsets") != [offset, offset + size]:
+                _own(h, name)["data_offsets"] = [offset, offset + size]
             offset += size
 
 
 def m_dtype(h, rng):
-    e = h[rng.choice(_tensor_names(h))]
+    e = _own(h, rng.choice(_tensor_names(h)))
     e["dtype"] = rng.choice(["F32", "F16", "BF16", "I64", "I8", "BOOL", "F8_E4M3", "Q4", "", ["F16"], 16, None])
     if rng.random() < 0.5:
         _fix_offsets(h, rng)
 
 
 def m_offsets(h, rng):
-    e = h[rng.choice(_tensor_names(h))]
+    e = _own(h, rng.choice(_tensor_names(h)))
     e["data_offsets"] = rng.choice([[0], [5, 1], [-1, 3], [True, 4], [0, 2 ** 70], "0,4", None, [0, 4, 8],
                                     [2 ** 40, 2 ** 40 + 8]])
 
@@ -172,11 +186,11 @@ def _literal(text: str) -> str:
 
 def m_nesting(h, rng):
     depth = rng.choice([10, 63, 65, 200, 1000, 5000])
-    h[rng.choice(_tensor_names(h))]["shape"] = _literal("[" * depth + "]" * depth)
+    _own(h, rng.choice(_tensor_names(h)))["shape"] = _literal("[" * depth + "]" * depth)
 
 
 def m_big_int(h, rng):
-    e = h[rng.choice(_tensor_names(h))]
+    e = _own(h, rng.choice(_tensor_names(h)))
     e[rng.choice(["shape", "data_offsets"])] = [_literal("1" + "0" * rng.choice([19, 41, 4300, 5000])), 1]
 
 
@@ -207,7 +221,7 @@ BYTE_LEVEL = [b_flip, b_truncate, b_insert]
 
 def make_case(seed: Seed, rng: random.Random) -> tuple[bytes, int | None, list[str]]:
     """(file bytes, sparse data size, mutation names) of one case."""
-    header = json.loads(seed.header)
+    header = dict(seed.entries)
     applied = []
     for _ in range(rng.choice([1, 1, 2, 3])):
         if not _tensor_names(header):
@@ -218,7 +232,9 @@ def make_case(seed: Seed, rng: random.Random) -> tuple[bytes, int | None, list[s
         except (TypeError, KeyError, AttributeError, IndexError, ValueError):
             continue   # an earlier mutation left nothing this one can change (an entry that is not an object)
         applied.append(mutation.__name__)
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    parts = [seed.segments[k] if k in seed.segments and v is seed.entries[k]
+             else f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in header.items()]
+    raw = ("{" + ",".join(parts) + "}").encode()
     for key, text in _LITERALS.items():
         raw = raw.replace(f'"{key}"'.encode(), text.encode())
     _LITERALS.clear()
