@@ -96,13 +96,11 @@ def generate_key(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def sign(folder: str | os.PathLike, key: str | os.PathLike) -> Path:
     """Sign a valid artifact's manifest.sha256 with the private key in `key`; returns the signature file."""
-    from .exporters.manifest import CHECKSUM, member, read_manifest
+    from .exporters.manifest import CHECKSUM, check_files, member, read_manifest
 
     folder = Path(folder)
     private = _load_private_key(Path(key))
     manifest = read_manifest(folder)   # sign only what every loader accepts
-    from .exporters.manifest import check_files
-
     check_files(folder, manifest)
     checksum = member(folder, CHECKSUM, "manifest checksum").read_bytes()
     target = folder / SIGNATURE

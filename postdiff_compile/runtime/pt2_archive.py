@@ -38,13 +38,11 @@ _MEMBERS = re.compile(r"^(archive_format|archive_version|byteorder|\.data/versio
                       r"|data/constants/model_constants_config\.json|data/constants/tensor_[0-9]{1,9}"
                       r"|data/sample_inputs/model\.pt)$")
 _TARGET = re.compile(r"^torch\.ops\.aten\.[A-Za-z0-9_]{1,100}\.[A-Za-z0-9_]{1,100}$")
-# Argument kinds of a static ATen graph; the others name graphs, operators, custom objects or symbols.
+# Argument kinds of a static ATen graph; every other `as_*` key (as_graph, as_operator, as_custom_obj, as_sym_*,
+# as_expr, ...) names a graph, an operator, a custom object or a symbol, and is refused, as is `expr_str`.
 _ARGUMENTS = {"as_none", "as_tensor", "as_tensors", "as_optional_tensor", "as_optional_tensors", "as_int",
               "as_ints", "as_float", "as_floats", "as_bool", "as_bools", "as_string", "as_strings",
               "as_scalar_type", "as_memory_format", "as_layout", "as_device", "as_complex"}
-_FORBIDDEN_KEYS = {"as_expr", "expr_str", "as_graph", "as_custom_obj", "as_operator", "as_sym_int", "as_sym_ints",
-                   "as_sym_float", "as_sym_floats", "as_sym_bool", "as_sym_bools", "as_int_lists"}
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,199}$")
 _TREESPEC_TYPES = {None, "builtins.tuple", "builtins.list", "builtins.dict"}
 MAX_MEMBERS = 100_000
 
@@ -125,7 +123,7 @@ _BAD_NAME = re.compile(rb'"name"\s*+:\s*+(?!"[A-Za-z_][A-Za-z0-9_.]{0,199}")')
 def _scan(raw: bytes, bad, where: str) -> None:
     """No key anywhere that makes torch evaluate a symbol, build an object or load a graph; names identifiers."""
     for key in {m[1].decode() for m in _KEY.finditer(raw)}:
-        if key in _FORBIDDEN_KEYS or key not in _ARGUMENTS:
+        if key not in _ARGUMENTS:
             raise bad(f"{where} holds {key[:60]!r}, which torch would evaluate or deserialise as code")
     if (m := _BAD_NAME.search(raw)) is not None:
         # FX writes node names into the Python source of .module(): identifiers only.
