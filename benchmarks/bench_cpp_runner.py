@@ -59,7 +59,7 @@ def build_runner(build: Path) -> tuple[Path, dict]:
 
 def model_source(name: str):
     if name == "reference":
-        from postdiff_compile.reference import reference_folder
+        from postdiff_compile.lab.reference import reference_folder
 
         return reference_folder(), None
     from tiny_models import tiny_sd_pipeline

@@ -47,9 +47,9 @@ ARTIFACT_BACKENDS = ("torch", "onnxruntime", "aoti")
 
 
 def reference_pipeline():
-    from postdiff_compile.reference import load_pipeline
+    from postdiff_compile.lab.reference import load_pipeline
 
-    from postdiff_compile.reference.model import ReferenceParts, make_pipeline
+    from postdiff_compile.lab.reference.model import ReferenceParts, make_pipeline
 
     shared = load_pipeline()
     parts = ReferenceParts(shared.tokenizer, shared.text_encoder, shared.unet)
@@ -152,7 +152,7 @@ def main() -> int:
             folder = Path(tmp.name) / preset
             start = time.perf_counter()
             try:
-                from postdiff_compile.reference import reference_folder
+                from postdiff_compile.lab.reference import reference_folder
 
                 result = compile_artifact(source.unet if source is not None else reference_folder(), configs[preset],
                                           folder, resolution=(res, res), steps=args.steps, dtype="float32",

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from .config import PRESETS, PostDiffConfig, resolve_config
 from .errors import PostDiffError
+from .version import __version__  # noqa: F401  (the package face shows it)
 
-__version__ = "0.1.0"
 __all__ = ["optimize", "restore", "load", "load_denoiser", "PostDiffConfig", "PostDiffError", "PRESETS", "resolve_config"]
 
 if TYPE_CHECKING:

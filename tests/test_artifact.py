@@ -410,7 +410,7 @@ def test_a_stale_tensorrt_engine_is_refused(copy, monkeypatch):
 
 
 def test_a_format_this_reader_does_not_know_is_checked_and_ignored(copy):
-    from postdiff_compile.cli_artifact import format_inspection
+    from postdiff_compile.cli.artifact import format_inspection
     from postdiff_compile.exporters.manifest import sha256_file
 
     manifest = json.loads((copy / "manifest.json").read_text())

@@ -210,7 +210,7 @@ def test_console_script_and_debug(ckpt, tmp_path):
 
 
 def test_embedded_default_is_the_reference_model(tmp_path, capsys):
-    from postdiff_compile.reference import reference_folder
+    from postdiff_compile.lab.reference import reference_folder
 
     code, _, err = run_cli(capsys, "--out", tmp_path / "demo", "--steps", "3", "--preset", "fast")
     assert code == 0, err

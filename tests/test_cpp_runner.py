@@ -136,7 +136,7 @@ def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, f
     preset, steps = FAMILY_CASES[family]
     dtype = None
     if family == "scenes32":
-        from postdiff_compile.reference import reference_folder
+        from postdiff_compile.lab.reference import reference_folder
 
         # Compiled in float32: the C++ runner does the scheduler's arithmetic in float32 where diffusers does it
         # in the latents' dtype, so a float16 artifact differs by float16 rounding (2.2e-2 measured for `fast`,

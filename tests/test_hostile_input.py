@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def reference_artifact(tmp_path_factory) -> Path:
     from postdiff_compile.compile import compile_artifact
     from postdiff_compile.config import ConfigRequest
-    from postdiff_compile.models.default_model import embedded_default_path
+    from postdiff_compile.cli.default_model import embedded_default_path
 
     out = tmp_path_factory.mktemp("hostile") / "ref"
     compile_artifact(str(embedded_default_path()), ConfigRequest("none"), out, steps=4, dtype="float32")
@@ -268,7 +268,7 @@ def test_plain_torch_export_load_runs_the_sample_inputs_payload(art):
 
 
 def test_saved_programs_hold_no_pickle(art):
-    from postdiff_compile.runtime.pt2_archive import check_pt2
+    from postdiff_compile.exporters.pt2_archive import check_pt2
 
     for pt2 in art.glob("*.pt2"):
         with zipfile.ZipFile(pt2) as z:
@@ -455,7 +455,7 @@ def test_symlinked_manifest_is_refused(art, capsys, tmp_path):
 def test_run_does_not_read_the_manifest_source_path(art, capsys, tmp_path):
     """source.path pointed at a folder with a reference model whose files differ: run uses the shipped model
     (checked against the manifest's hashes), never the path an artifact names."""
-    from postdiff_compile.models.default_model import embedded_default_path
+    from postdiff_compile.cli.default_model import embedded_default_path
 
     trap = tmp_path / "trap"
     shutil.copytree(embedded_default_path(), trap)
@@ -518,7 +518,7 @@ def test_killed_compile_leaves_nothing_the_next_run_does_not_clean(tmp_path, sig
     assert any(n.endswith(".partial") for n in _leftovers(out))   # SIGKILL: nothing could run
     from postdiff_compile.compile import compile_artifact
     from postdiff_compile.config import ConfigRequest
-    from postdiff_compile.models.default_model import embedded_default_path
+    from postdiff_compile.cli.default_model import embedded_default_path
 
     compile_artifact(str(embedded_default_path()), ConfigRequest("none"), out, steps=2, dtype="float32")
     assert (out / MANIFEST).is_file()

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from postdiff_compile.metrics.attributes import CELLS, score, targets
+from postdiff_compile.lab.attributes import CELLS, score, targets
 from postdiff_compile.metrics.quality import frechet_distance, psnr, ssim
-from postdiff_compile.reference.scenes import Scene, SceneObject, make_batch
-from postdiff_compile.study import equal_flops_baseline, pareto_front
-from postdiff_compile.tune import grid, spearman
+from postdiff_compile.lab.reference.scenes import Scene, SceneObject, make_batch
+from postdiff_compile.lab.study import equal_flops_baseline, pareto_front
+from postdiff_compile.lab.tune import grid, spearman
 
 
 def test_frechet_distance_of_gaussians_matches_the_closed_form():
@@ -98,7 +98,7 @@ def test_targets_and_scores_by_hand():
 
 
 def test_shipped_classifier_reads_real_scenes():
-    from postdiff_compile.metrics.classifier import TEST_SEED_BASE, load_classifier
+    from postdiff_compile.lab.classifier import TEST_SEED_BASE, load_classifier
 
     classifier = load_classifier()
     images, _, scenes = make_batch(TEST_SEED_BASE + 5, 400)

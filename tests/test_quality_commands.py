@@ -8,11 +8,11 @@ from PIL import Image
 from postdiff_compile.cli import main
 from postdiff_compile.config import PRESETS, PostDiffConfig
 from postdiff_compile.explain import explain
-from postdiff_compile.metrics.classifier import load_classifier
-from postdiff_compile.metrics.evaluate import MAX_PSNR, PromptSet, Sampler, evaluate, generate, real_features
+from postdiff_compile.lab.classifier import load_classifier
+from postdiff_compile.lab.evaluate import MAX_PSNR, PromptSet, Sampler, evaluate, generate, real_features
 from postdiff_compile.models.families import get_family
-from postdiff_compile.reference import load_pipeline
-from postdiff_compile.study import StudySettings, format_table, run_study, write_results
+from postdiff_compile.lab.reference import load_pipeline
+from postdiff_compile.lab.study import StudySettings, format_table, run_study, write_results
 
 
 def _stage(name, total):

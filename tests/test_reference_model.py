@@ -12,10 +12,10 @@ from postdiff_compile import optimize
 from postdiff_compile.capture import rel_l2
 from postdiff_compile.models.families import get_family
 from postdiff_compile.models.load import load_denoiser
-from postdiff_compile.reference import is_reference_folder, load_pipeline, reference_folder
-from postdiff_compile.reference.model import TEXT_LENGTH, load_parts, make_parts, make_pipeline, make_tokenizer
-from postdiff_compile.reference.scenes import Scene, SceneObject, make_batch
-from postdiff_compile.reference.train import TrainConfig, train
+from postdiff_compile.lab.reference import is_reference_folder, load_pipeline, reference_folder
+from postdiff_compile.lab.reference.model import TEXT_LENGTH, load_parts, make_parts, make_pipeline, make_tokenizer
+from postdiff_compile.lab.reference.scenes import Scene, SceneObject, make_batch
+from postdiff_compile.lab.reference.train import TrainConfig, train
 
 ARGS = dict(num_inference_steps=10, guidance_scale=4.0, output_type="pt")
 
@@ -83,8 +83,8 @@ def test_shipped_model_is_small_and_offline(shipped):
 @pytest.mark.slow   # 100 generations and the classifier: about 40 s
 def test_shipped_model_draws_what_the_caption_says(shipped):
     """The trained model against the classifier: far above what an untrained one scores."""
-    from postdiff_compile.metrics.classifier import load_classifier
-    from postdiff_compile.metrics.evaluate import PromptSet, Sampler, evaluate, generate, real_features
+    from postdiff_compile.lab.classifier import load_classifier
+    from postdiff_compile.lab.evaluate import PromptSet, Sampler, evaluate, generate, real_features
 
     classifier = load_classifier()
     real = real_features(classifier, 512)

@@ -38,7 +38,7 @@ def toolchain(formats: tuple[str, ...] = ()) -> dict[str, str]:
     import safetensors
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     tools = {"postdiff_compile": __version__, "python": platform.python_version(), "torch": torch.__version__,
              "diffusers": diffusers.__version__, "safetensors": safetensors.__version__,
@@ -121,7 +121,7 @@ def read_manifest(folder: Path, public_key=None) -> dict:
     checksum = member(folder, CHECKSUM, "manifest checksum")
     checksum_bytes = _read_small(checksum, 1024)
     if public_key is not None:
-        from ..signing import verify
+        from .signing import verify
 
         verify(folder, checksum_bytes, public_key)
     raw = _read_small(path, MAX_MANIFEST_BYTES)

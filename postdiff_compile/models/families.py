@@ -92,7 +92,7 @@ FAMILIES: dict[str, FamilySpec] = {
                    guidance_embedding=256, default_steps=4),
         FamilySpec("lcm_sdxl", "UNet2DConditionModel", "sdxl_unet.json", "lcm_scheduler.json", "epsilon", 2048, 77,
                    guidance_embedding=256, default_steps=4),
-        # The reference model trained here (postdiff_compile/reference): pixel space, 32x32, two downsamples.
+        # The reference model trained here (postdiff_compile/lab/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
                    128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),
     )

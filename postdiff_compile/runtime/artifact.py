@@ -238,7 +238,7 @@ def check_contents(folder: Path, manifest: dict) -> None:
     """What each backend checks before it opens a file, for every file: .pt2 programs read as data only, ONNX
     graphs reading only the shared weights file. `inspect` runs it; `load` checks the files it opens."""
     from .backends import check_external_data
-    from .pt2_archive import check_pt2
+    from ..exporters.pt2_archive import check_pt2
 
     for variant in manifest["variants"]:
         for fmt, entry in variant["files"].items():

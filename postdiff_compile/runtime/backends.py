@@ -30,7 +30,7 @@ class BackendVariant:
 
 
 def open_torch(path: Path, device: torch.device, sha256: str | None = None) -> Callable:
-    from .pt2_archive import load_program
+    from ..exporters.pt2_archive import load_program
 
     program = load_program(path, sha256)   # checked as data first: nothing in the file is unpickled
     try:

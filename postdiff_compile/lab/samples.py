@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS
-from .metrics.evaluate import PromptSet, Sampler, generate
+from ..config import PRESETS
+from .evaluate import PromptSet, Sampler, generate
 from .study import write_text_atomic
 
 SCALE = 4           # 32x32 images are shown at 128x128, nearest neighbour, so pixels stay pixels

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, PostDiffConfig
-from .errors import PostDiffError
-from .metrics.evaluate import PromptSet, Sampler, evaluate, generate, real_features
+from ..config import PRESETS, PostDiffConfig
+from ..errors import PostDiffError
+from .evaluate import PromptSet, Sampler, evaluate, generate, real_features
 from .study import finite, flops_fraction, write_text_atomic
 
 LOWER_IS_BETTER = {"frechet": True, "caption_match": False, "attribute_accuracy": False, "psnr": False,
@@ -105,7 +105,7 @@ class TuneResult:
 
 def run_tune(pipe, family, settings: TuneSettings,
              stage: Callable[[str, int], Callable[[int], None]]) -> TuneResult:
-    from .metrics.classifier import load_classifier
+    from .classifier import load_classifier
 
     start = time.perf_counter()
     resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2

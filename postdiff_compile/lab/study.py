@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, PostDiffConfig
-from .metrics.evaluate import (FRESH_REAL_SEED, MAX_PSNR, SCHEDULERS, PromptSet, Sampler, evaluate, generate,
+from ..config import PRESETS, PostDiffConfig
+from .evaluate import (FRESH_REAL_SEED, MAX_PSNR, SCHEDULERS, PromptSet, Sampler, evaluate, generate,
                                real_features)
-from .metrics.quality import frechet_distance
+from ..metrics.quality import frechet_distance
 
 BASELINE = Sampler("ddim-20 (baseline)", "ddim", 20)
 METRICS = ("caption_match", "attribute_accuracy", "frechet", "psnr", "ssim")
@@ -70,7 +70,7 @@ def flops_fraction(family, sampler: Sampler, resolution: tuple[int, int], baseli
 
 @lru_cache(maxsize=None)
 def _true_flops(family, config: PostDiffConfig, steps: int, resolution: tuple[int, int]) -> float:
-    from .explain import explain
+    from ..explain import explain
 
     return explain(family, config, steps, resolution).total.true
 
@@ -90,7 +90,7 @@ class StudyResult:
 
 def run_study(pipe, family, settings: StudySettings, stage: Callable[[str, int], Callable[[int], None]],
               points: list[Sampler] | None = None) -> StudyResult:
-    from .metrics.classifier import load_classifier
+    from .classifier import load_classifier
 
     start = time.perf_counter()
     classifier = load_classifier()

@@ -4,7 +4,7 @@
     postdiff-compile tune    [MODEL] --flops-budget F [--calibration N] [--full N] [--metric M] [--out DIR]
     postdiff-compile samples [MODEL] [--prompts N] [--steps N] [--seed S] [--out FILE.png]
 
-MODEL is a reference-model folder (written by python -m postdiff_compile.reference.train); the default is
+MODEL is a reference-model folder (written by python -m postdiff_compile.lab.reference.train); the default is
 the one shipped in the package. The metrics' classifier knows this model's scenes only, so other models
 are refused.
 """
@@ -15,8 +15,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .cli_parser import Parser
-from .errors import PostDiffError
+from .parser import Parser
+from ..errors import PostDiffError
 
 RESULTS = Path("benchmarks/results")
 
@@ -72,9 +72,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def run(command: str, args: argparse.Namespace) -> int:
     import torch
 
-    from .models.families import get_family
-    from .reference import load_pipeline
-    from .reference.model import FAMILY
+    from ..models.families import get_family
+    from ..lab.reference import load_pipeline
+    from ..lab.reference.model import FAMILY
     from .report import RichProgress
 
     # Every argument is checked before the model loads: a study runs for many minutes.
@@ -95,7 +95,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     if command == "study" and importlib.util.find_spec("matplotlib") is None:   # the plot is drawn last
         raise PostDiffError("study draws its plot with matplotlib: pip install 'postdiff-compile[study]'")
     if command == "tune":
-        from .tune import TuneSettings
+        from ..lab.tune import TuneSettings
 
         tune_settings = TuneSettings(args.flops_budget, args.calibration, args.full, args.metric, args.guidance,
                                      args.steps)
@@ -104,7 +104,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     family = get_family(FAMILY)
     pipe = load_pipeline(args.model)
     if command == "study":
-        from .study import StudySettings, format_table, run_study, write_results
+        from ..lab.study import StudySettings, format_table, run_study, write_results
 
         settings = StudySettings(args.prompts, args.seed_sets, args.guidance, steps=steps)
         with RichProgress() as progress:
@@ -112,15 +112,15 @@ def run(command: str, args: argparse.Namespace) -> int:
         paths = write_results(result, args.out, args.name)
         print(format_table(result))
     elif command == "tune":
-        from .tune import format_tune, run_tune, write_tune
+        from ..lab.tune import format_tune, run_tune, write_tune
 
         with RichProgress() as progress:
             result = run_tune(pipe, family, tune_settings, progress.stage)
         paths = write_tune(result, args.out, args.name or f"tune_scenes32_{args.flops_budget:g}")
         print(format_tune(result))
     else:
-        from .metrics.evaluate import PromptSet
-        from .samples import sample_grid, write_grid
+        from ..lab.evaluate import PromptSet
+        from ..lab.samples import sample_grid, write_grid
 
         with RichProgress() as progress:
             sheet, captions = sample_grid(pipe, family.name, PromptSet.make(args.seed, args.prompts), args.steps,

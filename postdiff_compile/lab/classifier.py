@@ -4,7 +4,7 @@ Frechet distance is computed on (the Inception-v3 of this project's FID analogue
 It is trained on fresh scenes from the generator (seeds below `TEST_SEED_BASE`, never the seeds the
 metrics draw their prompts and real images from) and shipped inside the package:
 
-    python -m postdiff_compile.metrics.classifier --out postdiff_compile/metrics/weights/attribute_classifier.safetensors
+    python -m postdiff_compile.lab.classifier --out postdiff_compile/lab/weights/attribute_classifier.safetensors
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def check_training_seeds(seed: int, steps: int) -> None:
 
 
 def train_classifier(cfg: ClassifierTrainConfig, log=print) -> AttributeClassifier:
-    from ..reference.scenes import make_batch
+    from .reference.scenes import make_batch
 
     check_training_seeds(cfg.seed, cfg.steps)
     torch.manual_seed(cfg.seed)
@@ -104,7 +104,7 @@ def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
     from safetensors.torch import load_file
 
     if path is None:
-        path = resources.files("postdiff_compile.metrics") / WEIGHTS
+        path = resources.files("postdiff_compile.lab") / WEIGHTS
     model = AttributeClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
@@ -113,10 +113,10 @@ def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
-    from ..reference.scenes import make_batch
+    from .reference.scenes import make_batch
     from .attributes import score
 
-    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.metrics.classifier", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.lab.classifier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int)

@@ -1,6 +1,6 @@
 """Train the reference model from scratch on procedural scenes, seeded and on CPU.
 
-    python -m postdiff_compile.reference.train --out DIR [--steps 1600] [--batch 32] [--seed 0]
+    python -m postdiff_compile.lab.reference.train --out DIR [--steps 1600] [--batch 32] [--seed 0]
 
 The text encoder and the UNet train together on the epsilon objective with Min-SNR-5 weighting
 (Hang et al. 2023: much faster convergence, which matters on a 2-core budget), 10% of captions dropped
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.families import get_family
+from ...models.families import get_family
 from .model import FAMILY, TEXT_LENGTH, make_parts, save_folder
 from .scenes import make_batch
 
@@ -53,7 +53,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def train(cfg: TrainConfig, out: Path, threads: int | None = None) -> dict:
     from diffusers import DDPMScheduler
 
-    from ..metrics.classifier import check_training_seeds
+    from ..classifier import check_training_seeds
 
     check_training_seeds(cfg.seed, cfg.steps)
     if threads:
@@ -122,14 +122,14 @@ def train(cfg: TrainConfig, out: Path, threads: int | None = None) -> dict:
     parts.text_encoder.load_state_dict(ema["text_encoder"].state_dict())
     summary = {"config": asdict(cfg), "seconds": seconds, "final_mse": final, "history": history,
                "threads": torch.get_num_threads()}
-    save_folder(parts, out, metadata={"postdiff.note": "reference model trained by postdiff_compile.reference.train",
+    save_folder(parts, out, metadata={"postdiff.note": "reference model trained by postdiff_compile.lab.reference.train",
                                       "postdiff.train": json.dumps(asdict(cfg))})
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.reference.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.lab.reference.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.families import get_family
+from ...models.families import get_family
 from .scenes import vocabulary
 
 FAMILY = "scenes32"       # its UNet and scheduler configs are the family's bundled JSON files
@@ -110,7 +110,7 @@ def save_folder(parts: ReferenceParts, folder: Path, metadata: dict[str, str] | 
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "postdiff_family": FAMILY,
         "note": "postdiff-compile's reference model: pixel space (identity VAE), load with "
-                "postdiff_compile.reference.load_pipeline"}, indent=2))
+                "postdiff_compile.lab.reference.load_pipeline"}, indent=2))
     (folder / "unet" / "config.json").write_text(json.dumps(dict(parts.unet.config), indent=2, default=list))
     save_file({k: v.detach().half().contiguous() for k, v in parts.unet.state_dict().items()},
               str(folder / "unet" / "diffusion_pytorch_model.safetensors"), metadata=metadata)

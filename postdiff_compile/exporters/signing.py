@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import PostDiffError
+from ..errors import PostDiffError
 
 SIGNATURE = "manifest.sig"
 
@@ -96,7 +96,7 @@ def generate_key(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def sign(folder: str | os.PathLike, key: str | os.PathLike) -> Path:
     """Sign a valid artifact's manifest.sha256 with the private key in `key`; returns the signature file."""
-    from .exporters.manifest import CHECKSUM, check_files, member, read_manifest
+    from .manifest import CHECKSUM, check_files, member, read_manifest
 
     folder = Path(folder)
     private = _load_private_key(Path(key))
@@ -119,7 +119,7 @@ def sign(folder: str | os.PathLike, key: str | os.PathLike) -> Path:
 def verify(folder: Path, checksum: bytes, public_key) -> None:
     """Refuse unless `folder`'s manifest.sig is the key's signature of `checksum` (manifest.sha256's bytes,
     as the caller read and checked them)."""
-    from .exporters.manifest import member
+    from .manifest import member
 
     _, _, invalid = _crypto()
     key = load_public_key(public_key) if not hasattr(public_key, "verify") else public_key

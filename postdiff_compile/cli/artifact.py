@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_parser import Parser
-from .errors import PostDiffError
+from .parser import Parser
+from ..errors import PostDiffError
 
 ARTIFACT_COMMANDS = ("run", "inspect", "sign", "keygen")
 # What `run` draws on the reference model when no embeddings are given (a caption of its scene grammar).
@@ -24,7 +24,7 @@ EMBEDDING_KEYS = ("prompt_embeds", "negative_prompt_embeds")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    from .runtime.backends import BACKENDS
+    from ..runtime.backends import BACKENDS
 
     key_help = "refuse the artifact unless it carries this Ed25519 public key's signature (postdiff-compile sign)"
     if command == "keygen":
@@ -76,7 +76,7 @@ def run(command: str, args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from .signing import generate_key
+    from ..exporters.signing import generate_key
 
     private, public = generate_key(args.out)
     print(f"{private}: private key (keep it secret); {public}: public key (for load(..., public_key=) and "
@@ -85,15 +85,15 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from .signing import sign
+    from ..exporters.signing import sign
 
     print(f"{sign(args.artifact, args.key)}: signed")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .exporters.manifest import check_files, read_manifest
-    from .runtime.artifact import check_contents
+    from ..exporters.manifest import check_files, read_manifest
+    from ..runtime.artifact import check_contents
 
     manifest = read_manifest(args.artifact, args.public_key)
     check_files(args.artifact, manifest)
@@ -173,8 +173,8 @@ def _embeddings(args: argparse.Namespace, runner, source: Path | None) -> tuple[
         raise PostDiffError(f"a {family} artifact has no text encoder inside; give --embeddings FILE.safetensors with "
                             f"{' and '.join(EMBEDDING_KEYS)} of shape [1, {runner.text['shape'][1]}, "
                             f"{runner.text['shape'][2]}]")
-    from .reference import is_reference_folder
-    from .reference.scenes import vocabulary
+    from ..lab.reference import is_reference_folder
+    from ..lab.reference.scenes import vocabulary
 
     prompt = args.prompt or DEFAULT_PROMPT
     known = set(vocabulary())
@@ -197,8 +197,8 @@ def source_folder(manifest: dict, given: Path | None) -> Path | None:
     folder is the one the caller names, or for a scenes32 artifact the shipped reference model; either way its
     denoiser files must have the sha256 the manifest recorded, so that the decoder belongs to this denoiser.
     """
-    from .exporters.manifest import sha256_file
-    from .models.default_model import embedded_default_path
+    from ..exporters.manifest import sha256_file
+    from .default_model import embedded_default_path
 
     if given is None:
         if manifest["source"]["family"] != "scenes32":
@@ -226,7 +226,7 @@ def source_folder(manifest: dict, given: Path | None) -> Path | None:
 
 def _reference_pipeline(folder: Path):
     """The reference model in `folder` (checked by source_folder), loaded once for encoding and decoding."""
-    from .models.default_model import embedded_default_path
+    from .default_model import embedded_default_path
 
     return _load_reference(None if Path(folder) == embedded_default_path() else str(folder))
 
@@ -235,7 +235,7 @@ def _reference_pipeline(folder: Path):
 def _load_reference(folder: str | None):
     from transformers.utils import logging as transformers_logging
 
-    from .reference import load_pipeline
+    from ..lab.reference import load_pipeline
 
     transformers_logging.disable_progress_bar()
     return load_pipeline(folder)
@@ -245,7 +245,7 @@ def _decoder(source: Path | None):
     """A function latents -> PIL images when the source folder has a VAE we can load offline, else None."""
     import torch
 
-    from .reference import is_reference_folder
+    from ..lab.reference import is_reference_folder
 
     if source is None:
         return None
@@ -274,8 +274,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from safetensors.torch import save_file
 
-    from .exporters.atomic_dir import atomic_dir, check_target
-    from .runtime.artifact import load
+    from ..exporters.atomic_dir import atomic_dir, check_target
+    from ..runtime.artifact import load
 
     out = args.out or Path("postdiff-run") / f"{args.artifact.resolve().name}-seed{args.seed}"
     check_target(out, args.force)

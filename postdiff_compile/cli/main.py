@@ -1,11 +1,11 @@
 """postdiff-compile: compile a diffusion checkpoint into a verified artifact folder.
 
     postdiff-compile [SOURCE] --preset NAME --out DIR [--format pt2,onnx,tensorrt,aoti] [--resolution HxW] [--steps N]
-    postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt] ...   (execute an artifact: cli_artifact.py)
+    postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt] ...   (execute an artifact: cli/artifact.py)
     postdiff-compile inspect DIR                                          (its plan, FLOPs and verification)
     postdiff-compile explain (--family NAME | SOURCE) (--preset NAME | --all-presets) [--resolution HxW]
                              [--steps N] [--json]
-    postdiff-compile study | tune | samples [MODEL] ...   (quality on the reference model: cli_quality.py)
+    postdiff-compile study | tune | samples [MODEL] ...   (quality on the reference model: cli/quality.py)
 
 Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
 config. Bad input prints one `error:` line naming the problem and the file, and exits with status 2.
@@ -19,9 +19,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import PRESETS, ConfigRequest, PostDiffConfig
-from .cli_parser import Parser
-from .errors import PostDiffError
+from ..config import PRESETS, ConfigRequest, PostDiffConfig
+from .parser import Parser
+from ..errors import PostDiffError
 
 QUALITY_COMMANDS = ("study", "tune", "samples")
 
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_explain_parser() -> argparse.ArgumentParser:
-    from .models.families import FAMILIES
+    from ..models.families import FAMILIES
 
     parser = Parser(
         prog="postdiff-compile explain",
@@ -104,7 +104,7 @@ def build_explain_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from . import cli_artifact, cli_quality
+    from . import artifact as cli_artifact, quality as cli_quality
 
     command = argv[0] if argv and argv[0] in ("explain", *QUALITY_COMMANDS, *cli_artifact.ARTIFACT_COMMANDS) else None
     if command in cli_artifact.ARTIFACT_COMMANDS:
@@ -150,9 +150,9 @@ def _terminate(signum, frame) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from .compile import compile_artifact, parse_formats
-    from .models.default_model import DESCRIPTION, embedded_default_path
-    from .reference import is_reference_folder
+    from ..compile import compile_artifact, parse_formats
+    from .default_model import DESCRIPTION, embedded_default_path
+    from ..lab.reference import is_reference_folder
     from .report import RichProgress, print_summary
 
     config = config_from_args(args)
@@ -178,8 +178,8 @@ def _compile(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     import json
 
-    from .explain import architecture_of, explain, format_explanation, format_preset_table
-    from .models.families import get_family
+    from ..explain import architecture_of, explain, format_explanation, format_preset_table
+    from ..models.families import get_family
 
     request = config_from_args(args)
     if (args.family is None) == (args.source is None):

@@ -5,8 +5,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .compile import CompileResult
-from .compile import Progress as ProgressCallbacks
+from ..compile import CompileResult
+from ..compile import Progress as ProgressCallbacks
 
 
 class RichProgress(ProgressCallbacks):

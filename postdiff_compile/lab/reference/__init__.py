@@ -15,7 +15,7 @@ WEIGHTS = "weights"
 
 def reference_folder() -> Path:
     """The shipped model's diffusers pipeline folder."""
-    return Path(str(resources.files("postdiff_compile.reference") / WEIGHTS))
+    return Path(str(resources.files("postdiff_compile.lab.reference") / WEIGHTS))
 
 
 def is_reference_folder(path: str | Path) -> bool:
@@ -30,13 +30,13 @@ def is_reference_folder(path: str | Path) -> bool:
 
 def load_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """The reference model (the shipped one, or one `train` wrote to `folder`) as a StableDiffusionPipeline."""
-    from ..errors import PostDiffError
+    from ...errors import PostDiffError
     from .model import load_parts, make_pipeline
 
     folder = Path(folder) if folder is not None else reference_folder()
     if not is_reference_folder(folder):
         raise PostDiffError("not a reference-model folder (model_index.json without postdiff_family "
-                            "'scenes32'); train one with python -m postdiff_compile.reference.train", folder)
+                            "'scenes32'); train one with python -m postdiff_compile.lab.reference.train", folder)
     scheduler = None
     if (folder / "scheduler" / "scheduler_config.json").is_file():
         from diffusers import DDIMScheduler
