@@ -27,7 +27,7 @@ import torch.fx
 
 from ..errors import PostDiffError
 from . import graph_edit
-from .deepcache import FEATURE
+from .deepcache import DEEPCACHE
 from .regions import children, output_of
 
 _BLOCKS = "transformer_blocks"
@@ -45,18 +45,20 @@ def block_cache_graph(graph: torch.fx.Graph, branch: int, mode: str) -> torch.fx
                             "(U-Nets such as SD1.5 use DeepCache instead)")
     check_block_branch(len(blocks), branch)
     new, outputs = graph_edit.flat_graph(graph)
+    last = blocks[len(blocks) - branch - 1]            # the last cached block
     before = output_of(new, blocks[branch - 1])       # hidden state entering the cached range
-    after = output_of(new, blocks[len(blocks) - branch - 1])   # and leaving it
+    after = output_of(new, last)                      # and leaving it
     if mode == "write":
         with new.inserting_after(after):
-            residual = new.call_function(torch.ops.aten.sub.Tensor, (after, before))
-        _set_val(residual, after, before)
+            residual = graph_edit.new_node(new, "call_function", torch.ops.aten.sub.Tensor, (after, before),
+                                           anchor=after, outside=last)
         graph_edit.set_outputs(new, [*outputs, residual])
     else:
-        cached = graph_edit.add_input(new, FEATURE, after)
+        cached = graph_edit.add_input(new, DEEPCACHE, after)
         with new.inserting_after(before):
-            restored = new.call_function(torch.ops.aten.add.Tensor, (before, cached))
-        restored.meta.update({k: after.meta[k] for k in ("val", "tensor_meta") if k in after.meta})
+            # it stands for the last cached block's output, computed by the transformer in that block's place
+            restored = graph_edit.new_node(new, "call_function", torch.ops.aten.add.Tensor, (before, cached),
+                                           anchor=after, outside=last)
         after.replace_all_uses_with(restored)
         graph_edit.eliminate_dead_code(new)
     return new
@@ -74,11 +76,3 @@ def check_block_branch(num_blocks: int, branch: int) -> None:
                         "it is the number of blocks recomputed at each end, with at least one cached between "
                         f"them, so cache_branch must be in 1..{(num_blocks - 1) // 2}")
 
-
-def _set_val(node: torch.fx.Node, after: torch.fx.Node, before: torch.fx.Node) -> None:
-    # Later passes and the exporters read shapes and dtypes from meta["val"]. The operands' fake tensors
-    # dispatch through their own fake mode, so this is the shape and dtype a real subtraction gives.
-    if "val" in after.meta and "val" in before.meta:
-        node.meta["val"] = torch.ops.aten.sub.Tensor(after.meta["val"], before.meta["val"])
-    if "tensor_meta" in after.meta:
-        node.meta["tensor_meta"] = after.meta["tensor_meta"]

@@ -14,7 +14,7 @@ import torch.fx
 from . import graph_edit
 from .regions import find_modules, output_of
 
-CACHE = "cross_attn"            # cache name in the plan; one tensor per attn2 module
+CROSS_ATTN = "cross_attn"   # cache name in the plan; one tensor per attn2 module
 CROSS_ATTENTION = r".*\.attn2"  # diffusers names every cross-attention `attn2`
 
 
@@ -40,6 +40,6 @@ def cross_attn_graph(graph: torch.fx.Graph, mode: str) -> CrossAttnGraph:
         # Find every output before replacing any: a replaced node would otherwise still count as used.
         nodes = [output_of(new, path) for path in modules]
         for i, node in enumerate(nodes):
-            graph_edit.replace_with_input(new, node, f"{CACHE}_{i}")
+            graph_edit.replace_with_input(new, node, f"{CROSS_ATTN}_{i}")
         graph_edit.eliminate_dead_code(new)
     return CrossAttnGraph(new, modules)

@@ -15,7 +15,7 @@ from ..errors import PostDiffError
 from . import graph_edit
 from .regions import children, output_of
 
-FEATURE = "deepcache"   # cache name of the deep feature, in variant inputs/outputs and in the plan
+DEEPCACHE = "deepcache"   # cache name of the deep feature, in variant inputs/outputs and in the plan
 
 
 def deepcache_graph(graph: torch.fx.Graph, branch: int, mode: str) -> torch.fx.Graph:
@@ -29,7 +29,7 @@ def deepcache_graph(graph: torch.fx.Graph, branch: int, mode: str) -> torch.fx.G
     if mode == "write":
         graph_edit.set_outputs(new, [*outputs, feature])
     else:
-        graph_edit.replace_with_input(new, feature, FEATURE)
+        graph_edit.replace_with_input(new, feature, DEEPCACHE)
         graph_edit.eliminate_dead_code(new)
     return new
 

@@ -11,12 +11,17 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from . import graph_edit
+
 aten = torch.ops.aten
 
 
-def drop_noop_squeezes(graph: torch.fx.Graph) -> int:
-    """Rewrite `graph` in place; returns how many squeezes were changed."""
-    changed = 0
+def drop_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule without no-op squeezes; `module` is left as it is.
+
+    The copy keeps `module`'s calling convention and shares its parameters (no weight memory).
+    """
+    graph = graph_edit.copy_graph(module.graph)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (aten.squeeze.dim, aten.squeeze.dims):
             continue
@@ -28,11 +33,12 @@ def drop_noop_squeezes(graph: torch.fx.Graph) -> int:
             continue
         if keep:
             with graph.inserting_before(node):
-                new = graph.call_function(aten.squeeze.dims, (node.args[0], keep))
-            new.meta = dict(node.meta)
+                new = graph_edit.new_node(graph, "call_function", aten.squeeze.dims, (node.args[0], keep),
+                                          anchor=node)
             node.replace_all_uses_with(new)
         else:
             node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
-        changed += 1
-    return changed
+    new_module = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
+    new_module.meta.update(module.meta)
+    return new_module

@@ -36,6 +36,25 @@ def module_paths(node: torch.fx.Node) -> list[str]:
     return paths
 
 
+def stack_outside(node: torch.fx.Node, path: str) -> dict:
+    """`node`'s nn_module_stack without module `path` and the modules inside it: the stack of a node that the
+    module's caller computes in the module's place (a pass's stand-in for the module's output)."""
+    stack = {}
+    for key, entry in (node.meta.get("nn_module_stack") or {}).items():
+        inner = _relative(entry[0])
+        if inner is not None and (path == "" or inner == path or inner.startswith(path + ".")):
+            break
+        stack[key] = entry
+    return stack
+
+
+def _relative(path: str) -> str | None:
+    """A stack entry's path relative to the denoiser (None for the export wrapper around it)."""
+    if path == _PREFIX:
+        return ""
+    return path[len(_PREFIX) + 1:] if path.startswith(_PREFIX + ".") else None
+
+
 def in_module(node: torch.fx.Node, path: str) -> bool:
     inner = module_path(node)
     return inner is not None and (inner == path or inner.startswith(path + "."))
