@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PostDiffError
-from .models.families import FamilySpec
+from .models.families import DenoiserKind, FamilySpec, kind_of
 
 TIMESTEP_DTYPE = torch.float32  # diffusers casts timesteps to float inside the time projection anyway
 
@@ -47,54 +47,50 @@ class DenoiserCall(torch.nn.Module):
     """The denoiser with positional tensor inputs and one tensor output.
 
     ExportedProgram.module() replays keyword arguments exactly as exported, so the export boundary takes
-    plain positional tensors; the family decides which.
+    plain positional tensors; the family decides which (`input_specs`). `kind` defaults to the denoiser's.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, input_names: tuple[str, ...]):
+    def __init__(self, denoiser: torch.nn.Module, input_names: tuple[str, ...], kind: DenoiserKind | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.input_names = input_names
+        self.kind = kind or kind_of(denoiser)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.input_names, inputs))
-        if "hidden_states" in named:  # PixArt-style transformer
-            added = {k: named[k] for k in ("resolution", "aspect_ratio") if k in named}
-            return self.denoiser(named["hidden_states"], encoder_hidden_states=named["encoder_hidden_states"],
-                                 encoder_attention_mask=named.get("encoder_attention_mask"),
-                                 timestep=named["timestep"], added_cond_kwargs=added or {"resolution": None,
-                                                                                      "aspect_ratio": None},
-                                 return_dict=False)[0]
-        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
-        return self.denoiser(named["sample"], named["timestep"], encoder_hidden_states=named["encoder_hidden_states"],
-                             timestep_cond=named.get("timestep_cond"), added_cond_kwargs=added or None,
-                             return_dict=False)[0]
+        latent = named.pop(self.kind.latent_input)
+        added = {k: named.pop(k) for k in self.kind.added_conditions if k in named}
+        if not added:
+            added = dict.fromkeys(self.kind.added_conditions) if self.kind.added_conditions_required else None
+        # The rest (timestep, encoder_hidden_states, timestep_cond, encoder_attention_mask) are forward's own
+        # keyword arguments.
+        return self.denoiser(latent, added_cond_kwargs=added, return_dict=False, **named)[0]
 
 
 def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> list[TensorSpec]:
+    """The denoiser's inputs for one bucket, in export order; optional ones as its config asks for them."""
     config = denoiser.config
     b, h, w, dt = bucket.batch, bucket.latent_height, bucket.latent_width, bucket.dtype
-    latent = (b, config["in_channels"], h, w)
-    if family.denoiser_class.startswith("PixArt"):
-        specs = [TensorSpec("hidden_states", latent, dt), TensorSpec("timestep", (b,), TIMESTEP_DTYPE),
-                 TensorSpec("encoder_hidden_states", (b, bucket.text_length, config["caption_channels"]), dt),
-                 # 1 = a real token, 0 = padding; the T5 prompts PixArt is trained on are padded to 120 tokens
-                 TensorSpec("encoder_attention_mask", (b, bucket.text_length), dt)]
-        if config.get("use_additional_conditions"):
-            specs += [TensorSpec("resolution", (b, 2), dt), TensorSpec("aspect_ratio", (b, 1), dt)]
-        return specs
-    specs = [TensorSpec("sample", latent, dt), TensorSpec("timestep", (b,), TIMESTEP_DTYPE),
-             TensorSpec("encoder_hidden_states", (b, bucket.text_length, config["cross_attention_dim"]), dt)]
-    if config.get("addition_embed_type") == "text_time":
+    specs = [TensorSpec(family.latent_input, (b, config["in_channels"], h, w), dt),
+             TensorSpec("timestep", (b,), TIMESTEP_DTYPE),
+             TensorSpec("encoder_hidden_states", (b, bucket.text_length, config[family.text_width_key]), dt)]
+    if family.kind.text_mask:
+        # 1 = a real token, 0 = padding; the T5 prompts PixArt is trained on are padded to 120 tokens
+        specs.append(TensorSpec("encoder_attention_mask", (b, bucket.text_length), dt))
+    if config.get("addition_embed_type") == "text_time":   # SDXL's pooled text and size conditioning
         text_embeds = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         specs += [TensorSpec("text_embeds", (b, text_embeds), dt), TensorSpec("time_ids", (b, 6), dt)]
     if config.get("time_cond_proj_dim"):   # LCM: the embedding of the guidance scale w
         specs.append(TensorSpec("timestep_cond", (b, config["time_cond_proj_dim"]), dt))
+    if config.get("use_additional_conditions"):   # PixArt's resolution and aspect-ratio conditioning
+        specs += [TensorSpec("resolution", (b, 2), dt), TensorSpec("aspect_ratio", (b, 1), dt)]
     return specs
 
 
-def upsample_path(denoiser: torch.nn.Module, bucket: Bucket) -> str:
+def upsample_path(denoiser: torch.nn.Module, bucket: Bucket, kind: DenoiserKind | None = None) -> str:
     """Which upsampling code diffusers' UNet takes at this latent size (see the module docstring)."""
-    ups = getattr(denoiser, "num_upsamplers", 0)
+    kind = kind or kind_of(denoiser)
+    ups = denoiser.num_upsamplers if kind.size_dependent_upsampling else 0
     if not ups:
         return "none"
     exact = bucket.latent_height % 2**ups == 0 and bucket.latent_width % 2**ups == 0
@@ -129,6 +125,7 @@ class Captured:
     inputs: list[TensorSpec]
     upsample_path: str
     seconds: float
+    family: FamilySpec
 
     def module(self) -> torch.nn.Module:
         return self.program.module()
@@ -141,7 +138,7 @@ def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> Ca
     full-size architectures without a checkpoint.
     """
     specs = input_specs(denoiser, family, bucket)
-    wrapper = DenoiserCall(denoiser, tuple(s.name for s in specs)).eval()
+    wrapper = DenoiserCall(denoiser, tuple(s.name for s in specs), family.kind).eval()
     device = next(denoiser.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(specs))
     start = time.perf_counter()
@@ -150,7 +147,8 @@ def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> Ca
             program = torch.export.export(wrapper, args, strict=False)
     except Exception as err:  # torch.export reports many error types; the user needs to know which stage
         raise PostDiffError(f"torch.export failed for {family.name} at {bucket.tag}: {type(err).__name__}: {err}")
-    return Captured(program, bucket, specs, upsample_path(denoiser, bucket), time.perf_counter() - start)
+    return Captured(program, bucket, specs, upsample_path(denoiser, bucket, family.kind),
+                    time.perf_counter() - start, family)
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,21 @@ import torch
 from .capture import Bucket, Captured, DenoiserCall, TensorSpec, Verification, capture, example_inputs, rel_l2
 from .config import PostDiffConfig
 from .errors import PostDiffError
-from .models.families import FamilySpec
+from .models.families import FamilySpec, kind_of
 from .passes import graph_edit
-from .passes.cross_attn import CACHE as CROSS_ATTN
+from .passes.cross_attn import CROSS_ATTN
 from .passes.cross_attn import cross_attn_graph
 from .passes.block_cache import block_cache_graph, check_block_branch
-from .passes.deepcache import FEATURE as DEEPCACHE
+from .passes.deepcache import DEEPCACHE
 from .passes.deepcache import check_branch, deepcache_graph
-from .passes.regions import has_module
 
 DEEP_MODES = ("full", "shallow")
 CROSS_ATTN_MODES = ("compute", "write", "read")
+# The deep cache of each denoiser kind (FamilySpec.deep_cache): U-Nets cache DeepCache's deep feature;
+# transformers, which have no skip branches, the residual of their middle blocks. Both travel under the one
+# cache name DEEPCACHE. Each entry: the blocks cache_branch counts, the check of a branch, the graph pass.
+_DEEP_CACHES = {"deepcache": ("up_blocks", check_branch, deepcache_graph),
+                "block_cache": ("transformer_blocks", check_block_branch, block_cache_graph)}
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,8 @@ def check_cache_branch(denoiser: torch.nn.Module, config: PostDiffConfig) -> Non
     the config caches at all)."""
     if config.cache_interval <= 1:
         return
-    if hasattr(denoiser, "transformer_blocks"):
-        check_block_branch(len(denoiser.transformer_blocks), config.cache_branch)
-    else:
-        check_branch(len(denoiser.up_blocks), config.cache_branch)
+    blocks, check, _ = _DEEP_CACHES[kind_of(denoiser).deep_cache]
+    check(len(getattr(denoiser, blocks)), config.cache_branch)
 
 
 @dataclass
@@ -101,9 +103,7 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
     inputs = [s.name for s in captured.inputs]
     outputs = ["noise_pred"]
     if spec.deep == "shallow" or spec.write_deepcache:
-        # U-Nets cache DeepCache's deep feature; transformers, which have no skip branches, the residual of
-        # their middle blocks (passes/block_cache.py). Both travel under the one cache name DEEPCACHE.
-        deep_pass = block_cache_graph if has_module(graph, "transformer_blocks") else deepcache_graph
+        _, _, deep_pass = _DEEP_CACHES[captured.family.deep_cache]
         graph = deep_pass(graph, cache_branch, "read" if spec.deep == "shallow" else "write")
         (inputs if spec.deep == "shallow" else outputs).append(DEEPCACHE)
     if spec.cross_attn != "compute":
@@ -148,7 +148,7 @@ def check_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modul
     args = tuple(a.to(device) for a in example_inputs(captured.inputs, seed))
     spec = variant.spec
     caches: dict[str, torch.Tensor] = {}
-    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
+    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs), captured.family.kind).eval()
     with torch.no_grad():
         expected = wrapper(*args).float()
         if spec.reads:
@@ -179,7 +179,7 @@ class VariantStore:
         self.denoiser = denoiser
         self.family = family
         self.compile = compile
-        self.latent_input = "hidden_states" if family.denoiser_class.startswith("PixArt") else "sample"
+        self.latent_input = family.latent_input
         self.captured: dict[Bucket, Captured] = {}
         self._roots: dict[Bucket, torch.nn.Module] = {}
         self._variants: dict[tuple[str, int, Bucket], Variant] = {}

@@ -1,6 +1,9 @@
 """One spec per model family: the facts about an architecture that loading, capture and passes consult.
 
-Keeping these in one registry keeps `if family == ...` out of the rest of the code (STYLE.md).
+Keeping these in one registry keeps `if family == ...` out of the rest of the code (STYLE.md). The facts
+about a diffusers denoiser class (U-Net or transformer: its input names, which deep cache it takes) are a
+`DenoiserKind`, shared by the families built on that class; code that holds a module and no family looks
+its kind up with `kind_of`, and nothing else asks a module what it is.
 """
 from __future__ import annotations
 
@@ -11,6 +14,50 @@ from functools import lru_cache
 from importlib import resources
 
 from ..errors import PostDiffError
+
+
+@dataclass(frozen=True)
+class DenoiserKind:
+    """What capture, the cache passes and loading need to know about one diffusers denoiser class."""
+    denoiser_class: str                 # diffusers class name
+    latent_input: str                   # forward's first parameter: "sample" (U-Nets), "hidden_states" (DiTs)
+    text_width_key: str                 # the config key holding encoder_hidden_states' width
+    text_mask: bool                     # forward takes encoder_attention_mask (T5 prompts are padded)
+    added_conditions: tuple[str, ...]   # inputs that travel in forward's added_cond_kwargs
+    added_conditions_required: bool     # forward reads added_cond_kwargs even when the model uses none of them
+    # "deepcache": DeepCache's deep skip feature (U-Nets, passes/deepcache.py); "block_cache": the residual of
+    # the middle transformer blocks (transformers have no skip branches, passes/block_cache.py).
+    deep_cache: str
+    # forward picks its upsampling code from the latent size (U-Nets: `forward_upsample_size` when a side is
+    # not a multiple of 2**num_upsamplers; capture.upsample_path)
+    size_dependent_upsampling: bool
+    checkpoint_layouts: tuple[str, ...]  # the tensor-name layouts detection reads (models/detect.py)
+    pipeline_component: str             # the diffusers pipeline attribute and folder that holds it
+
+
+DENOISER_KINDS: dict[str, DenoiserKind] = {
+    kind.denoiser_class: kind
+    for kind in (
+        DenoiserKind("UNet2DConditionModel", "sample", "cross_attention_dim", text_mask=False,
+                     added_conditions=("text_embeds", "time_ids"), added_conditions_required=False,
+                     deep_cache="deepcache", size_dependent_upsampling=True, checkpoint_layouts=("ldm", "diffusers"),
+                     pipeline_component="unet"),
+        DenoiserKind("PixArtTransformer2DModel", "hidden_states", "caption_channels", text_mask=True,
+                     added_conditions=("resolution", "aspect_ratio"), added_conditions_required=True,
+                     deep_cache="block_cache", size_dependent_upsampling=False,
+                     checkpoint_layouts=("pixart_original", "diffusers"),
+                     pipeline_component="transformer"),
+    )
+}
+
+
+def kind_of(denoiser: object) -> DenoiserKind:
+    """The kind of a denoiser module: its class, or the nearest base class, that DENOISER_KINDS knows."""
+    for cls in type(denoiser).__mro__:
+        if cls.__name__ in DENOISER_KINDS:
+            return DENOISER_KINDS[cls.__name__]
+    raise PostDiffError(f"{type(denoiser).__name__} is not a denoiser class postdiff-compile knows "
+                        f"({', '.join(DENOISER_KINDS)} or a subclass)")
 
 
 @dataclass(frozen=True)
@@ -30,6 +77,38 @@ class FamilySpec:
     # `guidance_embedding`, diffusers' time_cond_proj_dim), so the pipeline runs one batch per step, no CFG.
     guidance_embedding: int = 0
     default_steps: int = 20        # the step count presets are tuned for and compile uses by default
+    # Detection (models/detect_unet.py): U-Nets whose attention heads are `head_width` channels wide at every
+    # level (the config's attention_head_dim then counts heads per level; 0: a fixed head count, as bundled),
+    # and whose transformer depth differs per level (transformer_layers_per_block).
+    head_width: int = 0
+    depth_per_level: bool = False
+    # Epsilon and v-prediction checkpoints of this family have the same shapes; without metadata one weight's
+    # spread tells them apart (models/detect.py).
+    prediction_from_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.denoiser_class not in DENOISER_KINDS:
+            raise ValueError(f"family {self.name}: no DenoiserKind for {self.denoiser_class}")
+
+    @property
+    def kind(self) -> DenoiserKind:
+        return DENOISER_KINDS[self.denoiser_class]
+
+    @property
+    def latent_input(self) -> str:
+        return self.kind.latent_input
+
+    @property
+    def text_width_key(self) -> str:
+        return self.kind.text_width_key
+
+    @property
+    def deep_cache(self) -> str:
+        return self.kind.deep_cache
+
+    @property
+    def checkpoint_layouts(self) -> tuple[str, ...]:
+        return self.kind.checkpoint_layouts
 
     @property
     def classifier_free_guidance(self) -> bool:
@@ -82,8 +161,10 @@ FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for spec in (
         FamilySpec("sd15", "UNet2DConditionModel", "sd15_unet.json", "sd15_scheduler.json", "epsilon", 768, 77),
-        FamilySpec("sd2", "UNet2DConditionModel", "sd2_unet.json", "sd2_scheduler.json", "v_prediction", 1024, 77),
-        FamilySpec("sdxl", "UNet2DConditionModel", "sdxl_unet.json", "sdxl_scheduler.json", "epsilon", 2048, 77),
+        FamilySpec("sd2", "UNet2DConditionModel", "sd2_unet.json", "sd2_scheduler.json", "v_prediction", 1024, 77,
+                   head_width=64, prediction_from_weights=True),
+        FamilySpec("sdxl", "UNet2DConditionModel", "sdxl_unet.json", "sdxl_scheduler.json", "epsilon", 2048, 77,
+                   head_width=64, depth_per_level=True),
         FamilySpec("pixart_alpha", "PixArtTransformer2DModel", "pixart_alpha_transformer.json",
                    "pixart_alpha_scheduler.json", "epsilon", 4096, 120, latent_multiple=2),
         # LCM-distilled U-Nets (SimianLuo/LCM_Dreamshaper_v7, latent-consistency/lcm-sdxl): the base family's
@@ -91,12 +172,18 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("lcm_sd15", "UNet2DConditionModel", "sd15_unet.json", "lcm_scheduler.json", "epsilon", 768, 77,
                    guidance_embedding=256, default_steps=4),
         FamilySpec("lcm_sdxl", "UNet2DConditionModel", "sdxl_unet.json", "lcm_scheduler.json", "epsilon", 2048, 77,
-                   guidance_embedding=256, default_steps=4),
+                   guidance_embedding=256, default_steps=4, head_width=64, depth_per_level=True),
         # The reference model trained here (postdiff_compile/lab/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
                    128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),
     )
 }
+
+
+def consistency_distilled(base: FamilySpec) -> FamilySpec | None:
+    """The LCM family distilled from `base` (the same U-Net plus a guidance embedding), if there is one."""
+    return next((spec for spec in FAMILIES.values()
+                 if spec.guidance_embedding and spec.denoiser_config == base.denoiser_config), None)
 
 
 def get_family(name: str) -> FamilySpec:

@@ -13,16 +13,18 @@ import torch
 from .. import safe_json
 from ..errors import PostDiffError
 from .build import build_denoiser
-from .detect import Detection, detect
-from .families import FamilySpec, get_family
+from .detect import detect
+from .families import DENOISER_KINDS, FamilySpec, get_family
 from .key_maps import original_source
 from .safetensors_header import SafetensorsHeader, read_header
+from .shape_evidence import Detection
 
 SUPPORTED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-_DENOISER_FOLDERS = ("unet", "transformer")
+# Where a diffusers pipeline keeps its denoiser, as a folder and as an attribute: "unet", "transformer".
+_DENOISER_COMPONENTS = tuple(dict.fromkeys(kind.pipeline_component for kind in DENOISER_KINDS.values()))
 
 
 @dataclass
@@ -158,7 +160,7 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
     prediction_type = None
     model_dir = path
     if (path / "model_index.json").is_file():
-        model_dir = next((path / sub for sub in _DENOISER_FOLDERS if (path / sub / "config.json").is_file()), None)
+        model_dir = next((path / sub for sub in _DENOISER_COMPONENTS if (path / sub / "config.json").is_file()), None)
         if model_dir is None:
             raise PostDiffError("pipeline folder has no unet/ or transformer/ subfolder with a config.json", path)
         scheduler = path / "scheduler" / "scheduler_config.json"
@@ -226,7 +228,7 @@ def _read_json(path: Path) -> dict:
 
 def denoiser_of(obj: Any) -> torch.nn.Module:
     """The denoiser module of a diffusers pipeline, or the object itself if it is one."""
-    for attr in ("unet", "transformer"):
+    for attr in _DENOISER_COMPONENTS:
         module = getattr(obj, attr, None)
         if isinstance(module, torch.nn.Module):
             return module

@@ -21,9 +21,8 @@ from .key_maps import LDM_PREFIX
 TABLE = "reference_shapes.json.gz"
 
 
-def layouts_of(family: str) -> tuple[str, str]:
-    return ("pixart_original", "diffusers") if get_family(family).denoiser_class.startswith("PixArt") \
-        else ("ldm", "diffusers")
+def layouts_of(family: str) -> tuple[str, ...]:
+    return get_family(family).checkpoint_layouts
 
 
 def build_shapes(family: str, layout: str) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,148 @@
+"""Detect a U-Net: its block structure from LDM/SGM or diffusers tensor names, its family from the
+text-conditioning widths, and the diffusers config that builds it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .families import consistency_distilled, get_family
+from .shape_evidence import CheckedShapes, Detection, NotMatched, Shapes, bounded, count_blocks
+
+# (cross-attention context width, linear transformer projections, added conditioning width) -> base family
+_SIGNATURES = {(768, False, None): "sd15", (1024, True, None): "sd2", (2048, True, 2816): "sdxl",
+               (128, False, None): "scenes32"}
+
+
+@dataclass
+class _Level:
+    channels: int
+    resnets: int
+    attention_depth: int  # transformer blocks per attention; 0 = no attention at this level
+
+
+@dataclass
+class UNetView:
+    """A U-Net's structure as read from one checkpoint layout's tensor names."""
+    in_channels: int
+    out_channels: int
+    levels: list[_Level]
+    context_dim: int | None
+    linear_projection: bool
+    adm_channels: int | None
+    mid_attention: bool
+    guidance_embedding: int = 0   # LCM: width of the w-embedding (time_embedding.cond_proj), 0 = none
+
+
+def ldm_view(shapes: Shapes, prefix: str) -> UNetView:
+    s = CheckedShapes({k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)})
+    levels, current, i = [], None, 1
+    while f"input_blocks.{i}.0.op.weight" in s or f"input_blocks.{i}.0.in_layers.0.weight" in s:
+        if f"input_blocks.{i}.0.op.weight" in s:
+            if current is None:   # found by the fuzzer: a downsample with no resnet before it
+                raise NotMatched([f"input_blocks.{i} downsamples a level that has no resnet"])
+            levels.append(current)
+            current = None
+        else:
+            channels = s[f"input_blocks.{i}.0.out_layers.3.weight"][0]
+            depth = count_blocks(s, f"input_blocks.{i}.1.transformer_blocks.")
+            if current is None:
+                current = _Level(channels, 0, depth)
+            current.resnets += 1
+        i += 1
+    if current is not None:
+        levels.append(current)
+    return UNetView(
+        in_channels=s["input_blocks.0.0.weight"][1],
+        out_channels=s["out.2.weight"][0] if "out.2.weight" in s else s["input_blocks.0.0.weight"][1],
+        levels=levels,
+        context_dim=_context_dim(s),
+        linear_projection=_linear_projection(s),
+        adm_channels=s["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in s else None,
+        mid_attention="middle_block.1.proj_in.weight" in s,
+        guidance_embedding=_guidance_width(s),
+    )
+
+
+def diffusers_view(s: Shapes) -> UNetView:
+    levels, b = [], 0
+    while f"down_blocks.{b}.resnets.0.conv1.weight" in s:
+        resnets = sum(1 for r in range(64) if f"down_blocks.{b}.resnets.{r}.conv1.weight" in s)
+        channels = s[f"down_blocks.{b}.resnets.0.conv2.weight"][0]
+        levels.append(_Level(channels, resnets, count_blocks(s, f"down_blocks.{b}.attentions.0.transformer_blocks.")))
+        b += 1
+    return UNetView(
+        in_channels=s["conv_in.weight"][1],
+        out_channels=s["conv_out.weight"][0] if "conv_out.weight" in s else s["conv_in.weight"][1],
+        levels=levels,
+        context_dim=_context_dim(s),
+        linear_projection=_linear_projection(s),
+        adm_channels=s["add_embedding.linear_1.weight"][1] if "add_embedding.linear_1.weight" in s else None,
+        mid_attention="mid_block.attentions.0.proj_in.weight" in s,
+        guidance_embedding=_guidance_width(s),
+    )
+
+
+def _guidance_width(s: Shapes) -> int:
+    # LCM checkpoints converted to the original layout keep the diffusers name of this one tensor (the LDM
+    # code has no guidance embedding, so the converters leave it as it is): the same key in both views.
+    return s["time_embedding.cond_proj.weight"][1] if "time_embedding.cond_proj.weight" in s else 0
+
+
+def _context_dim(s: Shapes) -> int | None:
+    for k, v in s.items():
+        if k.endswith("attn2.to_k.weight"):
+            return v[1]
+    return None
+
+
+def _linear_projection(s: Shapes) -> bool:
+    return any(k.endswith("proj_in.weight") and len(v) == 2 for k, v in s.items())
+
+
+def detect_unet(view: UNetView, layout: str, prefix: str) -> Detection:
+    evidence = [
+        f"layout {layout}" + (f" (tensor prefix {prefix!r})" if prefix else ""),
+        f"cross-attention context width {view.context_dim}",
+        f"{'linear' if view.linear_projection else 'convolutional'} transformer projections",
+        f"added conditioning width {view.adm_channels}" if view.adm_channels else "no added conditioning",
+        f"{len(view.levels)} levels with channels {[lv.channels for lv in view.levels]}",
+    ]
+    bounded(evidence, levels=len(view.levels), channels=[lv.channels for lv in view.levels],
+            layers_per_block=[lv.resnets for lv in view.levels],
+            attention_depth=[lv.attention_depth for lv in view.levels], in_channels=view.in_channels,
+            out_channels=view.out_channels, context_dim=view.context_dim, adm_channels=view.adm_channels,
+            guidance_embedding=view.guidance_embedding)
+    family = _SIGNATURES.get((view.context_dim, view.linear_projection, view.adm_channels))
+    if family is None or not view.levels:
+        raise NotMatched(evidence)
+    spec = get_family(family)
+    if view.guidance_embedding:   # an LCM: its base family's U-Net plus the guidance embedding
+        spec = consistency_distilled(spec)
+        if spec is None:
+            raise NotMatched(evidence + [f"a guidance embedding (LCM) on a {family} U-Net, which no known LCM has"])
+        evidence.append(f"guidance embedding of width {view.guidance_embedding} (time_embedding.cond_proj): "
+                        "consistency-distilled (LCM)")
+    config = spec.config()
+    if view.guidance_embedding:
+        config["time_cond_proj_dim"] = view.guidance_embedding
+    resnets = {lv.resnets for lv in view.levels}
+    if len(resnets) != 1:
+        raise NotMatched(evidence + [f"levels have different resnet counts {sorted(resnets)}"])
+    channels = [lv.channels for lv in view.levels]
+    config.update(
+        in_channels=view.in_channels,
+        out_channels=view.out_channels,
+        block_out_channels=channels,
+        layers_per_block=resnets.pop(),
+        down_block_types=["CrossAttnDownBlock2D" if lv.attention_depth else "DownBlock2D" for lv in view.levels],
+        up_block_types=["CrossAttnUpBlock2D" if lv.attention_depth else "UpBlock2D" for lv in reversed(view.levels)],
+    )
+    if spec.head_width:
+        # Heads of a fixed width (the config field counts heads, a diffusers legacy name); otherwise a fixed
+        # head count at every level, as in the bundled config.
+        config["attention_head_dim"] = [max(1, c // spec.head_width) for c in channels]
+    if spec.depth_per_level:
+        config["transformer_layers_per_block"] = [max(1, lv.attention_depth) for lv in view.levels]
+    if not view.mid_attention:
+        config["mid_block_type"] = "UNetMidBlock2D"
+    evidence.append(f"family {spec.name}: matched by context width, projection kind and added conditioning")
+    return Detection(spec.name, layout, prefix, config, spec.prediction_type, evidence)
