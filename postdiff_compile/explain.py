@@ -16,8 +16,7 @@ from .config import PostDiffConfig
 from .errors import PostDiffError
 from .metrics.flops import FlopCount, count_flops
 from .models.families import FamilySpec, get_family
-from .plan import Step, build_plan, switch_of
-from .resolution import low_res_latent
+from .plan import Step, make_plan, switch_of
 
 if TYPE_CHECKING:   # variants imports torch.export machinery; explain's callers may only want the dataclasses
     from .variants import VariantStore
@@ -91,8 +90,8 @@ def _meta_store(family: FamilySpec, denoiser_config: dict | None, architecture: 
     return _META_STORES[architecture]
 
 
-def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None, resolution: tuple[int, int] | None = None,
-            denoiser_config: dict | None = None, cfg: bool = True,
+def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = None,
+            resolution: tuple[int, int] | None = None, denoiser_config: dict | None = None, cfg: bool = True,
             on_stage: Callable[[str], None] | None = None) -> Explanation:
     from .variants import check_cache_branch
 
@@ -100,8 +99,9 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None
     latent = family.check_resolution(height, width)
     steps = family.check_steps(steps or family.default_steps)
     cfg = cfg and family.classifier_free_guidance   # an LCM pipeline never batches CFG
-    plan = build_plan(config, steps, cfg)
-    low = low_res_latent(family, latent, config.low_res_scale) if switch_of(plan) else None
+    plan = make_plan(config, steps, family=family, full_latent=latent, prediction_type=family.prediction_type,
+                     cfg=cfg)
+    low = plan.transition.low_latent if plan.transition else None
     architecture = f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if denoiser_config else 'default'}"
     store = _meta_store(family, denoiser_config, architecture)
     check_cache_branch(store.denoiser, config)   # before any capture
@@ -127,45 +127,3 @@ def explain(family: FamilySpec, config: PostDiffConfig, steps: int | None = None
                 for step in plan]
     baseline = sum((cost("full", 2 if cfg else 1, latent) for _ in plan), FlopCount(0, 0))
     return Explanation(family.name, (height, width), latent, low, config, per_step, baseline, costs)
-
-
-def format_explanation(ex: Explanation) -> str:
-    def tera(value: int) -> str:
-        return f"{value / 1e12:.3f}"
-
-    switch = switch_of([s.step for s in ex.steps])
-    mixed = (f"; steps 0-{switch - 1} at low resolution, latent {ex.low_res_latent[0]}x{ex.low_res_latent[1]}, "
-             f"then the transition" if ex.low_res_latent else "")
-    lines = [f"{ex.family} {ex.resolution[0]}x{ex.resolution[1]} (latent {ex.latent[0]}x{ex.latent[1]}), "
-             f"{len(ex.steps)} steps{mixed}",
-             "config: " + ", ".join(f"{k}={v}" for k, v in ex.config.to_dict().items() if k != "config_version"),
-             "",
-             f"{'step':>4}  {'variant':<24} {'res':<5}{'cfg':<4} {'reads':<22} {'writes':<22} "
-             f"{'paper T':>8} {'true T':>8}"]
-    for s in ex.steps:
-        lines.append(f"{s.step.index:>4}  {s.step.variant:<24} {'low' if s.step.low_res else 'full':<5}"
-                     f"{'on' if s.step.cfg else 'off':<4} "
-                     f"{','.join(s.step.reads) or '-':<22} {','.join(s.step.writes) or '-':<22} "
-                     f"{tera(s.flops.paper):>8} {tera(s.flops.true):>8}")
-    total = ex.total
-    lines += ["",
-              f"total, paper convention (conv+linear MACs x batch, no attention): {tera(total.paper)} T "
-              f"= {total.paper / ex.baseline.paper:.1%} of the baseline's {tera(ex.baseline.paper)} T",
-              f"total, true FLOPs (2 x MACs, attention included):                {tera(total.true)} T "
-              f"= {total.true / ex.baseline.true:.1%} of the baseline's {tera(ex.baseline.true)} T"]
-    return "\n".join(lines)
-
-
-def format_preset_table(family: str, steps: int, results: dict[str, "Explanation | str"]) -> str:
-    """One line per preset: FLOPs in both conventions and the fraction of the baseline (str: unavailable)."""
-    any_result = next((r for r in results.values() if not isinstance(r, str)), None)
-    head = f"{family}, {steps} steps" + (f", {any_result.resolution[0]}x{any_result.resolution[1]}" if any_result else "")
-    lines = [head, "", f"{'preset':<10} {'paper T':>9} {'fraction':>9} {'true T':>9} {'fraction':>9}"]
-    for name, r in results.items():
-        if isinstance(r, str):
-            lines.append(f"{name:<10} unavailable: {r}")
-            continue
-        total = r.total
-        lines.append(f"{name:<10} {total.paper / 1e12:>9.3f} {total.paper / r.baseline.paper:>9.1%} "
-                     f"{total.true / 1e12:>9.3f} {total.true / r.baseline.true:>9.1%}")
-    return "\n".join(lines)

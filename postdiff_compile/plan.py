@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import PostDiffConfig
 from .errors import PostDiffError
-from .resolution import switch_step
+from .models.families import FamilySpec
+from .resolution import low_res_latent, switch_step
 from .variants import VariantSpec
 
 
@@ -50,6 +52,78 @@ class Step:
         """The inverse of to_json (extra keys, such as a manifest's variant_id, are ignored)."""
         return cls(data["index"], data["variant"], data["cfg"], tuple(data["reads"]), tuple(data["writes"]),
                    data["resolution"] == "low")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transition:
+    """The switch from low to full resolution as a runtime needs it; the manifest's `transition` entry holds
+    these and the numbers behind them (transition_spec.py; the rules in docs/manifest.md)."""
+    switch_step: int                        # L: the first full-resolution step; step L - 1 ends with the transition
+    full_latent: tuple[int, int]
+    low_latent: tuple[int, int]
+    prediction_type: str
+    renoise: str = "fresh"
+    clamp_x0: float = 0.0
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> Transition:
+        return cls(switch_step=entry["switch_step"], full_latent=tuple(entry["full_latent_size"]),
+                   low_latent=tuple(entry["low_latent_size"]), prediction_type=entry["prediction_type"],
+                   renoise=entry["renoise"], clamp_x0=entry["clamp_x0"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Everything a runtime needs to execute a compiled denoiser: the steps, the DeepCache branch of the shallow
+    variants, how a CFG step's cross-attention outputs become the cache, and the transition. Iterating it
+    walks the steps."""
+    steps: tuple[Step, ...]
+    cache_branch: int = 0
+    cross_attn_reduce: str = "off"          # cond | ave | cfg; "off" when no step writes the cache
+    transition: Transition | None = None
+
+    def __post_init__(self):
+        if (self.transition.switch_step if self.transition else 0) != self.switch_step:
+            raise PostDiffError(f"the plan switches resolution at step {self.switch_step}, its transition at "
+                                f"{self.transition.switch_step if self.transition else 'none'}")
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def switch_step(self) -> int:
+        """The first full-resolution step, 0 when the plan has no low-resolution steps."""
+        return switch_of(self.steps)
+
+    @property
+    def cfg(self) -> bool:
+        return any(step.cfg for step in self.steps)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> Plan:
+        """The plan of an artifact: its `plan` and `transition` entries and the two settings of its `config`
+        that say how to run them. The one place a runtime reads them."""
+        config = manifest["config"]
+        transition = manifest["transition"]
+        return cls(steps=tuple(Step.from_json(s) for s in manifest["plan"]),
+                   cache_branch=config.get("cache_branch", 0), cross_attn_reduce=config.get("cross_attn_cache", "off"),
+                   transition=Transition.from_manifest(transition) if transition is not None else None)
+
+
+def make_plan(config: PostDiffConfig, num_steps: int, *, family: FamilySpec, full_latent: tuple[int, int],
+              prediction_type: str, cfg: bool = True) -> Plan:
+    """`build_plan` with the settings that run it and, with mixed resolution, the transition."""
+    steps = tuple(build_plan(config, num_steps, cfg=cfg))
+    switch = switch_of(steps)
+    transition = Transition(switch_step=switch, full_latent=tuple(full_latent),
+                            low_latent=low_res_latent(family, full_latent, config.low_res_scale),
+                            prediction_type=prediction_type, renoise=config.renoise,
+                            clamp_x0=config.clamp_x0) if switch else None
+    return Plan(steps=steps, cache_branch=config.cache_branch, cross_attn_reduce=config.cross_attn_cache,
+                transition=transition)
 
 
 def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list[Step]:
@@ -76,7 +150,7 @@ def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list
     return plan
 
 
-def switch_of(plan: list[Step]) -> int:
+def switch_of(plan: list[Step] | tuple[Step, ...]) -> int:
     """The first full-resolution step, 0 when the plan has no low-resolution steps."""
     return sum(step.low_res for step in plan)
 
@@ -132,7 +206,7 @@ def check_plan(plan: list[Step]) -> None:
     one half by the write mode (cond, ave, cfg), so it is read by steps without CFG; and the runtime
     resizes it at the switch, so it may be read at full resolution.
     """
-    from .passes.cross_attn import CACHE as CROSS_ATTN
+    from .passes.cross_attn import CROSS_ATTN
 
     if any(step.low_res and not before.low_res for before, step in zip(plan, plan[1:])):
         raise PostDiffError("plan has a low-resolution step after a full-resolution one")

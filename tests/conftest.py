@@ -35,7 +35,8 @@ def tiny_artifact(tmp_path_factory):
     AOTInductor compile is paid only by a test that needs it. Tests must copy a folder before changing it."""
     from tiny_models import tiny_sd_pipeline
 
-    from postdiff_compile.compile import compile_artifact, parse_formats
+    from postdiff_compile.compile import compile_artifact
+    from postdiff_compile.exporters.formats import parse_formats
     from postdiff_compile.config import ConfigRequest
 
     root = tmp_path_factory.mktemp("tiny-artifacts")
@@ -47,7 +48,8 @@ def tiny_artifact(tmp_path_factory):
         if preset not in built or not wanted <= built[preset][1]:
             union = wanted | (built[preset][1] if preset in built else set())
             out = root / f"{preset}-{'-'.join(sorted(union))}"
-            compile_artifact(unet, ConfigRequest(preset), out, TINY_RESOLUTION, TINY_STEPS, formats=",".join(union))
+            compile_artifact(unet, ConfigRequest(preset), out, resolution=TINY_RESOLUTION, steps=TINY_STEPS,
+                             formats=",".join(union))
             built[preset] = (out, union)
         return built[preset][0]
 

@@ -125,7 +125,8 @@ def test_tensorrt_engines_build_verify_and_run(tmp_path):
     from postdiff_compile.config import ConfigRequest
 
     model = tiny_denoiser("sd15").cuda()
-    out = compile_artifact(model, ConfigRequest("fast"), tmp_path / "trt", (128, 128), 20, formats="pt2,tensorrt").out
+    out = compile_artifact(model, ConfigRequest("fast"), tmp_path / "trt", resolution=(128, 128), steps=20,
+                           formats="pt2,tensorrt").out
     assert json.loads((out / "manifest.json").read_text())["formats"] == ["pt2", "onnx", "tensorrt"]
     manifest = json.loads((out / "manifest.json").read_text())
     for v in manifest["variants"]:

@@ -145,8 +145,8 @@ def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, f
     else:
         pipe = tiny_pipeline(family)
         model, resolution = (pipe.transformer if family.startswith("pixart") else pipe.unet), RESOLUTION
-    out = compile_artifact(model, ConfigRequest(preset), tmp_path / "art", resolution, steps, dtype=dtype,
-                           formats="pt2,aoti").out
+    out = compile_artifact(model, ConfigRequest(preset), tmp_path / "art", resolution=resolution, steps=steps,
+                           dtype=dtype, formats="pt2,aoti").out
     python = postdiff_compile.load(out, "torch")
     cond, uncond, added, negative_added = runner_inputs(python)
     tensors = {"prompt_embeds": cond, **(added or {}), **{f"negative_{k}": v for k, v in (negative_added or {}).items()}}

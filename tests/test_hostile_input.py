@@ -285,7 +285,7 @@ def test_onnx_external_data_outside_the_weights_file_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from postdiff_compile.runtime.backends import check_external_data
+    from postdiff_compile.exporters.onnx_export import check_file as check_external_data
 
     folder = tmp_path / "art"
     folder.mkdir()

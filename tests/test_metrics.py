@@ -7,7 +7,7 @@ import torch
 
 from postdiff_compile.lab.attributes import CELLS, score, targets
 from postdiff_compile.metrics.quality import frechet_distance, psnr, ssim
-from postdiff_compile.lab.reference.scenes import Scene, SceneObject, make_batch
+from postdiff_compile.lab.scenes import Scene, SceneObject, make_batch
 from postdiff_compile.lab.study import equal_flops_baseline, pareto_front
 from postdiff_compile.lab.tune import grid, spearman
 

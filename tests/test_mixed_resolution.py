@@ -277,7 +277,7 @@ def test_pndm_is_refused_when_optimizing():
 def test_alpha_bars_follow_the_schedulers_own_sigmas():
     from diffusers import DPMSolverMultistepScheduler
 
-    from postdiff_compile.runtime.transition import alpha_bars
+    from postdiff_compile.schedulers import alpha_bars
 
     pipe = tiny_sd_pipeline("sd15", "dpmpp")
     plain = pipe.scheduler

@@ -14,7 +14,7 @@ from postdiff_compile.models.families import get_family
 from postdiff_compile.models.load import load_denoiser
 from postdiff_compile.lab.reference import is_reference_folder, load_pipeline, reference_folder
 from postdiff_compile.lab.reference.model import TEXT_LENGTH, load_parts, make_parts, make_pipeline, make_tokenizer
-from postdiff_compile.lab.reference.scenes import Scene, SceneObject, make_batch
+from postdiff_compile.lab.scenes import Scene, SceneObject, make_batch
 from postdiff_compile.lab.reference.train import TrainConfig, train
 
 ARGS = dict(num_inference_steps=10, guidance_scale=4.0, output_type="pt")

@@ -1,7 +1,7 @@
 """The reference model's procedural data: deterministic, captions that say what is drawn, drawn where said."""
 import numpy as np
 
-from postdiff_compile.lab.reference.scenes import (BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, Scene,
+from postdiff_compile.lab.scenes import (BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, SHAPES, Scene,
                                                SceneObject, make_batch, render, vocabulary)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from postdiff_compile.capture import rel_l2
 from postdiff_compile.exporters.scheduler_table import evaluate, scheduler_table
-from postdiff_compile.runtime.artifact import make_scheduler
+from postdiff_compile.schedulers import make_scheduler
 
 CONFIGS = Path(__file__).parent.parent / "postdiff_compile" / "models" / "configs"
 SD15 = json.loads((CONFIGS / "sd15_scheduler.json").read_text())

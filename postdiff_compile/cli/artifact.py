@@ -24,7 +24,7 @@ EMBEDDING_KEYS = ("prompt_embeds", "negative_prompt_embeds")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    from ..runtime.backends import BACKENDS
+    from ..exporters.formats import BACKENDS
 
     key_help = "refuse the artifact unless it carries this Ed25519 public key's signature (postdiff-compile sign)"
     if command == "keygen":
@@ -85,7 +85,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from ..exporters.signing import sign
+    from ..exporters.manifest import sign
 
     print(f"{sign(args.artifact, args.key)}: signed")
     return 0
@@ -174,7 +174,7 @@ def _embeddings(args: argparse.Namespace, runner, source: Path | None) -> tuple[
                             f"{' and '.join(EMBEDDING_KEYS)} of shape [1, {runner.text['shape'][1]}, "
                             f"{runner.text['shape'][2]}]")
     from ..lab.reference import is_reference_folder
-    from ..lab.reference.scenes import vocabulary
+    from ..lab.scenes import vocabulary
 
     prompt = args.prompt or DEFAULT_PROMPT
     known = set(vocabulary())

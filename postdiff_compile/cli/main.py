@@ -150,7 +150,8 @@ def _terminate(signum, frame) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from ..compile import compile_artifact, parse_formats
+    from ..compile import compile_artifact
+    from ..exporters.formats import parse_formats
     from .default_model import DESCRIPTION, embedded_default_path
     from ..lab.reference import is_reference_folder
     from .report import RichProgress, print_summary
@@ -167,8 +168,9 @@ def _compile(args: argparse.Namespace) -> int:
     stem = "scenes32" if args.source is None else Path(source).name.split(".")[0]
     out = args.out or Path("postdiff-out") / f"{stem}-{args.preset}"
     with RichProgress() as progress:
-        result = compile_artifact(source, config, out, args.resolution, args.steps, args.force, args.dtype,
-                                  args.prediction_type, progress, formats)
+        result = compile_artifact(source, config, out, resolution=args.resolution, steps=args.steps,
+                                  force=args.force, dtype=args.dtype, prediction_type=args.prediction_type,
+                                  progress=progress, formats=formats)
     print_summary(result)
     if args.source is None:   # said after the work, so that an error is the only line a failed run prints
         print(f"no SOURCE given: compiled {DESCRIPTION} from {source}", file=sys.stderr)
@@ -178,7 +180,8 @@ def _compile(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     import json
 
-    from ..explain import architecture_of, explain, format_explanation, format_preset_table
+    from ..explain import architecture_of, explain
+    from .tables import format_explanation, format_preset_table
     from ..models.families import get_family
 
     request = config_from_args(args)
@@ -201,13 +204,14 @@ def _explain(args: argparse.Namespace) -> int:
             except PostDiffError as err:
                 results[name] = str(err)
                 continue
-            results[name] = explain(family, config, args.steps, args.resolution, denoiser_config, not args.no_cfg,
-                                    stage)
+            results[name] = explain(family, config, steps=args.steps, resolution=args.resolution,
+                                    denoiser_config=denoiser_config, cfg=not args.no_cfg, on_stage=stage)
         print(json.dumps({k: v if isinstance(v, str) else v.to_json() for k, v in results.items()}, indent=2)
               if args.json else format_preset_table(family.name, args.steps or family.default_steps, results))
         return 0
     config = request.resolve(family.name)
-    result = explain(family, config, args.steps, args.resolution, denoiser_config, not args.no_cfg, stage)
+    result = explain(family, config, steps=args.steps, resolution=args.resolution, denoiser_config=denoiser_config,
+                     cfg=not args.no_cfg, on_stage=stage)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_explanation(result))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,11 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, chunk
             if on_bytes is not None:
                 on_bytes(len(block))
     return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    """The manifest's entry for a written file."""
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def toolchain(formats: tuple[str, ...] = ()) -> dict[str, str]:
@@ -121,9 +127,7 @@ def read_manifest(folder: Path, public_key=None) -> dict:
     checksum = member(folder, CHECKSUM, "manifest checksum")
     checksum_bytes = _read_small(checksum, 1024)
     if public_key is not None:
-        from .signing import verify
-
-        verify(folder, checksum_bytes, public_key)
+        _check_signature(folder, checksum_bytes, public_key)
     raw = _read_small(path, MAX_MANIFEST_BYTES)
     expected = checksum_bytes.split()
     if not expected or hashlib.sha256(raw).hexdigest().encode() != expected[0]:
@@ -161,3 +165,36 @@ def check_files(folder: Path, manifest: dict, on_bytes: Callable[[int], None] | 
         if sha256_file(path, on_bytes) != entry["sha256"]:
             raise PostDiffError(f"the {what} does not match its sha256 in the manifest: the file is damaged or was "
                                 "replaced", path)
+
+
+def _check_signature(folder: Path, checksum: bytes, public_key) -> None:
+    from .signing import SIGNATURE, verify
+
+    path = Path(folder) / SIGNATURE
+    if not path.exists() and not path.is_symlink():
+        raise PostDiffError(f"the artifact is not signed (no {SIGNATURE}) and a public key was given: refusing it",
+                            path)
+    verify(path, member(folder, SIGNATURE, "signature").read_bytes(), checksum, public_key)
+
+
+def sign(folder: str | os.PathLike, key: str | os.PathLike) -> Path:
+    """Sign a valid artifact's manifest.sha256 with the private key in `key` (signing.py); returns the
+    signature file."""
+    from .signing import SIGNATURE, load_private_key
+
+    folder = Path(folder)
+    private = load_private_key(Path(key))
+    manifest = read_manifest(folder)   # sign only what every loader accepts
+    check_files(folder, manifest)
+    checksum = member(folder, CHECKSUM, "manifest checksum").read_bytes()
+    target = folder / SIGNATURE
+    if target.is_symlink():
+        raise PostDiffError("the signature file is a symbolic link", target)
+    tmp = folder / f".{SIGNATURE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_bytes(private.sign(checksum))
+        tmp.replace(target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PostDiffError(f"cannot write the signature: {err.strerror}", target) from None
+    return target

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PostDiffError
+from .formats import FORMATS
 
-KNOWN_FORMATS = {"pt2", "onnx", "tensorrt", "aoti"}
 
 
 def check_consistency(m: dict, path: Path) -> None:
@@ -31,7 +31,7 @@ def check_consistency(m: dict, path: Path) -> None:
         if v["id"] in variants:
             raise bad(f"variants/{i}/id", f"{v['id']!r} appears twice")
         variants[v["id"]] = v
-        for fmt in set(m["formats"]) & KNOWN_FORMATS:   # a later tool's formats are its own business
+        for fmt in set(m["formats"]) & set(FORMATS):   # a later tool's formats are its own business
             if fmt not in v["files"]:
                 raise bad(f"variants/{i}/files", f"no {fmt} file, but formats lists {fmt}")
         names = [t["name"] for t in v["inputs"]]

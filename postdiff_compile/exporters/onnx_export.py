@@ -1,4 +1,5 @@
-"""Export a variant to ONNX with the dynamo exporter, its weights in the artifact's shared weights file.
+"""The onnx format: a variant exported to ONNX with the dynamo exporter, its weights in the artifact's shared
+weights file, opened by onnxruntime.
 
 Why each step:
 - `optimize=False`, then onnxscript's optimizer with folding forbidden on any node that reads a weight: the
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from ..capture import Verification, compare_outputs, example_inputs
+from ..capture import example_inputs
 from ..errors import PostDiffError
 from ..passes.noop_squeeze import drop_noop_squeezes
 from ..variants import Variant, variant_input_specs
+from .formats import Build, VariantJob
 from .manifest import sha256_file
-from .weights_file import LARGE, WeightsFile
+from .weights_file import FILE, LARGE, WeightsFile
 
 OPSET = 18
 PARAM_PREFIX = "denoiser."           # DenoiserCall holds the denoiser under this attribute
@@ -58,21 +60,19 @@ def export_onnx(variant: Variant, path: Path, weights: WeightsFile, opset: int =
     import onnx_ir as ir
     from onnxscript.optimizer import optimize_ir
 
-    # Same computation, so the variant (also used by the other formats) is edited in place.
-    if drop_noop_squeezes(variant.module.graph):
-        variant.module.recompile()
-    params = dict(variant.module.named_parameters())
+    module = drop_noop_squeezes(variant.module)   # a copy: the variant is shared with the other formats
+    params = dict(module.named_parameters())
     device = next(iter(params.values())).device if params else torch.device("cpu")
     args = tuple(a.to(device) for a in example_inputs(variant_input_specs(variant)))
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(variant.module, args, dynamo=True, input_names=list(variant.inputs),
+            program = torch.onnx.export(module, args, dynamo=True, input_names=list(variant.inputs),
                                         output_names=list(variant.outputs), opset_version=opset, optimize=False,
                                         verbose=False)
     except Exception as err:  # the exporter raises many error types
         raise PostDiffError(f"ONNX export failed for variant {variant.spec.name}: {type(err).__name__}: {err}")
     model = program.model
-    weight_names = set(params) | {name for name, _ in variant.module.named_buffers()}
+    weight_names = set(params) | {name for name, _ in module.named_buffers()}
 
     def reads_weight(node) -> bool | None:
         if any(v is not None and v.is_initializer() and v.name in weight_names for v in node.inputs):
@@ -121,10 +121,59 @@ def run_session(session, names: list[str], inputs: tuple[torch.Tensor, ...]) -> 
     return [torch.from_numpy(a) for a in session.run(None, feed)]
 
 
-def verify_onnx(path: Path, names: list[str], inputs: tuple[torch.Tensor, ...],
-                expected: tuple[torch.Tensor, ...], seed: int) -> Verification:
-    """onnxruntime's outputs against the torch variant's on the same inputs; the worst output counts."""
-    got = run_session(onnx_session(path), names, inputs)
-    if len(got) != len(expected):
-        raise PostDiffError(f"the ONNX graph has {len(got)} outputs, the torch variant {len(expected)}", path)
-    return compare_outputs(got, expected, seed)
+def begin(build: Build) -> None:
+    build.state["onnx"] = WeightsFile(build.folder)
+
+
+def write(job: VariantJob) -> dict:
+    build = job.build
+    path = build.folder / f"{job.stem}.onnx"
+    with build.timed(f"export onnx {job.tag}"):
+        entry = export_onnx(job.variant, path, build.state["onnx"])
+    with build.timed(f"verify onnx {job.tag}"):
+        got = run_session(onnx_session(path), list(job.variant.inputs), job.feed)
+        if len(got) != len(job.expected):
+            raise PostDiffError(f"the ONNX graph has {len(got)} outputs, the torch variant {len(job.expected)}", path)
+        entry["verification"] = job.verify(got, "ONNX graph", " under onnxruntime")
+    return entry
+
+
+def end(build: Build) -> None:
+    weights = build.state.pop("onnx")
+    weights.close()
+    build.entries["weights"] = {"file": weights.path.name, "sha256": sha256_file(weights.path),
+                                "bytes": weights.path.stat().st_size, "tensors": weights.tensors,
+                                "names": "the ONNX initializer names: the diffusers state-dict keys of the denoiser"}
+
+
+def abort(build: Build) -> None:
+    build.state.pop("onnx").close()
+
+
+def check_file(path: Path) -> None:
+    """Every tensor the graph keeps outside it lives in the artifact's shared weights file: onnxruntime would
+    read any path an edited graph names (`../../etc/passwd`) and a hash of the graph does not stop an edit."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf and onnx raise several types for a damaged file
+        raise PostDiffError(f"not an ONNX graph: {type(err).__name__}: {str(err)[:200]}", path) from None
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if location != FILE:
+                raise PostDiffError(f"the ONNX tensor {tensor.name[:80]!r} reads its data from {str(location)[:80]!r}; "
+                                    f"an artifact's graphs read only {FILE} beside them", path)
+
+
+def open_file(path: Path, device: torch.device, sha256: str | None = None):
+    check_file(path)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+    session = onnx_session(path, providers)
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*inputs):
+        return [t.to(device) for t in run_session(session, names, inputs)]
+    return run

@@ -26,13 +26,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import inspect
 from typing import Any
 from unittest import mock
 
 import torch
 
 from ..capture import rel_l2
+from ..schedulers import make_scheduler, restart, step_kwargs
 
 TABLE_TOLERANCE = 1e-5
 
@@ -63,18 +63,6 @@ def _noise_from(scheduler: Any, draw):
         yield
 
 
-def _extra_step_kwargs(scheduler: Any, generator: Any) -> dict:
-    # What the runners pass: DDIM's eta = 0 and a generator where step takes one.
-    accepted = set(inspect.signature(scheduler.step).parameters)
-    return {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
-
-
-def _restart(scheduler: Any, steps: int, begin: int) -> None:
-    scheduler.set_timesteps(steps)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(begin)
-
-
 def _clip_weight(linear: Any, clipped: Any, t, x0_of_sample: float, x0_of_output: float, r: float) -> float:
     """The weight of x0 in the update: the clipping scheduler against its linear twin (copies of both, at
     this step) on one-element tensors whose x0 is 10 r, without noise."""
@@ -87,7 +75,7 @@ def _clip_weight(linear: Any, clipped: Any, t, x0_of_sample: float, x0_of_output
     outs = []
     for scheduler in (linear, clipped):
         with _noise_from(scheduler, lambda shape, kwargs: torch.zeros(shape)):
-            outs.append(float(scheduler.step(output, t, sample, **_extra_step_kwargs(scheduler, None),
+            outs.append(float(scheduler.step(output, t, sample, **step_kwargs(scheduler, None),
                                              return_dict=False)[0].reshape(())))
     return (outs[1] - outs[0]) / (r - 10 * r)
 
@@ -110,7 +98,7 @@ def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
         return basis.new().to(kwargs.get("dtype") or torch.float32)
 
     rows = []
-    extra = _extra_step_kwargs(scheduler, None)
+    extra = step_kwargs(scheduler, None)
     for index in range(min(steps, len(timesteps))):
         t = timesteps[index]
         scale = float(scheduler.scale_model_input(torch.ones(1, 1, 1, 1), t).reshape(()))
@@ -119,7 +107,7 @@ def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
             rows.append({**row, "transition": True, "noise_draws": 0, "update": []})
             for s in (scheduler, clipped):
                 if s is not None:
-                    _restart(s, steps, switch)
+                    restart(s, steps, switch)
             basis = _Basis(size)
             continue
         at = basis.count        # this step's latents and output are basis[at] and basis[at + 1]
@@ -183,14 +171,14 @@ def check_table(scheduler: Any, steps: int, switch: int, table: dict, seed: int 
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
     noise_gen = torch.Generator().manual_seed(seed + 1)
-    extra = _extra_step_kwargs(scheduler, noise_gen)
+    extra = step_kwargs(scheduler, noise_gen)
     latents = start
     for index in range(min(steps, len(timesteps))):
         t = timesteps[index]
         scheduler.scale_model_input(latents, t)
         if switch and index == switch - 1:
             latents = restart_latents[0]
-            _restart(scheduler, steps, switch)
+            restart(scheduler, steps, switch)
             continue
         latents = scheduler.step(outputs[index], t, latents, **extra, return_dict=False)[0]
     got = evaluate(table, start, outputs, torch.Generator().manual_seed(seed + 1), restart_latents)
@@ -199,7 +187,6 @@ def check_table(scheduler: Any, steps: int, switch: int, table: dict, seed: int 
 
 def scheduler_table(scheduler_config: dict, steps: int, switch: int) -> dict:
     """The manifest's `scheduler_table`: the coefficients, or null ones with the reason they cannot be used."""
-    from ..runtime.artifact import make_scheduler
 
     name = scheduler_config["_class_name"]
     clips = bool(scheduler_config.get("clip_sample")) and not scheduler_config.get("thresholding")

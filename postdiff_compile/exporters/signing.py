@@ -11,6 +11,9 @@ and run with the process's rights once loaded.
     load(DIR, public_key="KEY.pub")               # refuses an unsigned or badly signed artifact
     postdiff-compile run|inspect DIR --public-key KEY.pub
 
+Keys and signatures are here; signing an artifact folder and checking its signature on load are the
+manifest's (manifest.py: `sign`, `read_manifest`), which knows the folder's files.
+
 The same check without this tool:
     openssl pkeyutl -verify -pubin -inkey KEY.pub -rawin -in DIR/manifest.sha256 -sigfile DIR/manifest.sig
 """
@@ -62,7 +65,7 @@ def load_public_key(key: str | os.PathLike | bytes):
     return loaded
 
 
-def _load_private_key(path: Path):
+def load_private_key(path: Path):
     serialization, ed25519, _ = _crypto()
     try:
         key = serialization.load_pem_private_key(_read_key(path, "private"), password=None)
@@ -94,40 +97,11 @@ def generate_key(out: str | os.PathLike) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def sign(folder: str | os.PathLike, key: str | os.PathLike) -> Path:
-    """Sign a valid artifact's manifest.sha256 with the private key in `key`; returns the signature file."""
-    from .manifest import CHECKSUM, check_files, member, read_manifest
-
-    folder = Path(folder)
-    private = _load_private_key(Path(key))
-    manifest = read_manifest(folder)   # sign only what every loader accepts
-    check_files(folder, manifest)
-    checksum = member(folder, CHECKSUM, "manifest checksum").read_bytes()
-    target = folder / SIGNATURE
-    if target.is_symlink():
-        raise PostDiffError("the signature file is a symbolic link", target)
-    tmp = folder / f".{SIGNATURE}.{os.getpid()}.tmp"
-    try:
-        tmp.write_bytes(private.sign(checksum))
-        tmp.replace(target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise PostDiffError(f"cannot write the signature: {err.strerror}", target) from None
-    return target
-
-
-def verify(folder: Path, checksum: bytes, public_key) -> None:
-    """Refuse unless `folder`'s manifest.sig is the key's signature of `checksum` (manifest.sha256's bytes,
-    as the caller read and checked them)."""
-    from .manifest import member
-
+def verify(path: Path, signature: bytes, checksum: bytes, public_key) -> None:
+    """Refuse unless `signature` (read from `path`, the artifact's manifest.sig) is the key's signature of
+    `checksum` (manifest.sha256's bytes, as the caller read and checked them)."""
     _, _, invalid = _crypto()
     key = load_public_key(public_key) if not hasattr(public_key, "verify") else public_key
-    path = Path(folder) / SIGNATURE
-    if not path.exists() and not path.is_symlink():
-        raise PostDiffError(f"the artifact is not signed (no {SIGNATURE}) and a public key was given: refusing it",
-                            path)
-    signature = member(folder, SIGNATURE, "signature").read_bytes()
     try:
         key.verify(signature, checksum)
     except invalid:

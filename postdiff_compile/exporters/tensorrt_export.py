@@ -1,4 +1,4 @@
-"""Build a TensorRT engine from a variant's ONNX graph: static shapes, strongly typed, a timing cache per GPU.
+"""The tensorrt format: a TensorRT engine built from a variant's ONNX graph: static shapes, strongly typed, a timing cache per GPU.
 
 An engine only runs on the TensorRT version and GPU architecture that built it, so both are in its file
 name and in the manifest, and the artifact loader refuses a mismatch instead of deserialising a stale
@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 
 from ..errors import PostDiffError
+from .formats import Build, VariantJob
+from .manifest import sha256_file
 
 NEEDS = ("TensorRT engines need the `tensorrt` Python package (pip install tensorrt) and an NVIDIA GPU with "
          "CUDA; use --format pt2,onnx on this machine")
@@ -131,3 +133,41 @@ class EngineRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         return tuple(outputs)
+
+
+check_available = check_tensorrt
+
+
+def begin(build: Build) -> None:
+    key = build.state["tensorrt"] = device_key()
+    build.toolchain["tensorrt"] = key["tensorrt"]
+
+
+def write(job: VariantJob) -> dict:
+    build = job.build
+    key = build.state["tensorrt"]
+    engine = build.folder / engine_file_name(job.tag, build.dtype_name, key)
+    with build.timed(f"build tensorrt {job.tag}"):
+        entry = build_engine(build.folder / f"{job.stem}.onnx", engine, key)
+    with build.timed(f"verify tensorrt {job.tag}"):
+        verification = job.verify(EngineRunner(engine)(*job.feed), "TensorRT engine")
+    return {**entry, "sha256": sha256_file(engine), "bytes": engine.stat().st_size, "precision": build.dtype_name,
+            "verification": verification}
+
+
+def check_toolchain(folder: Path, manifest: dict, device) -> None:
+    check_tensorrt()
+    here = device_key()
+    for variant in manifest["variants"]:
+        engine = variant["files"]["tensorrt"]
+        for key in ("tensorrt", "compute_capability"):
+            if engine[key] != here[key]:
+                raise PostDiffError(
+                    f"engine built with {key.replace('_', ' ')} {engine[key]}, this machine has {here[key]}: a "
+                    "TensorRT engine runs only where it was built; rebuild with --format tensorrt here",
+                    Path(folder) / engine["file"])
+
+
+def open_file(path: Path, device, sha256: str | None = None):
+    engine = EngineRunner(path)
+    return lambda *inputs: engine(*inputs)

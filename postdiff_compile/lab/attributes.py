@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reference.scenes import BACKGROUNDS, COLOURS, OBJECT_SIZES, PATTERNS, POSITIONS, SHAPES, Scene
+from .scenes import BACKGROUNDS, COLOURS, OBJECT_SIZES, PATTERNS, POSITIONS, SHAPES, Scene
 
 CELLS = len(POSITIONS)
 # (name, classes) of each head; class 0 of the cell heads means "no object in this cell".

@@ -76,7 +76,7 @@ def check_training_seeds(seed: int, steps: int) -> None:
 
 
 def train_classifier(cfg: ClassifierTrainConfig, log=print) -> AttributeClassifier:
-    from .reference.scenes import make_batch
+    from .scenes import make_batch
 
     check_training_seeds(cfg.seed, cfg.steps)
     torch.manual_seed(cfg.seed)
@@ -113,7 +113,7 @@ def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
-    from .reference.scenes import make_batch
+    from .scenes import make_batch
     from .attributes import score
 
     parser = argparse.ArgumentParser(prog="python -m postdiff_compile.lab.classifier", description=__doc__,

@@ -46,14 +46,14 @@ class PromptSet:
 
     @classmethod
     def make(cls, seed: int, n: int) -> "PromptSet":
-        from .reference.scenes import make_batch
+        from .scenes import make_batch
 
         _, captions, scenes = make_batch(TEST_SEED_BASE + seed, n)
         return cls(seed, captions, targets(scenes))
 
 
 def real_features(classifier: AttributeClassifier, n: int, seed: int = REAL_SEED) -> torch.Tensor:
-    from .reference.scenes import make_batch
+    from .scenes import make_batch
 
     images, _, _ = make_batch(seed, n)
     with torch.no_grad():

@@ -72,7 +72,7 @@ def flops_fraction(family, sampler: Sampler, resolution: tuple[int, int], baseli
 def _true_flops(family, config: PostDiffConfig, steps: int, resolution: tuple[int, int]) -> float:
     from ..explain import explain
 
-    return explain(family, config, steps, resolution).total.true
+    return explain(family, config, steps=steps, resolution=resolution).total.true
 
 
 @dataclass

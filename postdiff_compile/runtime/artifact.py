@@ -8,79 +8,33 @@ sha256, and the toolchain the chosen backend needs. A mismatch is one error nami
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..capture import Bucket
 from ..errors import PostDiffError
+from ..exporters.formats import FORMATS, of_backend
 from ..exporters.manifest import MANIFEST, check_files, read_manifest
-from ..plan import Step, switch_of
-from .backends import BACKENDS, FORMAT_OF, BackendVariant, open_variant
+from ..plan import Plan
+from ..schedulers import alpha_bars, make_scheduler, restart, step_kwargs
+from .backends import BackendVariant, open_variant
 from .denoise import DenoiseRequest, denoise
-from .transition import Switch, alpha_bars
 
 ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio", "encoder_attention_mask", "timestep_cond")
 
 
-def _major_minor(version: str) -> tuple[int, int]:
-    parts = version.split("+")[0].split(".")
-    return int(parts[0]), int(parts[1])
-
-
 def check_toolchain(folder: Path, manifest: dict, backend: str, device: torch.device | None = None) -> None:
     """Refuse what this machine cannot run faithfully, naming the file and what to do."""
-    path = Path(folder) / MANIFEST
-    fmt = FORMAT_OF[backend]
-    if fmt not in manifest["formats"]:
-        raise PostDiffError(f"the artifact has no {fmt} files for backend {backend!r} (it has "
-                            f"{', '.join(manifest['formats'])}); recompile with --format {fmt}", path)
-    if backend == "torch":
-        built = manifest["toolchain"]["torch"]
-        if _major_minor(built) > _major_minor(torch.__version__):
-            raise PostDiffError(f"the .pt2 programs were saved by torch {built}, newer than this torch "
-                                f"{torch.__version__}; torch.export programs load on the same or a newer torch", path)
-    if backend == "aoti":
-        # A package is a shared library compiled against this torch's C++ API for one device.
-        built = manifest["toolchain"]["torch"]
-        if _major_minor(built) != _major_minor(torch.__version__):
-            raise PostDiffError(f"the AOTInductor packages were compiled with torch {built}, this is torch "
-                                f"{torch.__version__}; recompile with --format aoti here", path)
-        wanted = device.type if device is not None else "cpu"
-        for variant in manifest["variants"]:
-            package = variant["files"]["aoti"]
-            if package["device"] != wanted:
-                raise PostDiffError(f"the AOTInductor package was compiled for {package['device']}, asked to run "
-                                    f"on {wanted}", Path(folder) / package["file"])
-    if backend == "tensorrt":
-        from ..exporters.tensorrt_export import check_tensorrt, device_key
-
-        check_tensorrt()
-        here = device_key()
-        for variant in manifest["variants"]:
-            engine = variant["files"]["tensorrt"]
-            for key in ("tensorrt", "compute_capability"):
-                if engine[key] != here[key]:
-                    raise PostDiffError(
-                        f"engine built with {key.replace('_', ' ')} {engine[key]}, this machine has {here[key]}: a "
-                        "TensorRT engine runs only where it was built; rebuild with --format tensorrt here",
-                        Path(folder) / engine["file"])
-
-
-def make_scheduler(config: dict, path: Path | None = None) -> Any:
-    import diffusers
-
-    cls = getattr(diffusers, config["_class_name"], None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise PostDiffError(f"unknown scheduler class {config['_class_name'][:100]!r} in the manifest", path)
-    try:
-        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    except Exception as err:   # diffusers refuses bad scheduler settings with several error types
-        raise PostDiffError(f"the manifest's {cls.__name__} settings cannot be used: {type(err).__name__}: "
-                            f"{str(err)[:200]}", path) from None
+    fmt = of_backend(backend)
+    if fmt.name not in manifest["formats"]:
+        raise PostDiffError(f"the artifact has no {fmt.name} files for backend {backend!r} (it has "
+                            f"{', '.join(manifest['formats'])}); recompile with --format {fmt.name}",
+                            Path(folder) / MANIFEST)
+    check = getattr(fmt.impl(), "check_toolchain", None)
+    if check is not None:
+        check(folder, manifest, device if device is not None else torch.device("cpu"))
 
 
 @dataclass
@@ -102,7 +56,10 @@ class ArtifactRunner:
     def __init__(self, folder: Path, manifest: dict, backend: str, device: torch.device):
         self.folder, self.manifest, self.backend, self.device = Path(folder), manifest, backend, device
         self.dtype = getattr(torch, manifest["denoiser"]["dtype"])
-        self.plan = [Step.from_json(s) for s in manifest["plan"]]
+        try:
+            self.plan = Plan.from_manifest(manifest)
+        except PostDiffError as err:
+            raise PostDiffError(str(err), self.folder / MANIFEST) from None
         self.variants = _Variants({(v["name"], v["batch"], *v["latent_size"]): open_variant(backend, folder, v, device)
                                    for v in manifest["variants"]})
         first = manifest["variants"][0]["inputs"]
@@ -111,7 +68,7 @@ class ArtifactRunner:
         self.text = {i["name"]: i for i in first}["encoder_hidden_states"]
         self.added_inputs = [i["name"] for i in first if i["name"] in ADDED_INPUTS]
         self.input_shapes = {i["name"]: i["shape"] for i in first}
-        self.cfg = any(step.cfg for step in self.plan)   # False for LCM: no negative half
+        self.cfg = self.plan.cfg   # False for LCM: no negative half
         self.scheduler = make_scheduler(manifest["scheduler"], self.folder / MANIFEST)
         self._check_scheduler()
 
@@ -206,47 +163,29 @@ class ArtifactRunner:
             generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
         scheduler = self.scheduler
         scheduler.set_timesteps(self.steps, device=self.device)
-        timesteps = scheduler.timesteps
-        transition = self.manifest["transition"]
-        full = (self.manifest["resolution"]["latent_height"], self.manifest["resolution"]["latent_width"])
-        start = tuple(transition["low_latent_size"]) if transition else full
-        switch = None
-        if transition is not None:
-            if switch_of(self.plan) != transition["switch_step"]:
-                raise PostDiffError("the plan and the transition disagree on the switch step", self.folder / MANIFEST)
-
-            def restart(begin: int) -> None:
-                scheduler.set_timesteps(self.steps, device=self.device)
-                if hasattr(scheduler, "set_begin_index"):
-                    scheduler.set_begin_index(begin)
-
-            switch = Switch(transition["switch_step"], full, transition["prediction_type"], transition["renoise"],
-                            transition["clamp_x0"], generator, restart)
+        transition = self.plan.transition
+        resolution = self.manifest["resolution"]
+        start = transition.low_latent if transition else (resolution["latent_height"], resolution["latent_width"])
         # The draw diffusers' prepare_latents makes for this latent size.
         latents = randn_tensor((1, self.latent_channels, *start), generator=generator, device=self.device,
                                dtype=self.dtype) * scheduler.init_noise_sigma
-        accepted = set(inspect.signature(scheduler.step).parameters)
-        extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
-        request = DenoiseRequest(latents, timesteps, embeds, negative, guidance_scale, 0.0, extra,
-                                 self.manifest["config"].get("cache_branch", 0),
-                                 self.manifest["config"].get("cross_attn_cache", "off"), switch, added,
-                                 negative_added, self.latent_input)
+        request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, prompt_embeds=embeds,
+                                 negative_prompt_embeds=negative, guidance_scale=guidance_scale,
+                                 extra_step_kwargs=step_kwargs(scheduler, generator), added_cond=added,
+                                 negative_added_cond=negative_added, latent_input=self.latent_input,
+                                 generator=generator,
+                                 restart_scheduler=lambda begin: restart(scheduler, self.steps, begin, self.device))
         return denoise(self.variants, scheduler, self.plan, request, on_step=on_step)
 
 
 def check_contents(folder: Path, manifest: dict) -> None:
     """What each backend checks before it opens a file, for every file: .pt2 programs read as data only, ONNX
     graphs reading only the shared weights file. `inspect` runs it; `load` checks the files it opens."""
-    from .backends import check_external_data
-    from ..exporters.pt2_archive import check_pt2
-
     for variant in manifest["variants"]:
         for fmt, entry in variant["files"].items():
-            path = Path(folder) / entry["file"]
-            if fmt == "pt2":
-                check_pt2(path.read_bytes(), path)
-            elif fmt == "onnx":
-                check_external_data(path)
+            check = getattr(FORMATS[fmt].impl(), "check_file", None)
+            if check is not None:
+                check(Path(folder) / entry["file"])
 
 
 def load(folder: str | Path, backend: str = "torch", device: str | torch.device | None = None,
@@ -263,8 +202,7 @@ def load(folder: str | Path, backend: str = "torch", device: str | torch.device 
     engine from another TensorRT version or GPU architecture, .pt2 programs from a newer torch, AOTInductor
     packages from another torch or for another device).
     """
-    if backend not in BACKENDS:
-        raise PostDiffError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    of_backend(backend)   # an unknown backend fails before any file is read
     folder = Path(folder)
     manifest = read_manifest(folder, public_key)
     if verify_files:

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import torch
 
 from ..capture import Bucket
-from ..passes.cross_attn import CACHE as CROSS_ATTN
-from ..plan import Step, switch_of
-from .transition import Switch, switch_resolution
+from ..passes.cross_attn import CROSS_ATTN
+from ..plan import Plan
+from .transition import apply_transition
 
 
 class VariantSource(Protocol):
@@ -26,7 +26,7 @@ class VariantSource(Protocol):
     def get(self, name: str, bucket: Bucket, cache_branch: int = 0) -> Any: ...
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DenoiseRequest:
     latents: torch.Tensor                 # [B, C, h, w], already scaled by init_noise_sigma
     timesteps: torch.Tensor
@@ -35,12 +35,11 @@ class DenoiseRequest:
     guidance_scale: float
     guidance_rescale: float = 0.0
     extra_step_kwargs: dict | None = None
-    cache_branch: int = 0                 # DeepCache branch of the shallow variants
-    cross_attn_cache: str = "off"         # how a CFG step's attn2 outputs become the cache: cond, ave, cfg
-    switch: Switch | None = None          # mixed resolution: latents start at low resolution
     added_cond: dict[str, torch.Tensor] | None = None           # SDXL text_embeds/time_ids, PixArt resolution/...
     negative_added_cond: dict[str, torch.Tensor] | None = None  # the same for the negative half
     latent_input: str = "sample"          # the denoiser's latent input name ("hidden_states" for PixArt)
+    generator: Any = None                 # draws the transition's fresh noise (as the pipeline's own draws)
+    restart_scheduler: Callable[[int], None] | None = None   # called with the switch step after the transition
 
 
 def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> torch.Tensor:
@@ -55,7 +54,7 @@ def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> 
     raise ValueError(f"unknown cross-attention cache mode {mode!r}")
 
 
-def denoise(store: VariantSource, scheduler, plan: list[Step], req: DenoiseRequest,
+def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
             on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
@@ -68,18 +67,15 @@ def denoise(store: VariantSource, scheduler, plan: list[Step], req: DenoiseReque
         negative = req.negative_prompt_embeds.to(latents.dtype)
         cfg_embeds = torch.cat([negative, embeds])
     if any(CROSS_ATTN in step.writes and step.cfg for step in plan) and \
-            req.cross_attn_cache not in ("cond", "ave", "cfg"):
-        raise ValueError(f"the plan writes the cross-attention cache from a CFG batch, but the request's mode "
-                         f"{req.cross_attn_cache!r} does not say how (cond, ave or cfg)")
+            plan.cross_attn_reduce not in ("cond", "ave", "cfg"):
+        raise ValueError(f"the plan writes the cross-attention cache from a CFG batch, but its reduce mode "
+                         f"{plan.cross_attn_reduce!r} does not say how (cond, ave or cfg)")
     added = {k: v.to(latents.dtype) for k, v in (req.added_cond or {}).items()}
     negative_added = {k: v.to(latents.dtype) for k, v in (req.negative_added_cond or req.added_cond or {}).items()}
     cfg_added = {k: torch.cat([negative_added[k], added[k]]) for k in added}
     kwargs = req.extra_step_kwargs or {}
     caches: dict[str, torch.Tensor] = {}
-    if switch_of(plan) != (req.switch.step if req.switch is not None else 0):
-        raise ValueError(f"the plan switches resolution at step {switch_of(plan)}, the request at "
-                         f"{req.switch.step if req.switch is not None else 'none'}")
-    last_low = req.switch.step - 1 if req.switch is not None else None
+    last_low = plan.switch_step - 1 if plan.transition is not None else None
     for step, t in zip(plan, req.timesteps):
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
@@ -91,7 +87,7 @@ def denoise(store: VariantSource, scheduler, plan: list[Step], req: DenoiseReque
             context, cond = embeds, added
         bucket = Bucket(model_input.shape[0], model_input.shape[2], model_input.shape[3], context.shape[1],
                         model_input.dtype)
-        variant = store.get(step.variant, bucket, req.cache_branch)
+        variant = store.get(step.variant, bucket, plan.cache_branch)
         timestep = t.to(torch.float32).expand(model_input.shape[0])
         values = {req.latent_input: model_input, "timestep": timestep, "encoder_hidden_states": context, **cond,
                   **caches}
@@ -101,7 +97,7 @@ def denoise(store: VariantSource, scheduler, plan: list[Step], req: DenoiseReque
         noise_pred, *written = variant(*(values[name] for name in variant.inputs))
         for name, value in zip(variant.outputs[1:], written):
             if name.startswith(CROSS_ATTN + ":") and step.cfg:
-                value = reduce_cross_attn(value, req.cross_attn_cache, req.guidance_scale)
+                value = reduce_cross_attn(value, plan.cross_attn_reduce, req.guidance_scale)
             caches[name] = value
         if step.cfg:
             uncond, text = noise_pred.chunk(2)
@@ -113,7 +109,10 @@ def denoise(store: VariantSource, scheduler, plan: list[Step], req: DenoiseReque
         if step.index == last_low:
             # The transition replaces this step's scheduler update: x0 from this output, re-noised to the
             # next timestep at full resolution.
-            latents = switch_resolution(scheduler, req.switch, latents, noise_pred, req.timesteps, caches)
+            latents = apply_transition(scheduler, plan.transition, latents, noise_pred, req.timesteps, caches,
+                                       req.generator)
+            if req.restart_scheduler is not None:
+                req.restart_scheduler(plan.switch_step)
         else:
             latents = scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
         if on_step is not None:

@@ -16,12 +16,11 @@ from ..config import ConfigRequest, PostDiffConfig
 from ..errors import PostDiffError
 from ..models.families import FamilySpec
 from ..models.load import load_denoiser
-from ..plan import build_plan, switch_of
-from ..resolution import low_res_latent
+from ..plan import build_plan, make_plan
+from ..schedulers import check_scheduler, set_begin
+from ..variants import VariantStore, check_cache_branch
 from .denoise import DenoiseRequest, denoise
 from .pipeline_inputs import KINDS, pipeline_kind
-from .transition import Switch, check_scheduler
-from ..variants import VariantStore, check_cache_branch
 
 # Arguments of StableDiffusionPipeline.__call__ that this runtime does not implement; passing a non-default
 # value is an error rather than silently ignored.
@@ -122,14 +121,15 @@ def _call(self, *args, **kwargs):
         # counts calls would split a step's two halves between cached and uncached work.
         raise PostDiffError(f"{type(self.scheduler).__name__} is a second-order scheduler (two denoiser calls per "
                             "step); the caches support first-order schedulers (DDIM, Euler, DPM-Solver++, ...)")
-    plan = build_plan(runtime.config, len(timesteps), cfg=cond.cfg)
-    runtime.last_plan = plan
     scale = self.vae_scale_factor
-    full_latent = start_latent = (cond.height // scale, cond.width // scale)
-    switch, switch_step = None, switch_of(plan)
-    if switch_step:
+    full_latent = (cond.height // scale, cond.width // scale)
+    plan = make_plan(runtime.config, len(timesteps), family=runtime.family, full_latent=full_latent,
+                     prediction_type=self.scheduler.config.prediction_type, cfg=cond.cfg)
+    runtime.last_plan = list(plan)
+    start_latent = plan.transition.low_latent if plan.transition else full_latent
+    restart_scheduler = None
+    if plan.transition:
         check_scheduler(self.scheduler)
-        start_latent = low_res_latent(runtime.family, full_latent, runtime.config.low_res_scale)
 
         def restart_scheduler(begin: int) -> None:
             # set_timesteps clears a multistep scheduler's history; the timesteps come out the same.
@@ -137,25 +137,24 @@ def _call(self, *args, **kwargs):
                                           **cond.timestep_kwargs)
             if not torch.equal(again.cpu(), timesteps.cpu()):
                 raise PostDiffError("the scheduler gave other timesteps when restarted at the resolution switch")
-            if hasattr(self.scheduler, "set_begin_index"):
-                self.scheduler.set_begin_index(begin)
+            set_begin(self.scheduler, begin)
 
-        switch = Switch(switch_step, full_latent, self.scheduler.config.prediction_type,
-                        runtime.config.renoise, runtime.config.clamp_x0, a.generator, restart_scheduler)
     if a.latents is not None and tuple(a.latents.shape[2:]) != start_latent:
-        which = "low-resolution " if switch is not None else ""
+        which = "low-resolution " if plan.transition else ""
         raise PostDiffError(f"the initial latents must be {which}{start_latent[0]}x{start_latent[1]}; got "
                             f"{tuple(a.latents.shape[2:])}")
     denoiser = runtime.store.denoiser
     # With mixed resolution, drawn exactly as diffusers would draw them for an image of the low-resolution size.
     latents = self.prepare_latents(cond.batch, denoiser.config.in_channels, start_latent[0] * scale,
                                    start_latent[1] * scale, cond.prompt_embeds.dtype, device, a.generator, a.latents)
-    if hasattr(self.scheduler, "set_begin_index"):
-        self.scheduler.set_begin_index(0)   # as the SDXL and PixArt pipelines do; a no-op for a fresh schedule
-    request = DenoiseRequest(latents, timesteps, cond.prompt_embeds, cond.negative_prompt_embeds, a.guidance_scale,
-                             a.guidance_rescale, self.prepare_extra_step_kwargs(a.generator, a.eta),
-                             runtime.config.cache_branch, runtime.config.cross_attn_cache, switch, cond.added,
-                             cond.negative_added, runtime.store.latent_input)
+    set_begin(self.scheduler, 0)   # as the SDXL and PixArt pipelines do; a no-op for a fresh schedule
+    request = DenoiseRequest(latents=latents, timesteps=timesteps, prompt_embeds=cond.prompt_embeds,
+                             negative_prompt_embeds=cond.negative_prompt_embeds, guidance_scale=a.guidance_scale,
+                             guidance_rescale=a.guidance_rescale,
+                             extra_step_kwargs=self.prepare_extra_step_kwargs(a.generator, a.eta),
+                             added_cond=cond.added, negative_added_cond=cond.negative_added,
+                             latent_input=runtime.store.latent_input, generator=a.generator,
+                             restart_scheduler=restart_scheduler)
     with self.progress_bar(total=len(timesteps)) as bar:
         latents = denoise(runtime.store, self.scheduler, plan, request, on_step=lambda _: bar.update())
     return cond.finish(latents)

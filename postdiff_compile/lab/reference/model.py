@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ...models.families import get_family
-from .scenes import vocabulary
+from ..scenes import vocabulary
 
 FAMILY = "scenes32"       # its UNet and scheduler configs are the family's bundled JSON files
 TEXT_LENGTH = get_family(FAMILY).text_length       # 24: BOS + longest caption (21 words and commas) + EOS, + 1

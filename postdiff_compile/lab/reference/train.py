@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ...models.families import get_family
 from .model import FAMILY, TEXT_LENGTH, make_parts, save_folder
-from .scenes import make_batch
+from ..scenes import make_batch
 
 
 @dataclass(frozen=True)

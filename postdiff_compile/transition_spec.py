@@ -1,0 +1,54 @@
+"""The manifest's `transition` entry: what a runtime does between step `switch_step - 1` and step
+`switch_step`, exactly, with the numbers of the artifact's own scheduler. docs/manifest.md states the rules;
+the entry repeats them so that an artifact explains itself."""
+from __future__ import annotations
+
+from .config import PostDiffConfig
+from .plan import Transition
+from .schedulers import alpha_bars, check_scheduler, make_scheduler, sigma_space
+
+
+def transition_spec(transition: Transition | None, config: PostDiffConfig, scheduler_config: dict,
+                    steps: int) -> dict | None:
+    """The entry for `transition` (None without mixed resolution) at `steps` steps; a runtime with another
+    scheduler or step count recomputes the numbers by the rules written here."""
+    if transition is None:
+        return None
+    switch = transition.switch_step
+    scheduler = make_scheduler(scheduler_config)   # the one a runner of this artifact builds
+    check_scheduler(scheduler)
+    scheduler.set_timesteps(steps)
+    abar, abar_next = alpha_bars(scheduler, scheduler.timesteps, switch - 1)
+    prediction = scheduler_config["prediction_type"]
+    return {
+        "switch_step": switch,          # the first full-resolution step; step switch - 1 ends with the transition
+        "low_res_scale": config.low_res_scale, "low_res_fraction": config.low_res_fraction,
+        "low_latent_size": list(transition.low_latent), "full_latent_size": list(transition.full_latent),
+        "timestep_t": int(scheduler.timesteps[switch - 1]), "timestep_next": int(scheduler.timesteps[switch]),
+        "alpha_bar_t": abar, "alpha_bar_next": abar_next,
+        "alpha_bar_rule": "1 / (1 + sigma_i^2) from the scheduler's sigma table at steps switch-1 and switch when it "
+                          "has one (Euler, DPM-Solver++, UniPC), else alphas_cumprod[timestep]",
+        "latent_space": "sigma" if sigma_space(scheduler) else "vp",
+        "latent_space_rule": "sigma: x_t = x * sqrt(abar_t) before the transition, x = x_next / sqrt(abar_next) after",
+        "compute_dtype": "float32",
+        "prediction_type": prediction,
+        "x0": {"epsilon": "(x_t - sqrt(1 - abar_t) * out) / sqrt(abar_t)",
+               "v_prediction": "sqrt(abar_t) * x_t - sqrt(1 - abar_t) * out", "sample": "out"}[prediction],
+        "eps": {"epsilon": "out", "v_prediction": "sqrt(abar_t) * out + sqrt(1 - abar_t) * x_t",
+                "sample": "(x_t - sqrt(abar_t) * x0) / sqrt(1 - abar_t)"}[prediction],
+        "clamp_x0": config.clamp_x0,    # > 0: x0 clamped to [-c, c] before the upsample; eps from the unclamped x0
+        "upsample": {"mode": "bilinear", "align_corners": False,
+                     "rule": "per axis, scale = in / out in float32, src = max((o + 0.5) * scale - 0.5, 0), "
+                             "i0 = floor(src), i1 = min(i0 + 1, in - 1), w1 = src - i0"},
+        "renoise": config.renoise,      # fresh: new noise; predicted: up(eps)
+        "noise": "fresh: randn(full shape) from the pipeline's generator at the switch, right after the steps' own "
+                 "draws (one tensor per generator for a generator list); on CUDA without a generator, Philox "
+                 "tl.randn(seed, linear index) inside the kernel",
+        "formula": "x_next = sqrt(abar_next) * up(x0) + sqrt(1 - abar_next) * noise",
+        "scheduler_restart": "set_timesteps again, then set_begin_index(switch_step): multistep history starts afresh",
+        "caches": {"cross_attn": "each [B, tokens, C] cache back to its grid (the latent with each side halved, "
+                                 "rounding up, until the token count matches), bilinear as above to the same level "
+                                 "of the full latent, flattened row-major",
+                   "deepcache": "dropped: the switch step is a full step"},
+        "op": "postdiff::resolution_transition",
+    }

@@ -1,0 +1,101 @@
+"""The variants a plan needs, each captured, rewritten, verified against eager and written in every format.
+
+One capture per batch and resolution (CFG steps run the CFG batch, gated steps batch 1; low-resolution steps
+the low-resolution latent), one rewrite per variant. Each variant's manifest entry records what it is,
+its inputs and outputs, its FLOPs and how it was verified.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from .capture import Bucket
+from .errors import PostDiffError
+from .exporters.formats import Build, VariantJob, write_variant
+from .metrics.flops import count_flops
+from .plan import Plan, Step
+from .variants import VariantStore, check_variant, variant_input_specs, variant_output_specs
+
+VariantKey = tuple[str, int, tuple[int, int]]   # (variant name, batch, latent size)
+
+
+def variant_key(step: Step, plan: Plan, full_latent: tuple[int, int]) -> VariantKey:
+    low = plan.transition.low_latent if plan.transition else full_latent
+    return step.variant, 2 if step.cfg else 1, low if step.low_res else full_latent
+
+
+def variant_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype) -> dict[VariantKey, str]:
+    """The variants the plan runs, largest batch and latent first, with their ids ("full@b2_8x8")."""
+    wanted = sorted({variant_key(step, plan, full_latent) for step in plan},
+                    key=lambda v: (-v[1], -v[2][0] * v[2][1], v[0]))
+    return {key: f"{key[0]}@{Bucket(key[1], *key[2], 0, dtype).tag}" for key in wanted}
+
+
+def uses_twin(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the rewrites are verified on a float32 twin of the weights.
+
+    float16/bfloat16 convolutions on a CPU run about 250x slower than float32 (70 s for one 320-channel 3x3 conv
+    at 96x96, measured here), so there the checks run on a float32 twin of the weights: the same rewrite of the
+    same architecture is verified against eager in float32, and the exported low-precision graphs are compared
+    with the twin's outputs (onnxruntime runs them at usable speed).
+    """
+    return dtype != torch.float32 and device.type == "cpu"
+
+
+def reference_of(dtype: torch.dtype, device: torch.device) -> str:
+    """What the manifest says the files were verified against."""
+    name = str(dtype).removeprefix("torch.")
+    return f"torch eager, float32 twin of the {name} weights" if uses_twin(dtype, device) else f"torch eager, {name}"
+
+
+class VariantBuilder:
+    """Builds the variants of one denoiser, verifying each rewrite against eager (uses_twin says on what)."""
+
+    def __init__(self, module: torch.nn.Module, family, build: Build, cache_branch: int):
+        self.module, self.family, self.build, self.cache_branch = module, family, build, cache_branch
+        self.dtype = next(module.parameters()).dtype
+        self.twin = uses_twin(self.dtype, build.device)
+        self.store = VariantStore(module, family)
+        self.check_store = VariantStore(copy.deepcopy(module).float(), family) if self.twin else None
+
+    def entry(self, key: VariantKey, tag: str) -> dict:
+        name, batch, size = key
+        build, timed = self.build, self.build.timed
+        bucket = Bucket(batch, *size, self.family.text_length, self.dtype)
+        if bucket not in self.store.captured:
+            with timed(f"capture {bucket.tag}"):
+                self.store.prepare(bucket)
+        captured, root = self.store.prepare(bucket)
+        with timed(f"rewrite {tag}"):
+            variant = self.store.get(name, bucket, self.cache_branch)
+        with timed(f"verify {tag}"):
+            check = self._check(name, bucket, captured, variant, root)
+        if not check.verification.rel_l2_error <= build.tolerance:
+            raise PostDiffError(f"variant {tag} differs from eager: relative L2 error "
+                                f"{check.verification.rel_l2_error:.3g} > {build.tolerance:g}", build.source)
+        # The exported graphs take the artifact's dtype (timesteps stay float32).
+        feed = tuple(t.to(s.dtype) for t, s in zip(check.inputs, variant_input_specs(variant)))
+        job = VariantJob(build=build, tag=tag, variant=variant, feed=feed, expected=check.outputs,
+                         seed=check.verification.seed)
+        files = write_variant(job)
+        flops = count_flops(variant.module.graph)
+        return {
+            "id": tag, "name": name, "batch": batch, "latent_size": list(size),
+            "text_length": bucket.text_length, "dtype": build.dtype_name, "upsample_path": captured.upsample_path,
+            "inputs": [s.to_json() for s in variant_input_specs(variant)],
+            "outputs": [s.to_json() for s in variant_output_specs(variant)],
+            "flops": {"paper": flops.paper, "true": flops.true},
+            "verification": {**check.verification.to_json(), "reference": build.reference,
+                             "tolerance": build.tolerance},
+            "files": files, "capture_seconds": round(captured.seconds, 3),
+        }
+
+    def _check(self, name, bucket, captured, variant, root):
+        if not self.twin:
+            return check_variant(captured, variant, self.module, self.cache_branch, root)
+        bucket32 = dataclasses.replace(bucket, dtype=torch.float32)
+        captured32, root32 = self.check_store.prepare(bucket32)
+        return check_variant(captured32, self.check_store.get(name, bucket32, self.cache_branch),
+                             self.check_store.denoiser, self.cache_branch, root32)
