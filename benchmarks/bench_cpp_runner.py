@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_export import cpu_name  # noqa: E402
+from common import cpu_name, write_results  # noqa: E402
 
 import postdiff_compile  # noqa: E402
 from postdiff_compile.capture import rel_l2  # noqa: E402
@@ -130,8 +130,8 @@ def main() -> None:
                 result = CompileResult(reused[0], read_manifest(reused[0]), None, {})
                 compile_seconds = None
             else:
-                result = compile_artifact(source, ConfigRequest(preset), work / f"{model_name}-{preset}", resolution,
-                                          formats="pt2,aoti")
+                result = compile_artifact(source, ConfigRequest(preset), work / f"{model_name}-{preset}",
+                                          resolution=resolution, formats="pt2,aoti")
                 compile_seconds = round(time.perf_counter() - start, 1)
             manifest = result.manifest
             for v in manifest["variants"]:
@@ -165,8 +165,6 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results = {"machine": machine, "repeat": args.repeat, "build_s": build_times, "runs": rows, "variants": variants}
-    out = ROOT / "benchmarks" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# C++ runner vs Python runner (AOTInductor packages), {machine}", "",
              f"`python benchmarks/bench_cpp_runner.py --models {args.models} --presets {args.presets} "
              f"--repeat {args.repeat}{f' --reuse {args.reuse}' if args.reuse else ''}`", ""]
@@ -187,7 +185,7 @@ def main() -> None:
                      f"{r['cpp_vs_python_rel_l2']:.1e} |")
     lines += ["", "AOTInductor compile time per variant (s):", "", "| model | preset | variant | s |", "|---|---|---|---|"]
     lines += [f"| {v['model']} | {v['preset']} | {v['variant']} | {v['aoti_compile_s']} |" for v in variants]
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(ROOT / "benchmarks" / "results", args.name, results, lines)
     print("\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
 

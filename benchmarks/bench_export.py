@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -21,37 +20,23 @@ from pathlib import Path
 
 import torch
 
-from postdiff_compile.cli import parse_resolution
+from common import cpu_name, random_denoiser, write_results   # benchmarks/ is on sys.path when a script runs
+from postdiff_compile.cli.main import parse_resolution
 from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import ConfigRequest
-from postdiff_compile.models.families import get_family
 
 
 def random_checkpoint(family_name: str, dtype: torch.dtype, folder: Path, seed: int = 0) -> Path:
     """A diffusers model folder (config.json + weights) of the family's architecture, random weights."""
-    import diffusers
     from safetensors.torch import save_file
 
-    family = get_family(family_name)
-    config = {k: v for k, v in family.config().items() if not k.startswith("_")}
-    torch.manual_seed(seed)
-    model = getattr(diffusers, family.denoiser_class).from_config(config).to(dtype)
+    model = random_denoiser(family_name, dtype=dtype, seed=seed)
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"_class_name": family.denoiser_class, **dict(model.config)},
+    (folder / "config.json").write_text(json.dumps({"_class_name": type(model).__name__, **dict(model.config)},
                                                    default=list))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(folder / "diffusion_pytorch_model.safetensors"))
     return folder
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -87,8 +72,8 @@ def main() -> None:
                 print(f"  {stage}: {time.perf_counter() - self.t:.1f} s", flush=True)
 
         out = args.keep or work / "artifact"
-        result = compile_artifact(str(source), ConfigRequest(args.preset), out, args.resolution, args.steps,
-                                  force=args.keep is not None, dtype=args.dtype, progress=Print(), formats=args.formats)
+        result = compile_artifact(str(source), ConfigRequest(args.preset), out, resolution=args.resolution,
+                                  steps=args.steps, force=args.keep is not None, dtype=args.dtype, progress=Print(), formats=args.formats)
         files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
         by_format: dict[str, int] = {}
         for v in result.manifest["variants"]:
@@ -124,11 +109,8 @@ def main() -> None:
     lines += [f"| {v['id']} | {v['rel_l2_error']:.2e} | "
               f"{'' if v['onnx_rel_l2_error'] is None else format(v['onnx_rel_l2_error'], '.2e')} | {v['reference']} |"
               for v in record["variants"]]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.results / f"{name}.md").write_text(text)
+    print("\n".join(lines))
+    write_results(args.results, name, record, lines)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,13 @@ Without a CUDA GPU it says so and exits 0 (the CPU interpreter would time nothin
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 import torch
+
+from common import write_results   # benchmarks/ is on sys.path when a script runs
 
 CASES = [  # name, B, C, h, w, H, W
     ("sd15-768 B1", 1, 4, 48, 48, 96, 96),
@@ -50,18 +51,19 @@ CHECK_SIZES = [(1, 9, 13, 17, 26), (2, 12, 8, 24, 16), (2, 6, 6, 8, 8), (1, 5, 7
 CHECK_TOL = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+def peak_gbs(card: str) -> int | None:
+    """The card's peak DRAM bandwidth (GB/s) from PEAK_GBS, or None for a card it does not list."""
+    return next((v for k, v in PEAK_GBS.items() if k in card), None)
+
+
 def transition_bytes(B, C, h, w, H, W, dtype, noise_tensor=True) -> int:
     elements = 2 * B * C * h * w + (2 if noise_tensor else 1) * B * C * H * W
     return elements * torch.empty((), dtype=dtype).element_size()
 
 
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def check(device) -> dict:
     """The kernel against the float32 reference on `device`; max relative error per dtype."""
+    from postdiff_compile.capture import rel_l2
     from postdiff_compile.kernels.transition_ref import (PREDICTION_TYPES, RENOISE_MODES, TransitionParams,
                                                          transition_reference)
     from postdiff_compile.kernels.transition_triton import philox_normal, transition_triton
@@ -88,7 +90,7 @@ def check(device) -> dict:
                         else:
                             out = transition_triton(x, m, (H, W), params)
                             n32 = None
-                        err = rel_err(out, transition_reference(x.float(), m.float(), (H, W), params, n32))
+                        err = rel_l2(out, transition_reference(x.float(), m.float(), (H, W), params, n32))
                         worst[str(dtype)] = max(worst[str(dtype)], err)
                         count += 1
     passed = all(worst[str(dt)] < tol for dt, tol in CHECK_TOL.items())
@@ -99,6 +101,7 @@ def check(device) -> dict:
 def bench(device, peak) -> list[dict]:
     import triton.testing
 
+    from postdiff_compile.capture import rel_l2
     from postdiff_compile.kernels.transition_op import resolution_transition
     from postdiff_compile.kernels.transition_ref import TransitionParams, transition_reference
     from postdiff_compile.kernels.transition_triton import transition_triton
@@ -126,7 +129,7 @@ def bench(device, peak) -> list[dict]:
             for provider in PROVIDERS:
                 fn = fns[provider]
                 if provider != "seeded":  # the seeded one draws other noise
-                    assert rel_err(fn(), expected) < CHECK_TOL[dtype], (name, dname, provider)
+                    assert rel_l2(fn(), expected) < CHECK_TOL[dtype], (name, dname, provider)
                 ms, ms_lo, ms_hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
                 nbytes = transition_bytes(B, C, h, w, H, W, dtype, noise_tensor=provider != "seeded")
                 gbs = nbytes / (ms * 1e-3) / 1e9
@@ -164,7 +167,7 @@ def main() -> int:
 
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_GBS.items() if k in card), None)
+    peak = peak_gbs(card)
     result = {"card": card, "peak_gbs": peak, "torch": torch.__version__, "triton": triton.__version__,
               "cuda": torch.version.cuda}
     if args.check:
@@ -173,8 +176,6 @@ def main() -> int:
     result["rows"] = bench(device, peak)
 
     slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"transition_{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Mixed-resolution transition kernel, {card}", "",
           f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; "
           f"peak DRAM bandwidth {peak or 'unknown'} GB/s; epsilon prediction, fresh noise; "
@@ -186,8 +187,7 @@ def main() -> int:
                + ", ".join(f"{k} {v:.2e}" for k, v in c["max_rel_err"].items())
                + f" -> {'passed' if c['passed'] else 'FAILED'}", ""]
     md.append(_format_rows(result["rows"]))
-    (args.out / f"transition_{slug}.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {args.out / f'transition_{slug}.md'}")
+    print(f"wrote {write_results(args.out, f'transition_{slug}', result, md)}")
     return 0 if result.get("check", {}).get("passed", True) else 1
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import git_commit   # benchmarks/ is on sys.path when a script runs
+from common import cpu_name, interleaved_rounds, provenance   # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ("none", "quality", "balanced", "fast")
@@ -57,7 +57,7 @@ def environment(device: torch.device) -> dict:
     from postdiff_compile.exporters.tensorrt_export import unavailable_reason
 
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine(), "device": str(device),
+           "cpu": cpu_name(), "device": str(device),
            "tensorrt_unavailable": unavailable_reason()}
     try:
         import triton
@@ -84,7 +84,7 @@ def transition_section(device: torch.device, card: str) -> dict:
     sys.path.insert(0, str(HERE))
     import bench_transition
 
-    peak = next((v for k, v in bench_transition.PEAK_GBS.items() if k in card), None)
+    peak = bench_transition.peak_gbs(card)
     result = {"peak_gbs": peak, "check": bench_transition.check(device)}
     print(f"transition check: {result['check']}", flush=True)
     result["rows"] = bench_transition.bench(device, peak)
@@ -115,6 +115,7 @@ def sync(device: torch.device) -> None:
 def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budget, save, result: dict) -> None:
     """Fills `result` as it goes, so that `save` records the first calls before the timed rounds."""
     from postdiff_compile import optimize, resolve_config
+    from postdiff_compile.capture import rel_l2
     from postdiff_compile.explain import explain
     from postdiff_compile.models.families import get_family
     from postdiff_compile.plan import build_plan
@@ -123,7 +124,7 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
     res = args.resolution
     family = get_family("sd15")
     configs = {p: resolve_config(p, family="sd15") for p in PRESETS}
-    flops = {p: explain(family, configs[p], args.steps, (res, res)).total for p in PRESETS}
+    flops = {p: explain(family, configs[p], steps=args.steps, resolution=(res, res)).total for p in PRESETS}
     t = time.perf_counter()
     unet = build_unet(args.model, device, dtype)
     make = pipeline_factory(unet, device, dtype)
@@ -196,20 +197,11 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
     result["first_call_s"] = {"/".join(k): round(v, 2) for k, v in first.items()}
     save()
 
-    times = {key: [] for key in runs}
     names = list(runs)
-    for round_ in range(args.rounds):
-        if round_ >= 1 and budget.left() < 1.2 * sum(statistics.median(v) for v in times.values()):
-            result["rounds_done"] = round_
-            break
-        for key in names[round_ % len(names):] + names[:round_ % len(names)]:
-            sync(device)
-            start = time.perf_counter()
-            runs[key]()
-            sync(device)
-            times[key].append(time.perf_counter() - start)
-    else:
-        result["rounds_done"] = args.rounds
+    # Another round only while the budget holds it, with a margin.
+    times = interleaved_rounds(runs, args.rounds, sync=lambda: sync(device),
+                               go_on=lambda times: budget.left() >= 1.2 * sum(map(statistics.median, times.values())))
+    result["rounds_done"] = len(times[names[0]]) if names else 0
 
     base = statistics.median(times[("diffusers", "eager")]) if times.get(("diffusers", "eager")) else None
     reference = outputs.get(("diffusers", "eager"))
@@ -227,7 +219,7 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
             row["speedup_vs_diffusers_eager"] = round(base / median, 3)
             row["speedup_over_flops_reduction"] = round(base / median / reduction, 3)
         if reference is not None:
-            row["rel_l2_vs_diffusers_eager"] = float((out - reference.float()).norm() / reference.float().norm())
+            row["rel_l2_vs_diffusers_eager"] = rel_l2(out, reference)
         result["rows"].append(row)
         print(f"{preset:>10} {backend:<14} {median * 1e3:9.1f} ms  "
               f"{row.get('speedup_vs_diffusers_eager', float('nan')):.2f}x (FLOPs ideal {reduction:.2f}x)", flush=True)
@@ -291,8 +283,7 @@ def main() -> int:
     budget = Budget(args.budget_s)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_grad_enabled(False)
-    result = {"benchmark": "gpu_suite", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": " ".join(["python", *sys.argv]), "commit": git_commit(), "budget_s": args.budget_s,
+    result = {"benchmark": "gpu_suite", **provenance(), "budget_s": args.budget_s,
               "environment": environment(device)}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu_suite.json"

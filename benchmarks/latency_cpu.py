@@ -1,7 +1,9 @@
 """Latency on this CPU, one process: plain diffusers, our runtime per preset per backend, and the peers.
 
     python benchmarks/latency_cpu.py --model reference|sd15 [--rounds 5] [--steps 20] [--resolution 256]
-                                     [--backends eager,torch.compile,torch,onnxruntime,aoti] [--rows ...]
+                                     [--backends eager,torch.compile,torch,onnxruntime,aoti]
+                                     [--presets none,quality,balanced,fast] [--parts deepcache,deepcache+ca]
+                                     [--peers DeepCacheSDHelper,tgate,tomesd] [--name NAME]
 
 Models: `reference` is the shipped reference model (pixel space, 32x32, its own weights); `sd15` is the
 SD1.5-architecture U-Net (bundled config, random weights) at --resolution (default 256x256) with a VAE that
@@ -13,6 +15,9 @@ Rows, each a configuration on a backend:
   <preset>/torch.compile   optimize(pipe, preset, compile=True)
   <preset>/torch|onnxruntime|aoti   postdiff_compile.load(artifact, backend) on an artifact compiled here
                      (pt2, onnx, aoti); the compile time is recorded, not timed as latency
+  <part>/<backend>   as a preset, for the parts of the presets named by what they run (none by default):
+                     `deepcache` (k=2, branch 1, full resolution), `deepcache+ca` (plus the cross-attention
+                     cache, Cond from step 10)
   DeepCacheSDHelper  DeepCache's own helper, interval 2, branch 1 (= our DeepCache setting)
   tgate              T-GATE's TgateSDLoader with its documented defaults (gate_step 10, sp_interval 5,
                      fi_interval 1, warm_up 2: self-attention is cached too)
@@ -22,13 +27,18 @@ Every row is called once before timing (captures, compiles, patches); then --rou
 each row, order rotated each round, and the median is reported. Speedup is against `diffusers`; the FLOPs
 ideal is the baseline's true FLOPs over the row's (from `explain`), where explain can count the row.
 
-Writes benchmarks/results/latency_cpu_<model>.{json,md,png}.
+Writes benchmarks/results/latency_cpu_<model>.{json,md,png} (--name NAME: NAME.{json,md,png}; the README's
+performance section is made from latency_cpu_*.json, so a run of other rows wants a name of its own). The
+presets and their parts against diffusers and DeepCacheSDHelper (what results/presets_cpu.md and
+caching_cpu.md hold, written by the bench_caching.py this replaces):
+
+    python benchmarks/latency_cpu.py --model sd15 --backends eager --parts deepcache,deepcache+ca \
+        --peers DeepCacheSDHelper --name caching_cpu
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -39,9 +49,12 @@ from pathlib import Path
 
 import torch
 
-from provenance import git_commit   # benchmarks/ is on sys.path when a script runs
+from common import DEEPCACHE, cpu_name, interleaved_rounds, provenance, write_results   # benchmarks/ on sys.path
 
 PRESETS = ("none", "quality", "balanced", "fast")
+# The parts of the presets, as overrides of `none`, named by what they run (presets change as features join them).
+PARTS = {"deepcache": DEEPCACHE,
+         "deepcache+ca": dict(DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10)}
 PEERS = ("DeepCacheSDHelper", "tgate", "tomesd")
 ARTIFACT_BACKENDS = ("torch", "onnxruntime", "aoti")
 
@@ -74,6 +87,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="eager,torch.compile," + ",".join(ARTIFACT_BACKENDS))
     parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--parts", default="", help=f"of {', '.join(PARTS)}; timed as the presets are")
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", help="default: latency_cpu_<model>")
@@ -82,6 +96,7 @@ def main() -> int:
         print(f"note: {args.rounds} rounds; the committed results use at least 5", file=sys.stderr)
 
     from postdiff_compile import load, optimize, resolve_config
+    from postdiff_compile.capture import rel_l2
     from postdiff_compile.explain import explain
     from postdiff_compile.models.families import get_family
 
@@ -97,13 +112,17 @@ def main() -> int:
 
         res = args.resolution or 256
         make = pipeline_factory(random_sd15_unet())
-    backends, presets = args.backends.split(","), args.presets.split(",")
+    backends, parts = args.backends.split(","), [p for p in args.parts.split(",") if p]
     peers = [p for p in args.peers.split(",") if p]
     unknown = [b for b in backends if b not in ("eager", "torch.compile", *ARTIFACT_BACKENDS)] + \
-        [p for p in presets if p not in PRESETS] + [p for p in peers if p not in PEERS]
+        [p for p in args.presets.split(",") if p not in PRESETS] + [p for p in parts if p not in PARTS] + \
+        [p for p in peers if p not in PEERS]
     if unknown:
-        parser.error(f"unknown backend, preset or peer: {', '.join(unknown)}")
-    configs = {p: resolve_config(p, family=family_name) for p in presets}
+        parser.error(f"unknown backend, preset, part or peer: {', '.join(unknown)}")
+    # The presets and the parts asked for, each timed on every backend; `presets` below names them all.
+    configs = {p: resolve_config(p, family=family_name) for p in args.presets.split(",")}
+    configs.update({p: resolve_config("none", family=family_name, **PARTS[p]) for p in parts})
+    presets = list(configs)
 
     probe = make()
     width = probe.unet.config.cross_attention_dim
@@ -185,7 +204,7 @@ def main() -> int:
             finally:
                 helper.disable()
         runs["DeepCacheSDHelper"] = run_helper
-        flops_of["DeepCacheSDHelper"] = (resolve_config("none", cache_interval=2, cache_branch=1), args.steps)
+        flops_of["DeepCacheSDHelper"] = (resolve_config("none", **DEEPCACHE), args.steps)
     if "tgate" in peers:
         import tgate
 
@@ -212,7 +231,7 @@ def main() -> int:
 
     flops = {}
     for row, (config, steps) in flops_of.items():
-        flops[row] = explain(family, config, steps, (res, res)).total
+        flops[row] = explain(family, config, steps=steps, resolution=(res, res)).total
 
     outputs, first = {}, {}
     for row, fn in list(runs.items()):   # first calls: captures, compiles, patches (not timed below)
@@ -226,14 +245,9 @@ def main() -> int:
             continue
         first[row] = time.perf_counter() - start
         print(f"first call {row}: {first[row]:.1f} s", file=sys.stderr, flush=True)
-    times = {row: [] for row in runs}
     names = list(runs)
-    for round_ in range(args.rounds):
-        for row in names[round_ % len(names):] + names[:round_ % len(names)]:
-            start = time.perf_counter()
-            runs[row]()
-            times[row].append(time.perf_counter() - start)
-        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    times = interleaved_rounds(runs, args.rounds, report=lambda round_: print(
+        f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True))
     tmp.cleanup()
 
     base = statistics.median(times["diffusers"])
@@ -243,7 +257,7 @@ def main() -> int:
         median = statistics.median(times[row])
         entry = {"row": row, "median_s": round(median, 4), "runs_s": [round(t, 4) for t in times[row]],
                  "first_call_s": round(first[row], 2), "speedup": round(base / median, 3),
-                 "rel_l2_vs_diffusers": float((outputs[row] - reference).norm() / reference.norm())}
+                 "rel_l2_vs_diffusers": rel_l2(outputs[row], reference)}
         if row in flops:
             ideal = flops["diffusers"].true / flops[row].true
             entry.update(flops_true=flops[row].true, flops_ideal_speedup=round(ideal, 3),
@@ -251,24 +265,15 @@ def main() -> int:
         if row in notes:
             entry["note"] = notes[row]
         rows.append(entry)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "python": platform.python_version()}
     model = ("the shipped reference model (pixel space, 32x32)" if args.model == "reference" else
              f"SD1.5-architecture U-Net (bundled config, random weights), {res}x{res} (latent {res // 8}x{res // 8})")
     result = {"benchmark": "latency_cpu", "model": model, "family": family_name, "resolution": res,
               "steps": args.steps, "scheduler": type(plain.scheduler).__name__, "guidance_scale": 7.5,
-              "rounds": args.rounds, "machine": machine, "command": " ".join(["python", *sys.argv]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
-              "artifact_builds": build,
+              "rounds": args.rounds, "machine": machine, **provenance(), "artifact_builds": build,
               "skipped": {k: v for k, v in notes.items() if k not in runs}, "rows": rows}
     name = args.name or f"latency_cpu_{args.model}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Latency, {model}, {args.steps} steps, CFG 7.5", "",
              f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}; `{result['command']}`; "
              f"median of {args.rounds} interleaved rounds (order rotated); speedup against plain diffusers; FLOPs ideal "
@@ -285,7 +290,7 @@ def main() -> int:
                   ", ".join(f"{p} {b['seconds']:.0f}" for p, b in build.items())]
     if notes:
         lines += ["", *[f"- {k}: {v}" for k, v in notes.items()]]
-    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, name, result, lines)
     plot(rows, args.out / f"{name}.png", f"{model}, {args.steps} steps, {machine['cpu']}")
     print("\n".join(lines))
     return 0

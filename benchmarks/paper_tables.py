@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import DEEPCACHE, write_results   # benchmarks/ is on sys.path when a script runs
 from postdiff_compile.config import PostDiffConfig, resolve_config
 from postdiff_compile.explain import explain
 from postdiff_compile.models.families import get_family
@@ -31,7 +32,7 @@ from postdiff_compile.models.families import get_family
 TOLERANCE = 0.005
 RESOLUTION = {"sd15": 768, "sdxl": 1024, "pixart_alpha": 1024}
 MODEL_NAME = {"sd15": "SD v1.5", "sdxl": "SDXL", "pixart_alpha": "PixArt-alpha"}
-DC = dict(cache_interval=2, cache_branch=1)   # the paper's DeepCache (paper-numbers.md section 3)
+DC = DEEPCACHE   # the paper's DeepCache, k=2 branch 1 (paper-numbers.md section 3)
 
 
 def ca(mode: str, m: int) -> dict:
@@ -111,7 +112,7 @@ def sdxl_search() -> list[dict]:
                 if m is not None:
                     overrides.update(ca("cond", m))
                 config = resolve_config("none", family="sdxl", **overrides)
-                total = explain(family, config, 20, (1024, 1024)).total.paper / 1e12
+                total = explain(family, config, steps=20, resolution=(1024, 1024)).total.paper / 1e12
                 if abs(total / target - 1) <= TOLERANCE:
                     found.append({"overrides": overrides, "paper_T": round(total, 3),
                                   "ratio": round(total / target, 4)})
@@ -129,7 +130,7 @@ def main() -> int:
         start = time.perf_counter()
         res = RESOLUTION[row.family]
         config = row.config()
-        ex = explain(get_family(row.family), config, row.steps, (res, res))
+        ex = explain(get_family(row.family), config, steps=row.steps, resolution=(res, res))
         ours = ex.total.paper / 1e12
         ratio = ours / row.paper if row.paper else None
         within = None if ratio is None else abs(ratio - 1) <= TOLERANCE
@@ -149,10 +150,6 @@ def main() -> int:
     search = None if args.no_search else sdxl_search()
 
     failed = [r for r in results if r["config_known"] and not r["within_0.5%"]]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "paper_tables.json").write_text(json.dumps(
-        {"tolerance": TOLERANCE, "rows": results, "sdxl_mix_cache_search": search,
-         "known_rows_off": [r["label"] for r in failed]}, indent=2) + "\n")
     lines = ["# The paper's FLOPs beside ours", "",
              "`python benchmarks/paper_tables.py`: `postdiff-compile explain` on the real configs (meta device, no "
              "weights; the count needs no GPU, so no machine is named). Paper numbers from "
@@ -179,7 +176,8 @@ def main() -> int:
                   "with m in 5, 8, 10, 12, 15 or off. A fit is arithmetic, not evidence that the paper ran it.", ""]
         lines += [f"- {json.dumps(f['overrides'])}: {f['paper_T']:.3f} T (ratio {f['ratio']:.4f})" for f in search] \
             or ["- none fits"]
-    (args.out / "paper_tables.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "paper_tables", {"tolerance": TOLERANCE, "rows": results, "sdxl_mix_cache_search": search,
+                                             "known_rows_off": [r["label"] for r in failed]}, lines)
     print("\n".join(lines))
     if failed:
         print(f"rows with a known configuration off by more than {TOLERANCE:.1%}: "

@@ -9,10 +9,10 @@ given beside ours where it has them (paper-numbers.md, Table A and B).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from common import write_results   # benchmarks/ is on sys.path when a script runs
 from postdiff_compile.config import PRESETS, resolve_config
 from postdiff_compile.errors import PostDiffError
 from postdiff_compile.explain import explain
@@ -49,7 +49,7 @@ def main() -> None:
                 rows.append({"family": name, "preset": preset, "unavailable": str(err)})
                 print(f"{name:<13} {preset:<9} unavailable: {err}", flush=True)
                 continue
-            ex = explain(family, config, steps, RESOLUTION[name])
+            ex = explain(family, config, steps=steps, resolution=RESOLUTION[name])
             row = {"family": name, "preset": preset, "resolution": list(RESOLUTION[name]),
                    "steps": steps, "total_flops_paper": ex.total.paper, "total_flops_true": ex.total.true,
                    "fraction_paper": ex.total.paper / ex.baseline.paper,
@@ -61,8 +61,6 @@ def main() -> None:
                   f"{ex.total.true / 1e12:8.3f} T true ({row['fraction_true']:.1%})  "
                   f"[{time.perf_counter() - start:.0f} s]", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "preset_flops.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     lines = ["# Preset FLOPs per family, from `postdiff-compile explain`", "",
              "Each family's default steps (20; LCM 4, without CFG), CFG batch otherwise.", "",
              "paper = conv+linear MACs x batch, attention excluded (the paper's convention); "
@@ -77,7 +75,7 @@ def main() -> None:
         lines.append(f"| {r['family']} | {r['resolution'][0]}x{r['resolution'][1]} | {r['steps']} | {r['preset']} | "
                      f"{r['total_flops_paper'] / 1e12:.3f} | {r['fraction_paper']:.1%} | {reported} | "
                      f"{r['total_flops_true'] / 1e12:.3f} | {r['fraction_true']:.1%} |")
-    (args.out / "preset_flops.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "preset_flops", {"rows": rows}, lines)
     print("\n".join(lines))
 
 

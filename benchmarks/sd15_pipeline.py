@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from common import random_denoiser   # benchmarks/ is on sys.path when a script runs
+
 
 def random_sd15_unet(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    from diffusers import UNet2DConditionModel
-
-    from postdiff_compile.models.families import get_family
-
-    config = {k: v for k, v in get_family("sd15").config().items() if not k.startswith("_")}
-    torch.manual_seed(0)
-    with torch.device(device):   # initialised where it runs: 860M parameters take a while on a CPU
-        unet = UNet2DConditionModel.from_config(config)
-    if dtype != torch.float32:   # diffusers warns about any .to(dtype), even a no-op one
-        unet = unet.to(dtype)
-    return unet.eval().requires_grad_(False)
+    """The SD1.5 U-Net (bundled config), seeded random weights, on `device` in `dtype`."""
+    return random_denoiser("sd15", device, dtype)
 
 
 def pipeline_factory(unet, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
