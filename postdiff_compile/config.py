@@ -1,6 +1,6 @@
 """PostDiffConfig and the named presets.
 
-Field names follow ../shared/DESIGN.md. A config serialises to JSON with a version so that an artifact
+The fields are listed in docs/design.md (Vocabulary). A config serialises to JSON with a version so that an artifact
 records exactly what was applied and `--config FILE.json` can give a whole config back.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ from .config import PostDiffConfig
 from .errors import PostDiffError
 from .metrics.flops import FlopCount, count_flops
 from .models.families import FamilySpec, get_family
-from .plan import Step, make_plan, switch_of
+from .plan import Step, make_plan, switch_step_of
 
 if TYPE_CHECKING:   # variants imports torch.export machinery; explain's callers may only want the dataclasses
     from .variants import VariantStore
@@ -48,7 +48,7 @@ class Explanation:
         return {
             "family": self.family, "resolution": list(self.resolution), "latent_size": list(self.latent),
             "low_res_latent_size": list(self.low_res_latent) if self.low_res_latent else None,
-            "switch_step": switch_of([s.step for s in self.steps]),
+            "switch_step": switch_step_of([s.step for s in self.steps]),
             "steps": len(self.steps), "config": self.config.to_dict(),
             "flops_units": "FLOPs; paper = conv+linear MACs x batch, attention excluded; true = 2 x MACs, "
                            "attention included",

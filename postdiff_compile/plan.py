@@ -27,11 +27,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .caches import CROSS_ATTN
 from .config import PostDiffConfig
 from .errors import PostDiffError
 from .models.families import FamilySpec
 from .resolution import low_res_latent, switch_step
-from .variants import VariantSpec
+from .variant_spec import VariantSpec
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Plan:
     @property
     def switch_step(self) -> int:
         """The first full-resolution step, 0 when the plan has no low-resolution steps."""
-        return switch_of(self.steps)
+        return switch_step_of(self.steps)
 
     @property
     def cfg(self) -> bool:
@@ -117,7 +118,7 @@ def make_plan(config: PostDiffConfig, num_steps: int, *, family: FamilySpec, ful
               prediction_type: str, cfg: bool = True) -> Plan:
     """`build_plan` with the settings that run it and, with mixed resolution, the transition."""
     steps = tuple(build_plan(config, num_steps, cfg=cfg))
-    switch = switch_of(steps)
+    switch = switch_step_of(steps)
     transition = Transition(switch_step=switch, full_latent=tuple(full_latent),
                             low_latent=low_res_latent(family, full_latent, config.low_res_scale),
                             prediction_type=prediction_type, renoise=config.renoise,
@@ -150,7 +151,7 @@ def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list
     return plan
 
 
-def switch_of(plan: list[Step] | tuple[Step, ...]) -> int:
+def switch_step_of(plan: list[Step] | tuple[Step, ...]) -> int:
     """The first full-resolution step, 0 when the plan has no low-resolution steps."""
     return sum(step.low_res for step in plan)
 
@@ -206,8 +207,6 @@ def check_plan(plan: list[Step]) -> None:
     one half by the write mode (cond, ave, cfg), so it is read by steps without CFG; and the runtime
     resizes it at the switch, so it may be read at full resolution.
     """
-    from .passes.cross_attn import CROSS_ATTN
-
     if any(step.low_res and not before.low_res for before, step in zip(plan, plan[1:])):
         raise PostDiffError("plan has a low-resolution step after a full-resolution one")
     written: dict[str, tuple[bool, bool]] = {}

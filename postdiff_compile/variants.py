@@ -1,6 +1,7 @@
 """Variants: the specialised graphs one captured denoiser graph is rewritten into.
 
-A variant is named by what it does (`VariantSpec.name`), e.g. "full", "full+write_dc", "shallow+read_ca".
+A variant is named by what it does (`VariantSpec.name`, variant_spec.py), e.g. "full", "full+write_dc",
+"shallow+read_ca".
 It takes the denoiser inputs followed by the caches it reads and returns the noise prediction followed
 by the caches it writes; `Variant.inputs` / `.outputs` name them ("deepcache", "cross_attn:<attn2 path>").
 """
@@ -12,66 +13,22 @@ from typing import Any
 
 import torch
 
-from .capture import Bucket, Captured, DenoiserCall, TensorSpec, Verification, capture, example_inputs, rel_l2
+from .capture import Bucket, Captured, DenoiserCall, TensorSpec, capture, example_inputs
+from .caches import CROSS_ATTN, DEEPCACHE
 from .config import PostDiffConfig
-from .errors import PostDiffError
 from .models.families import FamilySpec, kind_of
 from .passes import graph_edit
-from .passes.cross_attn import CROSS_ATTN
-from .passes.cross_attn import cross_attn_graph
 from .passes.block_cache import block_cache_graph, check_block_branch
-from .passes.deepcache import DEEPCACHE
+from .passes.cross_attn import cross_attn_graph
 from .passes.deepcache import check_branch, deepcache_graph
+from .variant_spec import VariantSpec
+from .verification import Verification, rel_l2
 
-DEEP_MODES = ("full", "shallow")
-CROSS_ATTN_MODES = ("compute", "write", "read")
 # The deep cache of each denoiser kind (FamilySpec.deep_cache): U-Nets cache DeepCache's deep feature;
 # transformers, which have no skip branches, the residual of their middle blocks. Both travel under the one
 # cache name DEEPCACHE. Each entry: the blocks cache_branch counts, the check of a branch, the graph pass.
 _DEEP_CACHES = {"deepcache": ("up_blocks", check_branch, deepcache_graph),
                 "block_cache": ("transformer_blocks", check_block_branch, block_cache_graph)}
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    deep: str = "full"             # "shallow": a DeepCache retrieve step, reads the deep feature
-    write_deepcache: bool = False  # a full step that also returns the deep feature
-    cross_attn: str = "compute"    # "write": also returns every attn2 output; "read": takes them as inputs
-
-    def __post_init__(self) -> None:
-        if self.deep not in DEEP_MODES or self.cross_attn not in CROSS_ATTN_MODES:
-            raise ValueError(f"not a variant: {self}")
-        if self.deep == "shallow" and self.write_deepcache:
-            raise ValueError("a shallow variant cannot write the deep feature it reads")
-
-    @property
-    def name(self) -> str:
-        parts = [self.deep]
-        if self.write_deepcache:
-            parts.append("write_dc")
-        if self.cross_attn != "compute":
-            parts.append(f"{self.cross_attn}_ca")
-        return "+".join(parts)
-
-    @classmethod
-    def parse(cls, name: str) -> "VariantSpec":
-        deep, *flags = name.split("+")
-        unknown = set(flags) - {"write_dc", "write_ca", "read_ca"}
-        if unknown or deep not in DEEP_MODES or ("write_ca" in flags and "read_ca" in flags):
-            raise PostDiffError(f"not a variant name: {name!r}")
-        cross = "write" if "write_ca" in flags else "read" if "read_ca" in flags else "compute"
-        try:
-            return cls(deep, "write_dc" in flags, cross)
-        except ValueError:
-            raise PostDiffError(f"not a variant name: {name!r}") from None
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        return ((DEEPCACHE,) if self.deep == "shallow" else ()) + ((CROSS_ATTN,) if self.cross_attn == "read" else ())
-
-    @property
-    def writes(self) -> tuple[str, ...]:
-        return ((DEEPCACHE,) if self.write_deepcache else ()) + ((CROSS_ATTN,) if self.cross_attn == "write" else ())
 
 
 def check_cache_branch(denoiser: torch.nn.Module, config: PostDiffConfig) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 
 ADDED = ("text_embeds", "time_ids")   # SDXL's added_cond_kwargs
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from artifact_checks import variant_errors
 from test_scheduler_table import diffusers_run
-from tiny_models import runner_inputs, text_embeddings, tiny_sd_pipeline
+from tiny_models import text_embeddings, tiny_sd_pipeline
 
 import postdiff_compile
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import PRESETS, ConfigRequest
 from postdiff_compile.errors import PostDiffError
@@ -301,70 +301,6 @@ def test_format_names_are_checked():
     assert parse_formats("onnx, PT2") == ("pt2", "onnx")
     with pytest.raises(PostDiffError, match="unknown format tflite"):
         parse_formats("pt2,tflite")
-
-
-# --- families with added conditioning -------------------------------------------------------------------------------
-
-
-FAMILY_STEPS = {"sdxl": 20, "pixart_alpha": 20, "pixart_alpha_sized": 20, "lcm_sd15": 4, "lcm_sdxl": 4, "sd2": 20}
-# The default tier compiles `none` (one variant) for PixArt-alpha with resolution conditioning (DPM-Solver++, masks,
-# learned variance) and LCM (no CFG, the guidance embedding, noise drawn in the step); their quality artifacts
-# took 50 s and 38 s in the default tier. Mixed resolution on both is checked in memory against eager loops in the
-# default tier (test_mixed_resolution_families.py), an LCM fast artifact runs in test_cli_artifact.py; every
-# other pair (22 artifacts, SDXL's quality alone 86-191 s) is the slow tier's.
-DEFAULT_FAMILY_CASES = {("pixart_alpha_sized", "none"), ("lcm_sd15", "none")}
-FAMILY_CASES = [pytest.param(family, preset, marks=() if (family, preset) in DEFAULT_FAMILY_CASES else pytest.mark.slow,
-                             id=f"{family}-{preset}") for family in FAMILY_STEPS for preset in PRESET_NAMES]
-
-
-@pytest.mark.parametrize("family, preset", FAMILY_CASES)
-def test_every_family_and_preset_runs_on_both_backends(tmp_path, family, preset):
-    """A preset compiled to pt2+onnx runs on torch and onnxruntime with the same result, and the torch runner
-    equals optimize(pipe) on the family's own diffusers pipeline, which checks the added conditioning the runner
-    fills in (SDXL time ids, PixArt's masks and resolution conditioning, LCM's guidance embedding)."""
-    from tiny_models import base_family, tiny_pipeline
-
-    base = base_family(family)
-    pipe = tiny_pipeline("pixart_alpha_deep" if family == "pixart_alpha" else family)
-    model = pipe.transformer if base == "pixart_alpha" else pipe.unet
-    steps = FAMILY_STEPS[family]
-    out = compile_artifact(model, ConfigRequest(preset), tmp_path / preset, resolution=RESOLUTION, steps=steps,
-                           formats="pt2,onnx").out
-    runners = {b: postdiff_compile.load(out, b) for b in ("torch", "onnxruntime")}
-    cond, uncond, added, negative_added = runner_inputs(runners["torch"])
-    results = [r(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=1, guidance_scale=4.5)
-               for r in runners.values()]
-    err = rel_l2(results[1], results[0])
-    print(f"{family} {preset}: onnxruntime vs torch rel L2 {err:.2e}, {len(runners['torch'].manifest['variants'])} "
-          "variants")
-    assert results[0].shape == (1, 4, 16, 16) and torch.isfinite(results[0]).all()
-    assert err <= 1e-4
-    # The torch runner against the in-memory runtime on the diffusers pipeline.
-    runner = runners["torch"]
-    assert runner.manifest["config"] == PRESETS[preset].for_family(base).to_dict()
-    if family == "pixart_alpha_sized":
-        assert {"resolution", "aspect_ratio"} <= set(runner.added_inputs)
-    got = runner(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=7, guidance_scale=4.5)
-    pipe.scheduler = make_scheduler(runner.manifest["scheduler"])
-    kwargs = dict(prompt_embeds=cond, height=RESOLUTION[0], width=RESOLUTION[1], num_inference_steps=steps,
-                  guidance_scale=4.5, generator=torch.Generator().manual_seed(7), output_type="latent")
-    if uncond is not None:
-        kwargs["negative_prompt_embeds"] = uncond
-    if base.endswith("sdxl"):
-        kwargs["pooled_prompt_embeds"] = added["text_embeds"]
-        if uncond is not None:
-            kwargs["negative_pooled_prompt_embeds"] = negative_added["text_embeds"]
-    if base == "pixart_alpha":
-        kwargs.update(prompt_attention_mask=added["encoder_attention_mask"].long(),
-                      negative_prompt_attention_mask=negative_added["encoder_attention_mask"].long(),
-                      negative_prompt=None, use_resolution_binning=False)
-    expected = postdiff_compile.optimize(pipe, preset=preset)(**kwargs).images
-    assert rel_l2(got, expected) <= 1e-5
-    # What only the text encoder knows must be given: SDXL's negative pooled embeddings, PixArt's masks.
-    required = {"sdxl": "text_embeds", "pixart_alpha": "encoder_attention_mask"}.get(base)
-    if required:
-        with pytest.raises(PostDiffError, match=f"the artifact needs negative {required}"):
-            runner(cond, uncond, added_cond=added, seed=7, guidance_scale=4.5)
 
 
 def rewrite_manifest(folder: Path, manifest: dict) -> None:

@@ -5,7 +5,8 @@ import torch
 from tiny_models import TINY_CONFIGS, tiny_denoiser
 
 from postdiff_compile import PostDiffError
-from postdiff_compile.capture import Bucket, DenoiserCall, capture, example_inputs, rel_l2
+from postdiff_compile.capture import Bucket, DenoiserCall, capture, example_inputs
+from postdiff_compile.verification import rel_l2
 from postdiff_compile.models.families import get_family
 from postdiff_compile.passes import graph_edit
 from postdiff_compile.passes.block_cache import block_cache_graph, check_block_branch

@@ -9,7 +9,7 @@ import torch
 from tiny_models import text_embeddings, tiny_sd_pipeline
 
 from postdiff_compile import PostDiffError, optimize
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 
 TOLERANCE = 1e-5
 STEPS, SIZE, GUIDANCE = 8, 96, 7.5

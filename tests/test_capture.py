@@ -5,7 +5,8 @@ from tiny_models import base_family, tiny_denoiser
 
 from postdiff_compile.capture import Bucket, capture
 from postdiff_compile.models.families import get_family
-from postdiff_compile.variants import VariantSpec, build_variant, verify_variant
+from postdiff_compile.variant_spec import VariantSpec
+from postdiff_compile.variants import build_variant, verify_variant
 
 
 @pytest.mark.parametrize("family, latent, path", [

@@ -8,7 +8,7 @@ from test_cli import assert_one_error, run_cli
 from tiny_models import text_embeddings, tiny_denoiser, write_checkpoint
 
 import postdiff_compile
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 from postdiff_compile.cli import main
 from postdiff_compile.exporters.tensorrt_export import unavailable_reason
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import runner_inputs, text_embeddings, tiny_pipeline
 
 import postdiff_compile
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import ConfigRequest
 from postdiff_compile.exporters.manifest import CHECKSUM, MANIFEST

@@ -12,7 +12,7 @@ import torch
 from tiny_models import pipeline_embeds, tiny_pipeline
 
 from postdiff_compile import optimize, restore
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 from postdiff_compile.config import PRESETS
 from postdiff_compile.errors import PostDiffError
 

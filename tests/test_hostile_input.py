@@ -285,7 +285,7 @@ def test_onnx_external_data_outside_the_weights_file_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from postdiff_compile.exporters.onnx_export import check_file as check_external_data
+    from postdiff_compile.exporters.onnx_export import check_file
 
     folder = tmp_path / "art"
     folder.mkdir()
@@ -305,9 +305,9 @@ def test_onnx_external_data_outside_the_weights_file_is_refused(tmp_path):
         onnx.save(model, str(path))
         if refused:
             with pytest.raises(PostDiffError, match=f"reads its data from '{location}'"):
-                check_external_data(path)
+                check_file(path)
         else:
-            check_external_data(path)
+            check_file(path)
 
 
 # ---- signatures ---------------------------------------------------------------------------------------------

@@ -37,6 +37,18 @@ def test_importing_the_lab_from_the_core_breaks_them(tmp_path):
     assert "postdiff_compile.capture is not allowed to import postdiff_compile.lab" in result.stdout
 
 
+def test_the_core_contract_covers_every_core_module():
+    """The core contract lists the core by name; a new top-level module outside it would go unchecked."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    core = next(c for c in contracts if c["forbidden_modules"] == ["postdiff_compile.cli", "postdiff_compile.lab"]
+                and c.get("as_packages", True))
+    top = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+           if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
+    assert {f"postdiff_compile.{name}" for name in top - {"cli", "lab"}} == set(core["source_modules"])
+
+
 def _functions(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tiny_models import text_embeddings, tiny_sd_pipeline
 
 from postdiff_compile import PostDiffError, optimize
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 
 TOLERANCE = 1e-5
 STEPS, GUIDANCE = 8, 7.5

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tiny_models import base_family, pipeline_embeds, tiny_pipeline
 
 from postdiff_compile import optimize
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 
 TOLERANCE = 1e-5
 GUIDANCE = 4.5

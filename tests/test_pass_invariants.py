@@ -13,7 +13,8 @@ from postdiff_compile.passes.cross_attn import cross_attn_graph
 from postdiff_compile.passes.deepcache import deepcache_graph
 from postdiff_compile.passes.noop_squeeze import drop_noop_squeezes
 from postdiff_compile.passes.regions import has_module, module_path, output_of
-from postdiff_compile.variants import VariantSpec, build_variant
+from postdiff_compile.variant_spec import VariantSpec
+from postdiff_compile.variants import build_variant
 
 ORIGIN = "test_origin"   # tag on every input node; copies carry it, nodes a pass creates do not
 

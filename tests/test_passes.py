@@ -8,7 +8,8 @@ from postdiff_compile.capture import Bucket, capture, example_inputs
 from postdiff_compile.models.families import get_family
 from postdiff_compile.passes.deepcache import deepcache_graph
 from postdiff_compile.passes.regions import children, find_modules, module_path, output_of
-from postdiff_compile.variants import VariantSpec, build_variant
+from postdiff_compile.variant_spec import VariantSpec
+from postdiff_compile.variants import build_variant
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_step_count():
 
 
 def test_variant_names():
-    from postdiff_compile.variants import VariantSpec
+    from postdiff_compile.variant_spec import VariantSpec
 
     for name in ("full", "full+write_dc", "shallow", "full+write_ca", "full+read_ca", "full+write_dc+read_ca",
                  "shallow+read_ca"):

@@ -9,7 +9,7 @@ import tomesd
 import torch
 
 from postdiff_compile import optimize
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 from postdiff_compile.models.families import get_family
 from postdiff_compile.models.load import load_denoiser
 from postdiff_compile.lab.reference import is_reference_folder, load_pipeline, reference_folder

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from postdiff_compile.capture import rel_l2
+from postdiff_compile.verification import rel_l2
 from postdiff_compile.exporters.scheduler_table import evaluate, scheduler_table
 from postdiff_compile.schedulers import make_scheduler
 

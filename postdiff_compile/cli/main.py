@@ -104,23 +104,23 @@ def build_explain_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from . import artifact as cli_artifact, quality as cli_quality
+    from . import artifact, quality
 
-    command = argv[0] if argv and argv[0] in ("explain", *QUALITY_COMMANDS, *cli_artifact.ARTIFACT_COMMANDS) else None
-    if command in cli_artifact.ARTIFACT_COMMANDS:
-        parser = cli_artifact.build_parser(command)
+    command = argv[0] if argv and argv[0] in ("explain", *QUALITY_COMMANDS, *artifact.ARTIFACT_COMMANDS) else None
+    if command in artifact.ARTIFACT_COMMANDS:
+        parser = artifact.build_parser(command)
     elif command in QUALITY_COMMANDS:
-        parser = cli_quality.build_parser(command)
+        parser = quality.build_parser(command)
     else:
         parser = build_explain_parser() if command == "explain" else build_parser()
     args = parser.parse_args(argv[1:] if command else argv)
     in_main = threading.current_thread() is threading.main_thread()   # signal handlers live in the main thread
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        if command in cli_artifact.ARTIFACT_COMMANDS:
-            return cli_artifact.run(command, args)
+        if command in artifact.ARTIFACT_COMMANDS:
+            return artifact.run(command, args)
         if command in QUALITY_COMMANDS:
-            return cli_quality.run(command, args)
+            return quality.run(command, args)
         return _explain(args) if command == "explain" else _compile(args)
     except PostDiffError as err:
         if args.debug:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from ..explain import Explanation
-from ..plan import switch_of
+from ..plan import switch_step_of
 
 
 def format_explanation(ex: Explanation) -> str:
     def tera(value: int) -> str:
         return f"{value / 1e12:.3f}"
 
-    switch = switch_of([s.step for s in ex.steps])
+    switch = switch_step_of([s.step for s in ex.steps])
     mixed = (f"; steps 0-{switch - 1} at low resolution, latent {ex.low_res_latent[0]}x{ex.low_res_latent[1]}, "
              f"then the transition" if ex.low_res_latent else "")
     lines = [f"{ex.family} {ex.resolution[0]}x{ex.resolution[1]} (latent {ex.latent[0]}x{ex.latent[1]}), "

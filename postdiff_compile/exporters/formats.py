@@ -3,7 +3,10 @@
 Each format is one module holding its writer, its verifier and its opener (imported on first use, so that
 `import postdiff_compile` loads no onnx, tensorrt or inductor). A format module defines:
 
-    write(job: VariantJob) -> dict        write and verify one variant; its manifest `files` entry
+    write(job: VariantJob) -> dict        write one variant; its manifest `files` entry. A format whose file runs
+                                          other code than the verified torch graph (ONNX, TensorRT, AOTInductor)
+                                          runs it on the job's inputs and records `job.verify`; a .pt2 file is
+                                          the verified graph itself, re-exported, and is not run again
     open(path, device, sha256) -> fn      the variant file as a callable: tensors in, tensors out
 and may define:
     check_available()                     refuse early a format this machine cannot build (TensorRT without a GPU)
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..capture import compare_outputs
+from ..verification import compare_outputs
 from ..errors import PostDiffError
 
 

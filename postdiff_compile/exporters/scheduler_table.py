@@ -31,7 +31,7 @@ from unittest import mock
 
 import torch
 
-from ..capture import rel_l2
+from ..verification import rel_l2
 from ..schedulers import make_scheduler, restart, step_kwargs
 
 TABLE_TOLERANCE = 1e-5

@@ -1,7 +1,7 @@
 """The study the paper is about, on the reference model: fewer steps against cheaper steps.
 
 Every point is a `Sampler` (scheduler, steps, PostDiff config). Each is run on the same prompts and noise,
-scored by `metrics.evaluate` and costed with `explain` (true FLOPs: 2 x MACs, attention included, as a
+scored by `evaluate.py` and costed with `explain` (true FLOPs: 2 x MACs, attention included, as a
 fraction of the 20-step DDIM baseline with CFG). The baseline is also run on further prompt sets: the spread
 of its numbers over those sets is the metric's noise floor, and a difference smaller than twice it is not
 a finding.

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from ..caches import DEEPCACHE
 from ..errors import PostDiffError
 from . import graph_edit
-from .deepcache import DEEPCACHE
 from .regions import children, output_of
 
 _BLOCKS = "transformer_blocks"

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch.fx
 
+from ..caches import CROSS_ATTN
 from . import graph_edit
 from .regions import find_modules, output_of
 
-CROSS_ATTN = "cross_attn"   # cache name in the plan; one tensor per attn2 module
 CROSS_ATTENTION = r".*\.attn2"  # diffusers names every cross-attention `attn2`
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch.fx
 
+from ..caches import DEEPCACHE
 from ..errors import PostDiffError
 from . import graph_edit
 from .regions import children, output_of
-
-DEEPCACHE = "deepcache"   # cache name of the deep feature, in variant inputs/outputs and in the plan
 
 
 def deepcache_graph(graph: torch.fx.Graph, branch: int, mode: str) -> torch.fx.Graph:

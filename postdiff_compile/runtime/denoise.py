@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from ..capture import Bucket
-from ..passes.cross_attn import CROSS_ATTN
+from ..caches import CROSS_ATTN
 from ..plan import Plan
 from .transition import apply_transition
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..passes.cross_attn import CROSS_ATTN
+from ..caches import CROSS_ATTN
 from ..plan import Transition
 from ..resolution import resize_tokens
 from ..schedulers import alpha_bars, sigma_space
