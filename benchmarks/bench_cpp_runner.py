@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, write_results  # noqa: E402
 
 import postdiff_compile  # noqa: E402
-from postdiff_compile.capture import rel_l2  # noqa: E402
+from postdiff_compile.verification import rel_l2  # noqa: E402
 from postdiff_compile.compile import compile_artifact  # noqa: E402
 from postdiff_compile.config import ConfigRequest  # noqa: E402
 

@@ -63,7 +63,7 @@ def transition_bytes(B, C, h, w, H, W, dtype, noise_tensor=True) -> int:
 
 def check(device) -> dict:
     """The kernel against the float32 reference on `device`; max relative error per dtype."""
-    from postdiff_compile.capture import rel_l2
+    from postdiff_compile.verification import rel_l2
     from postdiff_compile.kernels.transition_ref import (PREDICTION_TYPES, RENOISE_MODES, TransitionParams,
                                                          transition_reference)
     from postdiff_compile.kernels.transition_triton import philox_normal, transition_triton
@@ -101,7 +101,7 @@ def check(device) -> dict:
 def bench(device, peak) -> list[dict]:
     import triton.testing
 
-    from postdiff_compile.capture import rel_l2
+    from postdiff_compile.verification import rel_l2
     from postdiff_compile.kernels.transition_op import resolution_transition
     from postdiff_compile.kernels.transition_ref import TransitionParams, transition_reference
     from postdiff_compile.kernels.transition_triton import transition_triton

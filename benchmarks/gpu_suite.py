@@ -115,7 +115,7 @@ def sync(device: torch.device) -> None:
 def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budget, save, result: dict) -> None:
     """Fills `result` as it goes, so that `save` records the first calls before the timed rounds."""
     from postdiff_compile import optimize, resolve_config
-    from postdiff_compile.capture import rel_l2
+    from postdiff_compile.verification import rel_l2
     from postdiff_compile.explain import explain
     from postdiff_compile.models.families import get_family
     from postdiff_compile.plan import build_plan

@@ -96,7 +96,7 @@ def main() -> int:
         print(f"note: {args.rounds} rounds; the committed results use at least 5", file=sys.stderr)
 
     from postdiff_compile import load, optimize, resolve_config
-    from postdiff_compile.capture import rel_l2
+    from postdiff_compile.verification import rel_l2
     from postdiff_compile.explain import explain
     from postdiff_compile.models.families import get_family
 
