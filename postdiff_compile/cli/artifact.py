@@ -23,51 +23,51 @@ DEFAULT_PROMPT = "small red circle top left, large blue square center, on stripe
 EMBEDDING_KEYS = ("prompt_embeds", "negative_prompt_embeds")
 
 
+DESCRIPTIONS = {
+    "keygen": "Write a new Ed25519 key pair for signing artifacts: KEY (private, mode 0600) and KEY.pub (give that "
+              "to whoever loads the artifacts).",
+    "sign": "Sign a valid artifact: writes DIR/manifest.sig, an Ed25519 signature of manifest.sha256 (which covers "
+            "the manifest and through it every file).",
+    "inspect": "Validate an artifact like load() does (manifest, every file's size and sha256) and print its plan, "
+               "FLOPs, files and verification errors.",
+    "run": "Execute an artifact on a backend: text embeddings in, latents out (and an image when the source has a "
+           "VAE). With no embeddings, an artifact of the reference model encodes --prompt with the reference "
+           "model's own text encoder.",
+}
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     from ..exporters.formats import BACKENDS
 
     key_help = "refuse the artifact unless it carries this Ed25519 public key's signature (postdiff-compile sign)"
+    parser = Parser(prog=f"postdiff-compile {command}", description=DESCRIPTIONS[command])
+    add = parser.add_argument
     if command == "keygen":
-        parser = Parser(prog="postdiff-compile keygen",
-                        description="Write a new Ed25519 key pair for signing artifacts: KEY (private, mode 0600) and "
-                                    "KEY.pub (give that to whoever loads the artifacts).")
-        parser.add_argument("--out", type=Path, required=True, metavar="KEY", help="private key file to write")
-    elif command == "sign":
-        parser = Parser(prog="postdiff-compile sign",
-                        description="Sign a valid artifact: writes DIR/manifest.sig, an Ed25519 signature of "
-                                    "manifest.sha256 (which covers the manifest and through it every file).")
-        parser.add_argument("artifact", type=Path, help="artifact folder")
-        parser.add_argument("--key", type=Path, required=True, metavar="KEY", help="private key (PEM, keygen)")
-    elif command == "inspect":
-        parser = Parser(prog="postdiff-compile inspect",
-                        description="Validate an artifact like load() does (manifest, every file's size and sha256) "
-                                    "and print its plan, FLOPs, files and verification errors.")
-        parser.add_argument("artifact", type=Path, help="artifact folder")
-        parser.add_argument("--json", action="store_true", help="print the manifest (after validating it)")
-        parser.add_argument("--public-key", type=Path, metavar="KEY.pub", help=key_help)
+        add("--out", type=Path, required=True, metavar="KEY", help="private key file to write")
     else:
-        parser = Parser(
-            prog="postdiff-compile run",
-            description="Execute an artifact on a backend: text embeddings in, latents out (and an image when the "
-                        "source has a VAE). With no embeddings, an artifact of the reference model encodes --prompt "
-                        "with the reference model's own text encoder.")
-        parser.add_argument("artifact", type=Path, help="artifact folder")
-        parser.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
-        parser.add_argument("--embeddings", type=Path, metavar="FILE.safetensors",
-                            help="prompt_embeds and negative_prompt_embeds [1, L, D] (SDXL: also text_embeds, "
-                                 "time_ids and negative_text_embeds, negative_time_ids)")
-        parser.add_argument("--prompt", help=f"reference-model artifacts only (default: {DEFAULT_PROMPT!r})")
-        parser.add_argument("--seed", type=int, default=0, help="default: 0")
-        parser.add_argument("--guidance-scale", type=float, default=None,
-                            help="default: 4 for the reference model, 8.5 for LCM, 7.5 otherwise")
-        parser.add_argument("--out", type=Path, help="output folder (default: ./postdiff-run/ARTIFACT-seedN)")
-        parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-        parser.add_argument("--source", type=Path, metavar="MODEL",
-                            help="the model folder the artifact was compiled from, for its VAE (and, for the reference "
-                                 "model, its text encoder); checked against the manifest's hashes. Default: the "
-                                 "shipped reference model for scenes32 artifacts, no decoding otherwise")
-        parser.add_argument("--public-key", type=Path, metavar="KEY.pub", help=key_help)
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+        add("artifact", type=Path, help="artifact folder")
+    if command == "sign":
+        add("--key", type=Path, required=True, metavar="KEY", help="private key (PEM, keygen)")
+    if command == "inspect":
+        add("--json", action="store_true", help="print the manifest (after validating it)")
+    if command == "run":
+        add("--backend", choices=BACKENDS, default="torch", help="default: torch")
+        add("--embeddings", type=Path, metavar="FILE.safetensors",
+            help="prompt_embeds and negative_prompt_embeds [1, L, D] (SDXL: also text_embeds, time_ids and "
+                 "negative_text_embeds, negative_time_ids)")
+        add("--prompt", help=f"reference-model artifacts only (default: {DEFAULT_PROMPT!r})")
+        add("--seed", type=int, default=0, help="default: 0")
+        add("--guidance-scale", type=float, default=None,
+            help="default: 4 for the reference model, 8.5 for LCM, 7.5 otherwise")
+        add("--out", type=Path, help="output folder (default: ./postdiff-run/ARTIFACT-seedN)")
+        add("--force", action="store_true", help="replace an existing output folder")
+        add("--source", type=Path, metavar="MODEL",
+            help="the model folder the artifact was compiled from, for its VAE (and, for the reference model, its "
+                 "text encoder); checked against the manifest's hashes. Default: the shipped reference model for "
+                 "scenes32 artifacts, no decoding otherwise")
+    if command in ("inspect", "run"):
+        add("--public-key", type=Path, metavar="KEY.pub", help=key_help)
+    add("--debug", action="store_true", help="show Python tracebacks")
     return parser
 
 

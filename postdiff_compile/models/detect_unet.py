@@ -32,6 +32,33 @@ class UNetView:
     guidance_embedding: int = 0   # LCM: width of the w-embedding (time_embedding.cond_proj), 0 = none
 
 
+@dataclass(frozen=True)
+class _Names:
+    """The tensors that give a view's fields, in one checkpoint layout."""
+    conv_in: str
+    conv_out: str
+    added_embedding: str
+    mid_attention: str
+
+
+_LDM = _Names("input_blocks.0.0.weight", "out.2.weight", "label_emb.0.0.weight", "middle_block.1.proj_in.weight")
+_DIFFUSERS = _Names("conv_in.weight", "conv_out.weight", "add_embedding.linear_1.weight",
+                    "mid_block.attentions.0.proj_in.weight")
+
+
+def _view(s: Shapes, levels: list[_Level], names: _Names) -> UNetView:
+    return UNetView(
+        in_channels=s[names.conv_in][1],
+        out_channels=s[names.conv_out][0] if names.conv_out in s else s[names.conv_in][1],
+        levels=levels,
+        context_dim=_context_dim(s),
+        linear_projection=_linear_projection(s),
+        adm_channels=s[names.added_embedding][1] if names.added_embedding in s else None,
+        mid_attention=names.mid_attention in s,
+        guidance_embedding=_guidance_width(s),
+    )
+
+
 def ldm_view(shapes: Shapes, prefix: str) -> UNetView:
     s = CheckedShapes({k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)})
     levels, current, i = [], None, 1
@@ -50,16 +77,7 @@ def ldm_view(shapes: Shapes, prefix: str) -> UNetView:
         i += 1
     if current is not None:
         levels.append(current)
-    return UNetView(
-        in_channels=s["input_blocks.0.0.weight"][1],
-        out_channels=s["out.2.weight"][0] if "out.2.weight" in s else s["input_blocks.0.0.weight"][1],
-        levels=levels,
-        context_dim=_context_dim(s),
-        linear_projection=_linear_projection(s),
-        adm_channels=s["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in s else None,
-        mid_attention="middle_block.1.proj_in.weight" in s,
-        guidance_embedding=_guidance_width(s),
-    )
+    return _view(s, levels, _LDM)
 
 
 def diffusers_view(s: Shapes) -> UNetView:
@@ -69,16 +87,7 @@ def diffusers_view(s: Shapes) -> UNetView:
         channels = s[f"down_blocks.{b}.resnets.0.conv2.weight"][0]
         levels.append(_Level(channels, resnets, count_blocks(s, f"down_blocks.{b}.attentions.0.transformer_blocks.")))
         b += 1
-    return UNetView(
-        in_channels=s["conv_in.weight"][1],
-        out_channels=s["conv_out.weight"][0] if "conv_out.weight" in s else s["conv_in.weight"][1],
-        levels=levels,
-        context_dim=_context_dim(s),
-        linear_projection=_linear_projection(s),
-        adm_channels=s["add_embedding.linear_1.weight"][1] if "add_embedding.linear_1.weight" in s else None,
-        mid_attention="mid_block.attentions.0.proj_in.weight" in s,
-        guidance_embedding=_guidance_width(s),
-    )
+    return _view(s, levels, _DIFFUSERS)
 
 
 def _guidance_width(s: Shapes) -> int:
