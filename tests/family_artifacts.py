@@ -1,6 +1,7 @@
 """A family's preset compiled to an artifact and run, against onnxruntime and against optimize(pipe) on the
-family's own diffusers pipeline. Two test files parametrize it over the families (U-Nets, PixArt-alpha), so
-that the slow tier's every-family matrix runs on both xdist workers."""
+family's own diffusers pipeline. Three test files parametrize it over the families (test_artifact_families.py:
+LCM-SD1.5 and SD2; test_artifact_sdxl.py; test_artifact_pixart.py), so that the slow tier's every-family matrix
+(about 1,700 s of work here) spreads over both xdist workers."""
 from __future__ import annotations
 
 from pathlib import Path
