@@ -23,6 +23,7 @@ from .plan import make_plan
 from .transition_spec import transition_spec
 from .variant_build import VariantBuilder, reference_of, variant_ids, variant_key
 from .variants import check_cache_branch
+from .version import __version__
 
 # An exported graph runs the same ATen ops as eager, so anything above float noise is a capture bug.
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
@@ -123,12 +124,12 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
         variants = [builder.entry(key, tag) for key, tag in ids.items()]
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tool": {"name": "postdiff-compile", "version": toolchain()["postdiff_compile"]},
+        "tool": {"name": "postdiff-compile", "version": __version__},
         "source": {"path": loaded.source, "files": hashes, "family": family.name,
                    "layout": loaded.detection.layout, "prediction_type": loaded.detection.prediction_type,
                    "evidence": loaded.detection.evidence},
         "config": config.to_dict(),
-        "toolchain": {**toolchain(formats), **build.toolchain},
+        "toolchain": {**toolchain(), **build.toolchain},
         "resolution": {"height": height, "width": width, "latent_height": full_latent[0],
                        "latent_width": full_latent[1]},
         "steps": steps,

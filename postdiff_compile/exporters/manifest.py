@@ -39,7 +39,8 @@ def file_entry(path: Path) -> dict:
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def toolchain(formats: tuple[str, ...] = ()) -> dict[str, str]:
+def toolchain() -> dict[str, str]:
+    """The versions every artifact records; a format adds its own (exporters/formats.py, `Build.toolchain`)."""
     import diffusers
     import safetensors
     import torch
@@ -49,12 +50,6 @@ def toolchain(formats: tuple[str, ...] = ()) -> dict[str, str]:
     tools = {"postdiff_compile": __version__, "python": platform.python_version(), "torch": torch.__version__,
              "diffusers": diffusers.__version__, "safetensors": safetensors.__version__,
              "platform": platform.platform()}
-    if "onnx" in formats:
-        import onnx
-        import onnxruntime
-        import onnxscript
-
-        tools.update(onnx=onnx.__version__, onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
     return tools
 
 

@@ -122,6 +122,11 @@ def run_session(session, names: list[str], inputs: tuple[torch.Tensor, ...]) -> 
 
 
 def begin(build: Build) -> None:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    build.toolchain.update(onnx=onnx.__version__, onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
     build.state["onnx"] = WeightsFile(build.folder)
 
 
