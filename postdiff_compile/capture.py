@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PostDiffError
-from .models.families import DenoiserKind, FamilySpec, kind_of
+from .models.families import FamilySpec, kind_of
 
 TIMESTEP_DTYPE = torch.float32  # diffusers casts timesteps to float inside the time projection anyway
 
@@ -47,14 +47,14 @@ class DenoiserCall(torch.nn.Module):
     """The denoiser with positional tensor inputs and one tensor output.
 
     ExportedProgram.module() replays keyword arguments exactly as exported, so the export boundary takes
-    plain positional tensors; the family decides which (`input_specs`). `kind` defaults to the denoiser's.
+    plain positional tensors; the family decides which (`input_specs`), the denoiser's kind how they are passed.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, input_names: tuple[str, ...], kind: DenoiserKind | None = None):
+    def __init__(self, denoiser: torch.nn.Module, input_names: tuple[str, ...]):
         super().__init__()
         self.denoiser = denoiser
         self.input_names = input_names
-        self.kind = kind or kind_of(denoiser)
+        self.kind = kind_of(denoiser)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.input_names, inputs))
@@ -87,10 +87,9 @@ def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -
     return specs
 
 
-def upsample_path(denoiser: torch.nn.Module, bucket: Bucket, kind: DenoiserKind | None = None) -> str:
+def upsample_path(denoiser: torch.nn.Module, bucket: Bucket) -> str:
     """Which upsampling code diffusers' UNet takes at this latent size (see the module docstring)."""
-    kind = kind or kind_of(denoiser)
-    ups = denoiser.num_upsamplers if kind.size_dependent_upsampling else 0
+    ups = denoiser.num_upsamplers if kind_of(denoiser).size_dependent_upsampling else 0
     if not ups:
         return "none"
     exact = bucket.latent_height % 2**ups == 0 and bucket.latent_width % 2**ups == 0
@@ -138,7 +137,7 @@ def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> Ca
     full-size architectures without a checkpoint.
     """
     specs = input_specs(denoiser, family, bucket)
-    wrapper = DenoiserCall(denoiser, tuple(s.name for s in specs), family.kind).eval()
+    wrapper = DenoiserCall(denoiser, tuple(s.name for s in specs)).eval()
     device = next(denoiser.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(specs))
     start = time.perf_counter()
@@ -147,5 +146,5 @@ def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> Ca
             program = torch.export.export(wrapper, args, strict=False)
     except Exception as err:  # torch.export reports many error types; the user needs to know which stage
         raise PostDiffError(f"torch.export failed for {family.name} at {bucket.tag}: {type(err).__name__}: {err}")
-    return Captured(program, bucket, specs, upsample_path(denoiser, bucket, family.kind),
+    return Captured(program, bucket, specs, upsample_path(denoiser, bucket),
                     time.perf_counter() - start, family)

@@ -105,7 +105,7 @@ def check_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modul
     args = tuple(a.to(device) for a in example_inputs(captured.inputs, seed))
     spec = variant.spec
     caches: dict[str, torch.Tensor] = {}
-    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs), captured.family.kind).eval()
+    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
     with torch.no_grad():
         expected = wrapper(*args).float()
         if spec.reads:

@@ -30,7 +30,7 @@ from ..errors import PostDiffError
 from ..passes.noop_squeeze import drop_noop_squeezes
 from ..variants import Variant, variant_input_specs
 from .formats import Build, VariantJob
-from .manifest import sha256_file
+from .manifest import file_entry
 from .weights_file import FILE, LARGE, WeightsFile
 
 OPSET = 18
@@ -101,8 +101,7 @@ def export_onnx(variant: Variant, path: Path, weights: WeightsFile, opset: int =
         external += 1
     weights.flush()   # the graph is verified right after, by a reader of the same file
     ir.save(model, str(path))
-    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "opset": opset,
-            "external_initializers": external}
+    return {**file_entry(path), "opset": opset, "external_initializers": external}
 
 
 def onnx_session(path: Path, providers: list[str] | None = None):
@@ -146,8 +145,7 @@ def write(job: VariantJob) -> dict:
 def end(build: Build) -> None:
     weights = build.state.pop("onnx")
     weights.close()
-    build.entries["weights"] = {"file": weights.path.name, "sha256": sha256_file(weights.path),
-                                "bytes": weights.path.stat().st_size, "tensors": weights.tensors,
+    build.entries["weights"] = {**file_entry(weights.path), "tensors": weights.tensors,
                                 "names": "the ONNX initializer names: the diffusers state-dict keys of the denoiser"}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import PostDiffError
 from .formats import Build, VariantJob
-from .manifest import sha256_file
+from .manifest import file_entry
 
 NEEDS = ("TensorRT engines need the `tensorrt` Python package (pip install tensorrt) and an NVIDIA GPU with "
          "CUDA; use --format pt2,onnx on this machine")
@@ -151,8 +151,7 @@ def write(job: VariantJob) -> dict:
         entry = build_engine(build.folder / f"{job.stem}.onnx", engine, key)
     with build.timed(f"verify tensorrt {job.tag}"):
         verification = job.verify(EngineRunner(engine)(*job.feed), "TensorRT engine")
-    return {**entry, "sha256": sha256_file(engine), "bytes": engine.stat().st_size, "precision": build.dtype_name,
-            "verification": verification}
+    return {**entry, **file_entry(engine), "precision": build.dtype_name, "verification": verification}
 
 
 def check_toolchain(folder: Path, manifest: dict, device) -> None:
