@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common import cpu_name, random_denoiser, write_results   # benchmarks/ is on sys.path when a script runs
-from postdiff_compile.cli.main import parse_resolution
+from postdiff_compile.cli.flags import parse_resolution
 from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import ConfigRequest
 

@@ -10,8 +10,9 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Hashable
 from pathlib import Path
+
+from postdiff_compile.profiling.timing import interleaved_rounds  # noqa: F401  (the scripts import it from here)
 
 # DeepCache with interval 2 and branch 1, as PostDiffConfig overrides: the paper's setting, and the one
 # DeepCacheSDHelper is given (set_params(cache_interval=2, cache_branch_id=1)) where it is the peer.
@@ -51,36 +52,6 @@ def write_results(out: Path, name: str, record: dict, markdown: str | list[str])
     text = markdown if isinstance(markdown, str) else "\n".join(markdown) + "\n"
     (out / f"{name}.md").write_text(text)
     return out / f"{name}.md"
-
-
-def interleaved_rounds(runs: dict[Hashable, Callable[[], object]], rounds: int, *,
-                       sync: Callable[[], None] | None = None,
-                       go_on: Callable[[dict[Hashable, list[float]]], bool] | None = None,
-                       report: Callable[[int], None] | None = None) -> dict[Hashable, list[float]]:
-    """Seconds per call of each run: `rounds` rounds of one call of every run, the order rotated each round so
-    that no run always follows the same other one (drift on a shared machine then hits every run alike).
-
-    `sync()` is called before and after each timed call (a GPU's queue); `go_on(times)`, asked before every
-    round after the first, ends the rounds early when false; `report(round_index)` follows each round. Every
-    list holds one time per completed round.
-    """
-    times: dict[Hashable, list[float]] = {key: [] for key in runs}
-    names = list(runs)
-    for round_ in range(rounds if names else 0):
-        if round_ and go_on is not None and not go_on(times):
-            break
-        shift = round_ % len(names)
-        for key in names[shift:] + names[:shift]:
-            if sync is not None:
-                sync()
-            start = time.perf_counter()
-            runs[key]()
-            if sync is not None:
-                sync()
-            times[key].append(time.perf_counter() - start)
-        if report is not None:
-            report(round_)
-    return times
 
 
 def random_denoiser(family_name: str, device="cpu", dtype=None, seed: int = 0):

@@ -18,6 +18,7 @@ from .exporters.atomic_dir import atomic_dir
 from .exporters.formats import DEFAULT_FORMATS, Build, check_available, parse_formats
 from .exporters.manifest import sha256_file, toolchain, write_manifest
 from .exporters.scheduler_table import scheduler_table
+from .fastest import resolve_request
 from .models.load import load_denoiser
 from .plan import make_plan
 from .transition_spec import transition_spec
@@ -95,12 +96,12 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
     with timed("load"):
         loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type)
     family = loaded.family
-    if isinstance(config, ConfigRequest):
-        config = config.resolve(family.name)
     height, width = resolution or family.default_resolution
     full_latent = family.check_resolution(height, width, loaded.source)
     scheduler = {**family.scheduler(), "prediction_type": loaded.detection.prediction_type}
     steps = family.check_steps(steps or family.default_steps, scheduler, loaded.source)
+    config = resolve_request(config, family, steps=steps, resolution=(height, width),   # with a cost table: for its device
+                             denoiser_config=loaded.detection.config)
     with _source_error(loaded.source):   # before any slow work: a plan or a transition that cannot run
         plan = make_plan(config, steps, family=family, full_latent=full_latent,
                          prediction_type=loaded.detection.prediction_type, cfg=family.classifier_free_guidance)

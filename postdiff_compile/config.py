@@ -153,17 +153,27 @@ def _coerce(name: str, value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named config, per family where the families need different settings."""
+    """A named config, per family where the families need different settings.
+
+    `alternatives` are overrides of the family's config that make configurations of the same quality class:
+    with a device's cost table (`--preset P --costs FILE`), the fastest of the preset's config and these is run.
+    """
     name: str
     description: str
     default: PostDiffConfig
     per_family: dict[str, PostDiffConfig | str] = dataclasses.field(default_factory=dict)  # str: why unavailable
+    alternatives: tuple[dict[str, Any], ...] = ()
 
     def for_family(self, family: str | None) -> PostDiffConfig:
         config = self.per_family.get(family, self.default) if family else self.default
         if isinstance(config, str):
             raise PostDiffError(f"preset {self.name!r} is not available for {family}: {config}")
         return config
+
+    def candidates(self, family: str | None) -> list[PostDiffConfig]:
+        """The preset's config for `family`, then its alternatives."""
+        config = self.for_family(family)
+        return [config, *(config.replace(**alternative) for alternative in self.alternatives)]
 
     @property
     def is_identity(self) -> bool:
@@ -219,13 +229,22 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     #   cross_attn_cache=cond, cross_attn_cache_step=15); fast adds balanced's block cache on top, as for the
     #   U-Nets fast adds the cross-attention cache to balanced.
     # - LCM, m = 3 of 4 steps (see _LCM_GATE).
+    # fast's alternatives, for devices where a CFG-off step (batch 1) costs about what a CFG step does (a GPU with
+    # per-launch costs, a CPU reading every weight whatever the batch): the same mixed resolution with the
+    # cross-attention cache off and more work cached instead, DeepCache interval 3; or interval 2 with 3/4 of the
+    # steps at low resolution. On the one quality measurement here (benchmarks/results/tune_scenes32_0.4.md,
+    # Frechet distance on its 96-prompt check set, lower is better) both score better than fast itself: 1661 and
+    # 1769 against 2117. They cost more FLOPs (32.7% and 28.7% of the baseline against 23.0%), so only a cost
+    # table that shows the batch-1 steps saving little picks them.
     Preset("fast", "balanced + cross-attention cache, Cond mode, CFG off from step m",
            _MIX.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
            {"sdxl": _MIX_3_4.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
             "pixart_alpha": _MIX_3_4.replace(**_BLOCK_CACHE, cross_attn_cache="cond", cross_attn_cache_step=15),
             "lcm_sd15": _MIX.replace(**_DEEPCACHE, **_LCM_GATE),
             "lcm_sdxl": _MIX_3_4.replace(**_DEEPCACHE, **_LCM_GATE),
-            "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL, cross_attn_cache="cond", cross_attn_cache_step=10)}),
+            "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL, cross_attn_cache="cond", cross_attn_cache_step=10)},
+           alternatives=(dict(cross_attn_cache="off", cross_attn_cache_step=0, cache_interval=3),
+                         dict(cross_attn_cache="off", cross_attn_cache_step=0, low_res_fraction=0.75))),
 )}
 
 
@@ -241,10 +260,12 @@ def resolve_config(preset: str = "none", base: PostDiffConfig | None = None, fam
 
 @dataclass(frozen=True)
 class ConfigRequest:
-    """A preset name or base config plus overrides, resolved once the model's family is known."""
+    """A preset name or base config plus overrides, resolved once the model's family is known; with a cost table
+    (`costs`, costs.CostTable), a preset resolves to the fastest of its candidates on that device (fastest.py)."""
     preset: str = "none"
     base: PostDiffConfig | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    costs: Any = None
 
     def resolve(self, family: str | None) -> PostDiffConfig:
         return resolve_config(self.preset, self.base, family, **self.overrides)

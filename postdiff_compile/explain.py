@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING
 
 from .capture import Bucket
 from .config import PostDiffConfig
+from .costs import CostTable
 from .errors import PostDiffError
 from .metrics.flops import FlopCount, count_flops
+from .metrics.roofline import Traffic, traffic
 from .models.families import FamilySpec, get_family
 from .plan import Step, make_plan, switch_step_of
+from .predict import Latency, Predictor
 
 if TYPE_CHECKING:   # variants imports torch.export machinery; explain's callers may only want the dataclasses
     from .variants import VariantStore
@@ -38,6 +41,12 @@ class Explanation:
     steps: list[StepCost]
     baseline: FlopCount          # every step the plain denoiser with the same CFG use
     variants: dict[str, FlopCount]
+    latency: Latency | None = None            # with a cost table: the plan's predicted time on its device
+    baseline_latency: Latency | None = None   # the same for the baseline
+
+    @property
+    def variant_ids(self) -> list[str]:
+        return [step_variant_id(s.step, self.latent, self.low_res_latent) for s in self.steps]
 
     @property
     def total(self) -> FlopCount:
@@ -58,7 +67,23 @@ class Explanation:
             "total_flops_paper": total.paper, "total_flops_true": total.true,
             "baseline_flops_paper": self.baseline.paper, "baseline_flops_true": self.baseline.true,
             "fraction_paper": total.paper / self.baseline.paper, "fraction_true": total.true / self.baseline.true,
+            **({"latency": self.latency.to_json(), "baseline_latency": self.baseline_latency.to_json(),
+                "predicted_speedup": round(self.baseline_latency.total_ms / self.latency.total_ms, 4)}
+               if self.latency is not None else {}),
         }
+
+
+def step_variant_id(step: Step, latent: tuple[int, int], low: tuple[int, int] | None) -> str:
+    """The id a manifest and a cost table give the variant a step runs ("shallow@b2_16x16")."""
+    size = low if step.low_res else latent
+    return f"{step.variant}@b{2 if step.cfg else 1}_{size[0]}x{size[1]}"
+
+
+def parse_variant_id(variant_id: str) -> tuple[str, int, tuple[int, int]]:
+    name, _, tag = variant_id.partition("@")
+    batch, _, size = tag.partition("_")
+    height, _, width = size.partition("x")
+    return name, int(batch.removeprefix("b")), (int(height), int(width))
 
 
 def architecture_of(source: str) -> tuple[FamilySpec, dict]:
@@ -75,6 +100,7 @@ def architecture_of(source: str) -> tuple[FamilySpec, dict]:
 
 
 _VARIANT_FLOPS: dict[tuple[str, str, int], FlopCount] = {}
+_VARIANT_TRAFFIC: dict[tuple[str, str, int], Traffic] = {}
 _META_STORES: dict[str, VariantStore] = {}
 
 
@@ -92,7 +118,8 @@ def _meta_store(family: FamilySpec, denoiser_config: dict | None, architecture: 
 
 def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = None,
             resolution: tuple[int, int] | None = None, denoiser_config: dict | None = None, cfg: bool = True,
-            on_stage: Callable[[str], None] | None = None) -> Explanation:
+            costs: CostTable | None = None, on_stage: Callable[[str], None] | None = None) -> Explanation:
+    """The plan of `config` and its FLOPs; with `costs` (a profile's table), also its predicted latency."""
     from .variants import check_cache_branch
 
     height, width = resolution or family.default_resolution
@@ -106,12 +133,12 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
     store = _meta_store(family, denoiser_config, architecture)
     check_cache_branch(store.denoiser, config)   # before any capture
     dtype = next(store.denoiser.parameters()).dtype
-    costs: dict[str, FlopCount] = {}
+    flops_of: dict[str, FlopCount] = {}
 
     def cost(name: str, batch: int, size: tuple[int, int]) -> FlopCount:
         bucket = Bucket(batch, *size, family.text_length, dtype)
         key = f"{name}@{bucket.tag}"
-        if key not in costs:
+        if key not in flops_of:
             # A variant's count depends only on the architecture, the bucket and the branch: sweeps that explain
             # many configs (tune, study) capture each variant once per process.
             deep = "shallow" in name or "write_dc" in name     # the branch matters to DeepCache variants only
@@ -120,10 +147,39 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
                 if on_stage:
                     on_stage(f"capturing {key}")
                 _VARIANT_FLOPS[memo] = count_flops(store.get(name, bucket, config.cache_branch).module.graph)
-            costs[key] = _VARIANT_FLOPS[memo]
-        return costs[key]
+            flops_of[key] = _VARIANT_FLOPS[memo]
+        return flops_of[key]
 
     per_step = [StepCost(step, cost(step.variant, 2 if step.cfg else 1, low if step.low_res else latent))
                 for step in plan]
     baseline = sum((cost("full", 2 if cfg else 1, latent) for _ in plan), FlopCount(0, 0))
-    return Explanation(family.name, (height, width), latent, low, config, per_step, baseline, costs)
+    result = Explanation(family.name, (height, width), latent, low, config, per_step, baseline, flops_of)
+    if costs is not None:
+        _predict(result, costs, family, denoiser_config, cfg, on_stage)
+    return result
+
+
+def variant_traffic(family: FamilySpec, variant_id: str, cache_branch: int = 0, denoiser_config: dict | None = None,
+                    on_stage: Callable[[str], None] | None = None) -> Traffic:
+    """What one variant of the real architecture moves and computes, op by op (the roofline's input)."""
+    architecture = f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if denoiser_config else 'default'}"
+    store = _meta_store(family, denoiser_config, architecture)
+    name, batch, size = parse_variant_id(variant_id)
+    memo = (architecture, variant_id, cache_branch if "shallow" in name or "write_dc" in name else 0)
+    if memo not in _VARIANT_TRAFFIC:
+        if on_stage:
+            on_stage(f"capturing {variant_id}")
+        bucket = Bucket(batch, *size, family.text_length, next(store.denoiser.parameters()).dtype)
+        _VARIANT_TRAFFIC[memo] = traffic(store.get(name, bucket, cache_branch).module)
+    return _VARIANT_TRAFFIC[memo]
+
+
+def _predict(result: Explanation, costs: CostTable, family: FamilySpec, denoiser_config: dict | None, cfg: bool,
+             on_stage: Callable[[str], None] | None) -> None:
+    import torch
+
+    predictor = Predictor(costs, family.name, result.config.cache_branch, getattr(torch, costs.dtype).itemsize,
+                          lambda v, branch: variant_traffic(family, v, branch, denoiser_config, on_stage))
+    result.latency = predictor.latency(result.variant_ids)
+    full = step_variant_id(Step(0, "full", cfg), result.latent, None)
+    result.baseline_latency = predictor.latency([full] * len(result.steps))

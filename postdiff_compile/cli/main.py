@@ -5,6 +5,7 @@
     postdiff-compile inspect DIR                                          (its plan, FLOPs and verification)
     postdiff-compile explain (--family NAME | SOURCE) (--preset NAME | --all-presets) [--resolution HxW]
                              [--steps N] [--json]
+    postdiff-compile profile (DIR | SOURCE) [--backend B] [--device D]   (a cost table for this device: cli/profile.py)
     postdiff-compile study | tune | samples [MODEL] ...   (quality on the reference model: cli/quality.py)
 
 Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
@@ -13,49 +14,17 @@ config. Bad input prints one `error:` line naming the problem and the file, and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from ..config import PRESETS, ConfigRequest, PostDiffConfig
+from ..config import PRESETS, ConfigRequest
+from .flags import add_config_flags, add_costs_flag, config_from_args, parse_resolution
 from .parser import Parser
 from ..errors import PostDiffError
 
 QUALITY_COMMANDS = ("study", "tune", "samples")
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--preset, --config and one flag per PostDiffConfig field; shared by every subcommand taking a config."""
-    group = parser.add_argument_group("configuration (flags override the preset or --config file)")
-    group.add_argument("--preset", default="none", help=f"named config: {', '.join(PRESETS)} (default: none)")
-    group.add_argument("--config", type=Path, metavar="FILE.json", help="a whole PostDiffConfig as JSON")
-    for field in dataclasses.fields(PostDiffConfig):
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                           type={"int": int, "float": float}.get(field.type, str), metavar=field.name.upper())
-
-
-def config_from_args(args: argparse.Namespace) -> ConfigRequest:
-    """The config the flags ask for; presets depend on the family, so it is resolved once that is known.
-
-    Resolving for no family here checks the preset name, the --config file and every override now,
-    before any slow work.
-    """
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PostDiffConfig)
-                 if getattr(args, f.name) is not None}
-    base = PostDiffConfig.from_json_file(args.config) if args.config is not None else None
-    request = ConfigRequest(args.preset, base, overrides)
-    request.resolve(None)
-    return request
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 512x512, got {text!r}") from None
-    return height, width
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     add_config_flags(parser)
+    add_costs_flag(parser)
     return parser
 
 
@@ -99,6 +69,7 @@ def build_explain_parser() -> argparse.ArgumentParser:
                         help="one line per preset (flags still override each): its FLOPs and fraction of the baseline")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     add_config_flags(parser)
+    add_costs_flag(parser)
     return parser
 
 
@@ -106,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from . import artifact, quality
 
-    command = argv[0] if argv and argv[0] in ("explain", *QUALITY_COMMANDS, *artifact.ARTIFACT_COMMANDS) else None
-    if command in artifact.ARTIFACT_COMMANDS:
+    command = argv[0] if argv and argv[0] in ("explain", "profile", *QUALITY_COMMANDS, *artifact.ARTIFACT_COMMANDS) \
+        else None
+    if command == "profile":
+        from . import profile
+        parser = profile.build_parser()
+    elif command in artifact.ARTIFACT_COMMANDS:
         parser = artifact.build_parser(command)
     elif command in QUALITY_COMMANDS:
         parser = quality.build_parser(command)
@@ -117,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()   # signal handlers live in the main thread
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
+        if command == "profile":
+            return profile.run(args)
         if command in artifact.ARTIFACT_COMMANDS:
             return artifact.run(command, args)
         if command in QUALITY_COMMANDS:
@@ -181,6 +158,7 @@ def _explain(args: argparse.Namespace) -> int:
     import json
 
     from ..explain import architecture_of, explain
+    from ..fastest import resolve_request
     from .tables import format_explanation, format_preset_table
     from ..models.families import get_family
 
@@ -194,24 +172,36 @@ def _explain(args: argparse.Namespace) -> int:
     else:
         family, denoiser_config = architecture_of(args.source)
     stage = None if args.json else (lambda text: print(text, file=sys.stderr))
+    if request.costs is not None and request.costs.family != family.name:
+        raise PostDiffError(f"the cost table was measured on a {request.costs.family} denoiser, not {family.name}",
+                            args.costs)
+    steps = family.check_steps(args.steps or family.default_steps)
+    resolution = args.resolution or family.default_resolution
+
+    def explained(request: ConfigRequest):
+        config = resolve_request(request, family, steps=steps, resolution=resolution, denoiser_config=denoiser_config)
+        if request.costs is not None and request.base is None and stage is not None and \
+                config != request.resolve(family.name):
+            stage(f"preset {request.preset} on {request.costs.device} ({request.costs.backend}): its alternative "
+                  f"{', '.join(f'{k}={v}' for k, v in config.to_dict().items() if getattr(request.resolve(family.name), k, v) != v)} "
+                  "is predicted faster")
+        return explain(family, config, steps=steps, resolution=resolution, denoiser_config=denoiser_config,
+                       cfg=not args.no_cfg, costs=request.costs, on_stage=stage)
     if args.all_presets:
         if args.config is not None:
             raise PostDiffError("--all-presets explains the named presets; it does not take --config")
         results = {}
         for name in PRESETS:
             try:
-                config = ConfigRequest(name, None, request.overrides).resolve(family.name)
+                results[name] = explained(ConfigRequest(name, None, request.overrides, request.costs))
             except PostDiffError as err:
+                if err.path is not None:
+                    raise
                 results[name] = str(err)
-                continue
-            results[name] = explain(family, config, steps=args.steps, resolution=args.resolution,
-                                    denoiser_config=denoiser_config, cfg=not args.no_cfg, on_stage=stage)
         print(json.dumps({k: v if isinstance(v, str) else v.to_json() for k, v in results.items()}, indent=2)
-              if args.json else format_preset_table(family.name, args.steps or family.default_steps, results))
+              if args.json else format_preset_table(family.name, steps, results))
         return 0
-    config = request.resolve(family.name)
-    result = explain(family, config, steps=args.steps, resolution=args.resolution, denoiser_config=denoiser_config,
-                     cfg=not args.no_cfg, on_stage=stage)
+    result = explained(request)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_explanation(result))
     return 0
 

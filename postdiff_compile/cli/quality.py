@@ -2,6 +2,7 @@
 
     postdiff-compile study   [MODEL] [--prompts N] [--seed-sets K] [--guidance G] [--out DIR] [--name NAME]
     postdiff-compile tune    [MODEL] --flops-budget F [--calibration N] [--full N] [--metric M] [--out DIR]
+    postdiff-compile tune    [MODEL] --objective latency --costs FILE (--latency-budget MS | --speedup X) [--rank-only]
     postdiff-compile samples [MODEL] [--prompts N] [--steps N] [--seed S] [--out FILE.png]
 
 MODEL is a reference-model folder (written by python -m postdiff_compile.lab.reference.train); the default is
@@ -47,7 +48,16 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             description="The best configuration under a FLOPs budget on a small calibration set, and how well "
                         "the calibration ranking predicts the ranking on a larger set (Spearman).")
         _common(parser)
-        parser.add_argument("--flops-budget", type=float, required=True, help="fraction of the baseline's FLOPs")
+        parser.add_argument("--flops-budget", type=float, help="fraction of the baseline's FLOPs (objective flops)")
+        parser.add_argument("--objective", choices=("flops", "latency"), default="flops",
+                            help="fit candidates by FLOPs (default) or by latency predicted from --costs")
+        parser.add_argument("--costs", type=Path, metavar="FILE.json",
+                            help="a cost table from `postdiff-compile profile` of the reference model")
+        parser.add_argument("--latency-budget", type=float, metavar="MS", help="objective latency: predicted ms")
+        parser.add_argument("--speedup", type=float, metavar="X",
+                            help="objective latency: at least X times the baseline's predicted latency")
+        parser.add_argument("--rank-only", action="store_true",
+                            help="print the candidates that fit, cheapest first, and stop (no images generated)")
         parser.add_argument("--calibration", type=int, default=48, help="calibration prompts (default: 48)")
         parser.add_argument("--full", type=int, default=192,
                             help="prompts of the check set (default: 192; 0 skips the check)")
@@ -97,8 +107,23 @@ def run(command: str, args: argparse.Namespace) -> int:
     if command == "tune":
         from ..lab.tune import TuneSettings
 
+        from ..costs import CostTable
+
+        if args.objective == "flops" and args.flops_budget is None:
+            raise PostDiffError("tune needs --flops-budget F (or --objective latency with --costs)")
         tune_settings = TuneSettings(args.flops_budget, args.calibration, args.full, args.metric, args.guidance,
-                                     args.steps)
+                                     args.steps, objective=args.objective, latency_budget_ms=args.latency_budget,
+                                     speedup=args.speedup)
+        costs = CostTable.read(args.costs) if args.costs is not None else None
+        if costs is not None and costs.family != FAMILY:
+            raise PostDiffError(f"tune runs the reference model ({FAMILY}); the cost table is for {costs.family}",
+                                args.costs)
+        if args.rank_only:
+            from ..lab.tune import format_ranking, ranking
+
+            family = get_family(FAMILY)
+            print(format_ranking(ranking(family, tune_settings, family.default_resolution, costs)))
+            return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     family = get_family(FAMILY)
@@ -115,8 +140,10 @@ def run(command: str, args: argparse.Namespace) -> int:
         from ..lab.tune import format_tune, run_tune, write_tune
 
         with RichProgress() as progress:
-            result = run_tune(pipe, family, tune_settings, progress.stage)
-        paths = write_tune(result, args.out, args.name or f"tune_scenes32_{args.flops_budget:g}")
+            result = run_tune(pipe, family, tune_settings, progress.stage, costs)
+        stem = f"{args.flops_budget:g}" if args.objective == "flops" else \
+            f"{args.latency_budget:g}ms" if args.latency_budget is not None else f"{args.speedup:g}x"
+        paths = write_tune(result, args.out, args.name or f"tune_scenes32_{stem}")
         print(format_tune(result))
     else:
         from ..lab.evaluate import PromptSet

@@ -26,20 +26,35 @@ LOWER_IS_BETTER = {"frechet": True, "caption_match": False, "attribute_accuracy"
                    "ssim": False}
 
 
+OBJECTIVES = ("flops", "latency")
+
+
 @dataclass(frozen=True)
 class TuneSettings:
-    flops_budget: float = 0.4
+    flops_budget: float | None = 0.4
     calibration: int = 48        # prompts in the calibration set
     full: int = 192              # prompts in the disjoint set the ranking is checked on (0: skip the check)
     metric: str = "frechet"
     guidance: float = 4.0
     steps: int = 20
     real: int = 2048
+    # objective "latency": candidates fit by their latency predicted from a cost table (profile) instead of FLOPs,
+    # under `latency_budget_ms` or at least `speedup` times faster than the baseline there
+    objective: str = "flops"
+    latency_budget_ms: float | None = None
+    speedup: float | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in LOWER_IS_BETTER:
             raise PostDiffError(f"--metric must be one of {', '.join(LOWER_IS_BETTER)}, got {self.metric!r}")
-        if not 0 < self.flops_budget <= 1:
+        if self.objective not in OBJECTIVES:
+            raise PostDiffError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "latency":
+            if (self.latency_budget_ms is None) == (self.speedup is None):
+                raise PostDiffError("--objective latency needs one of --latency-budget MS or --speedup X")
+            if not 0 < (self.latency_budget_ms or self.speedup) < float("inf"):
+                raise PostDiffError("--latency-budget and --speedup must be positive numbers")
+        elif self.flops_budget is None or not 0 < self.flops_budget <= 1:
             raise PostDiffError(f"--flops-budget is a fraction of the baseline's FLOPs in (0, 1], "
                                 f"got {self.flops_budget}")
         if self.calibration < 2 or self.full < 0 or self.full == 1:
@@ -103,21 +118,53 @@ class TuneResult:
                 "spearman": self.spearman, "candidates": self.candidates, "seconds": self.seconds}
 
 
+def ranking(family, settings: TuneSettings, resolution: tuple[int, int], costs=None) -> list[dict]:
+    """The grid's configurations that fit the budget: name, config, FLOPs fraction and, with a cost table, the
+    predicted latency; by FLOPs, or with the latency objective by predicted latency, cheapest first."""
+    from ..explain import explain
+
+    base_total = flops_fraction(family, Sampler("base", steps=settings.steps), resolution, None)
+    latency = settings.objective == "latency"
+    if latency and costs is None:
+        raise PostDiffError("--objective latency needs a cost table: --costs FILE (postdiff-compile profile)")
+    rows = []
+    for config in grid(settings.steps, PRESETS["quality"].for_family(family.name).clamp_x0):
+        row = {"name": name_of(config), "config": config,
+               "flops_fraction": flops_fraction(family, Sampler("c", steps=settings.steps, config=config), resolution,
+                                                base_total)}
+        if costs is not None:
+            ex = explain(family, config, steps=settings.steps, resolution=resolution, costs=costs)
+            row.update(predicted_ms=round(ex.latency.total_ms, 3),
+                       predicted_speedup=round(ex.baseline_latency.total_ms / ex.latency.total_ms, 3))
+        fits = (row["predicted_ms"] <= settings.latency_budget_ms if settings.latency_budget_ms is not None else
+                row["predicted_speedup"] >= settings.speedup) if latency else row["flops_fraction"] <= settings.flops_budget
+        if fits:
+            rows.append(row)
+    if not rows:
+        budget = (f"a predicted latency of {settings.latency_budget_ms:g} ms" if settings.latency_budget_ms is not None
+                  else f"a predicted speedup of {settings.speedup:g}x") if latency else \
+            f"a FLOPs budget of {settings.flops_budget:.0%}"
+        raise PostDiffError(f"no configuration of the grid fits {budget}; the cheapest is above it")
+    return sorted(rows, key=lambda r: r["predicted_ms"] if latency else r["flops_fraction"])
+
+
+def format_ranking(rows: list[dict]) -> str:
+    timed = "predicted_ms" in rows[0]
+    lines = ["| candidate | FLOPs |" + (" predicted ms | predicted speedup |" if timed else ""),
+             "|---|---|" + ("---|---|" if timed else "")]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['flops_fraction']:.1%} |"
+                     + (f" {r['predicted_ms']:.1f} | {r['predicted_speedup']:.2f}x |" if timed else ""))
+    return "\n".join(lines)
+
+
 def run_tune(pipe, family, settings: TuneSettings,
-             stage: Callable[[str, int], Callable[[int], None]]) -> TuneResult:
+             stage: Callable[[str, int], Callable[[int], None]], costs=None) -> TuneResult:
     from .classifier import load_classifier
 
     start = time.perf_counter()
     resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    base_total = flops_fraction(family, Sampler("base", steps=settings.steps), resolution, None)
-    fits = []
-    for config in grid(settings.steps, PRESETS["quality"].for_family(family.name).clamp_x0):
-        fraction = flops_fraction(family, Sampler("c", steps=settings.steps, config=config), resolution, base_total)
-        if fraction <= settings.flops_budget:
-            fits.append((config, fraction))
-    if not fits:
-        raise PostDiffError(f"no configuration of the grid fits a FLOPs budget of {settings.flops_budget:.0%}; "
-                            "the cheapest is above it")
+    fits = [(r["config"], r) for r in ranking(family, settings, resolution, costs)]
     classifier = load_classifier()
     real = real_features(classifier, settings.real)
     # Prompt sets disjoint from each other and from the study's (seeds 0..): calibration 100, full 200.
@@ -129,9 +176,9 @@ def run_tune(pipe, family, settings: TuneSettings,
             reference[label] = generate(pipe, Sampler("base", steps=settings.steps), prompts, settings.guidance,
                                         stage(f"baseline on the {label} set", len(prompts.captions)))
     candidates = []
-    for config, fraction in fits:
-        row = {"name": name_of(config), "config": {k: v for k, v in config.to_dict().items()
-                                                   if k != "config_version"}, "flops_fraction": fraction}
+    for config, ranked in fits:
+        fraction = ranked["flops_fraction"]
+        row = {**ranked, "config": {k: v for k, v in config.to_dict().items() if k != "config_version"}}
         sampler = Sampler(row["name"], steps=settings.steps, config=config)
         for label, prompts in (("calibration", calibration), ("full", full)):
             if prompts is None:
@@ -154,13 +201,19 @@ def run_tune(pipe, family, settings: TuneSettings,
 def format_tune(result: TuneResult) -> str:
     s = result.settings
     m = s.metric
-    lines = [f"Tuning under {s.flops_budget:.0%} of the baseline FLOPs ({s.steps} DDIM steps, CFG {s.guidance}); "
+    budget = (f"{s.flops_budget:.0%} of the baseline FLOPs" if s.objective == "flops" else
+              f"a predicted {s.latency_budget_ms:g} ms" if s.latency_budget_ms is not None else
+              f"a predicted {s.speedup:g}x speedup")
+    timed = "predicted_ms" in result.candidates[0]
+    lines = [f"Tuning under {budget} ({s.steps} DDIM steps, CFG {s.guidance}); "
              f"metric {m}; {len(result.candidates)} candidates fit; {result.seconds / 60:.1f} min.", "",
-             f"| candidate | FLOPs | {m}, calibration ({s.calibration}) | {m}, full ({s.full}) |", "|---|---|---|---|"]
+             f"| candidate | FLOPs |{' predicted ms |' if timed else ''} {m}, calibration ({s.calibration}) | "
+             f"{m}, full ({s.full}) |", "|---|---|---|---|" + ("---|" if timed else "")]
     sign = 1 if LOWER_IS_BETTER[m] else -1
     for r in sorted(result.candidates, key=lambda r: sign * r["calibration"][m]):
         full = f"{r['full'][m]:.4f}" if "full" in r else ""
-        lines.append(f"| {r['name']} | {r['flops_fraction']:.1%} | {r['calibration'][m]:.4f} | {full} |")
+        ms = f" {r['predicted_ms']:.1f} |" if timed else ""
+        lines.append(f"| {r['name']} | {r['flops_fraction']:.1%} |{ms} {r['calibration'][m]:.4f} | {full} |")
     lines += ["", f"Chosen on the calibration set: **{result.best['name']}** ({result.best['flops_fraction']:.1%} "
                   "FLOPs)."]
     if result.best_on_full is not None:

@@ -31,7 +31,7 @@ def count_flops(graph: torch.fx.Graph) -> FlopCount:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        layer, other = _macs(node)
+        layer, other = node_macs(node)
         layer_macs += layer
         other_macs += other
     return FlopCount(layer_macs, 2 * (layer_macs + other_macs))
@@ -41,7 +41,7 @@ def _shape(arg) -> tuple[int, ...]:
     return tuple(arg.meta["val"].shape)
 
 
-def _macs(node: torch.fx.Node) -> tuple[int, int]:
+def node_macs(node: torch.fx.Node) -> tuple[int, int]:
     """(conv/linear MACs, other matmul MACs) of one node."""
     target = node.target
     if target in (aten.conv2d.default, aten.convolution.default, aten.conv1d.default):

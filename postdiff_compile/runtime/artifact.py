@@ -18,9 +18,9 @@ from ..errors import PostDiffError
 from ..exporters.formats import FORMATS, of_backend
 from ..exporters.manifest import MANIFEST, check_files, read_manifest
 from ..plan import Plan
-from ..schedulers import alpha_bars, make_scheduler, restart, step_kwargs
+from ..schedulers import alpha_bars, make_scheduler
 from .backends import BackendVariant, open_variant
-from .denoise import DenoiseRequest, denoise
+from .denoise import sample
 
 ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio", "encoder_attention_mask", "timestep_cond")
 
@@ -138,8 +138,6 @@ class ArtifactRunner:
         missing from `negative_added_cond` takes the positive value where diffusers shares it (time ids,
         resolution, aspect ratio, the guidance embedding), and is an error where it comes from the negative
         prompt (pooled embeddings, attention mask)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
         shape = self.text["shape"]
@@ -161,21 +159,12 @@ class ArtifactRunner:
                               for k in self.added_inputs}
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
-        scheduler = self.scheduler
-        scheduler.set_timesteps(self.steps, device=self.device)
-        transition = self.plan.transition
         resolution = self.manifest["resolution"]
-        start = transition.low_latent if transition else (resolution["latent_height"], resolution["latent_width"])
-        # The draw diffusers' prepare_latents makes for this latent size.
-        latents = randn_tensor((1, self.latent_channels, *start), generator=generator, device=self.device,
-                               dtype=self.dtype) * scheduler.init_noise_sigma
-        request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, prompt_embeds=embeds,
-                                 negative_prompt_embeds=negative, guidance_scale=guidance_scale,
-                                 extra_step_kwargs=step_kwargs(scheduler, generator), added_cond=added,
-                                 negative_added_cond=negative_added, latent_input=self.latent_input,
-                                 generator=generator,
-                                 restart_scheduler=lambda begin: restart(scheduler, self.steps, begin, self.device))
-        return denoise(self.variants, scheduler, self.plan, request, on_step=on_step)
+        return sample(self.variants, self.scheduler, self.plan, self.steps, channels=self.latent_channels,
+                      full_latent=(resolution["latent_height"], resolution["latent_width"]), device=self.device,
+                      dtype=self.dtype, generator=generator, latent_input=self.latent_input, on_step=on_step,
+                      prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=guidance_scale,
+                      added_cond=added, negative_added_cond=negative_added)
 
 
 def check_contents(folder: Path, manifest: dict) -> None:

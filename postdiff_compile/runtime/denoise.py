@@ -16,6 +16,7 @@ import torch
 from ..capture import Bucket
 from ..caches import CROSS_ATTN
 from ..plan import Plan
+from ..schedulers import restart, step_kwargs
 from .transition import apply_transition
 
 
@@ -118,3 +119,20 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
         if on_step is not None:
             on_step(step.index)
     return latents
+
+
+def sample(variants: VariantSource, scheduler, plan: Plan, steps: int, *, channels: int, full_latent: tuple[int, int],
+           device: torch.device, dtype: torch.dtype, generator, latent_input: str,
+           on_step: Callable[[int], None] | None = None, **conditioning) -> torch.Tensor:
+    """One image: the initial latent drawn as diffusers' prepare_latents draws it for the plan's first latent size,
+    then the plan walked. `conditioning` holds DenoiseRequest's embeddings, guidance and added inputs."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler.set_timesteps(steps, device=device)
+    start = plan.transition.low_latent if plan.transition else full_latent
+    latents = randn_tensor((1, channels, *start), generator=generator, device=device, dtype=dtype) \
+        * scheduler.init_noise_sigma
+    request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, latent_input=latent_input,
+                             extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
+                             restart_scheduler=lambda begin: restart(scheduler, steps, begin, device), **conditioning)
+    return denoise(variants, scheduler, plan, request, on_step=on_step)
