@@ -11,13 +11,20 @@ Sections, in order; the JSON is rewritten after each one, so a run cut short kee
                runtime for each preset, eagerly and under torch.compile (diffusers' U-Net compiled whole;
                ours with optimize(compile=True), every variant compiled). Runs are interleaved, one of each
                configuration per round, order rotated; medians. Compile times are the first calls' times.
+               Backends: eager, cuda-graphs (optimize(cuda_graphs=True): each variant replayed from a CUDA
+               graph), torch.compile, reduce-overhead (torch.compile's CUDA-graph mode), aoti (an artifact of
+               AOTInductor packages per preset, run by load(DIR, "aoti", cuda_graphs=True)); beside them
+               DeepCacheSDHelper (interval 2, branch 1) on the same card.
+  prediction   each preset profiled eagerly (postdiff-compile profile's measurement) and its latency predicted
+               from the table as explain --costs predicts it, against the eager rows measured above
   tensorrt     where `tensorrt` imports: an artifact per preset with --format onnx,tensorrt (engine build
                times from its stages) and its latency through load(DIR, "tensorrt"); else the reason.
 Configurations whose turn comes after --budget-s are recorded as skipped, not run.
 
 Writes gpu_suite.json to --out (default: $OUT when set, else benchmarks/results). A session lent a GPU runs
-it in one call and commits the file as benchmarks/results/gpu_suite_<card>.json. `--model tiny --device
-cpu` runs the same code on the tiny test U-Net on a CPU (a rehearsal; its numbers mean nothing).
+it in one call and commits the file as benchmarks/results/gpu_suite_<card>.json. `--tiny` runs the same code on
+the tiny test U-Net on a CPU (the rehearsal tests/test_gpu_suite.py runs; its numbers mean nothing). The
+"targets" entry checks the GPU targets of docs/performance.md on the cuda-graphs rows.
 """
 from __future__ import annotations
 
@@ -140,38 +147,67 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
                 guidance_scale=7.5, output_type="latent", height=res, width=res)
 
     plain = make()
-    ours = make()            # re-optimized with each preset before its call: one store, captures shared
-    ours_compiled = make()   # likewise with compile=True: a variant two presets share is compiled once
     compiled_baseline = make(torch.compile(unet, dynamic=False))
+    backends = args.backends.split(",")
+    # One pipeline per way of running our graphs, re-optimized with each preset before its call: one store per
+    # pipeline, captures (and compiles) shared by the presets.
+    ways = {"eager": dict(), "cuda-graphs": dict(cuda_graphs=True), "torch.compile": dict(compile=True),
+            "reduce-overhead": dict(compile="reduce-overhead")}
+    if device.type != "cuda":
+        for way in ("cuda-graphs", "reduce-overhead"):
+            if way in backends:
+                result["skipped"][way] = "needs a CUDA device"
+    ours = {way: make() for way in ways if way in backends and (device.type == "cuda" or way in ("eager", "torch.compile"))}
 
     def run_plain(pipe):
         return lambda: pipe(**call, generator=torch.Generator(device).manual_seed(0)).images
 
-    # Each pipeline is optimized for every preset once, here: the presets share its variant store, and a timed
-    # call only swaps in its preset's runtime state (optimize() itself is not timed).
-    states = {(id(pipe), p): optimize(pipe, configs[p], compile=compile)._postdiff
-              for pipe, compile in ((ours, False), (ours_compiled, True)) for p in PRESETS}
+    # A timed call only swaps in its preset's runtime state (optimize() itself is not timed).
+    states = {(way, p): optimize(pipe, configs[p], **ways[way])._postdiff for way, pipe in ours.items() for p in PRESETS}
 
-    def run_ours(pipe, preset, compile):
+    def run_ours(way, preset):
         def fn():
-            pipe._postdiff = states[(id(pipe), preset)]
+            pipe = ours[way]
+            pipe._postdiff = states[(way, preset)]
             return pipe(**call, generator=torch.Generator(device).manual_seed(0)).images
         return fn
 
     runs = {("diffusers", "eager"): run_plain(plain)}
     presets = args.presets.split(",")
-    runs.update({(p, "eager"): run_ours(ours, p, False) for p in presets})
-    if "torch.compile" in args.backends.split(","):
+    for way in ("eager", "cuda-graphs"):
+        if way in ours:
+            runs.update({(p, way): run_ours(way, p) for p in presets})
+    if "torch.compile" in backends:
         runs[("diffusers", "torch.compile")] = run_plain(compiled_baseline)
-        # The headline preset first: when the budget runs short, the cheaper compiles are the ones skipped.
-        runs.update({(p, "torch.compile"): run_ours(ours_compiled, p, True) for p in reversed(presets)})
+    for way in ("torch.compile", "reduce-overhead"):
+        if way in ours:
+            # The headline preset first: when the budget runs short, the cheaper compiles are the ones skipped.
+            runs.update({(p, way): run_ours(way, p) for p in reversed(presets)})
+    if "DeepCacheSDHelper" in args.peers.split(","):
+        from DeepCache import DeepCacheSDHelper
+
+        helper_pipe = make()
+        helper = DeepCacheSDHelper(pipe=helper_pipe)
+        helper.set_params(cache_interval=2, cache_branch_id=1)
+
+        def run_helper():
+            helper.enable()
+            try:
+                return helper_pipe(**call, generator=torch.Generator(device).manual_seed(0)).images
+            finally:
+                helper.disable()
+        runs[("DeepCacheSDHelper", "eager")] = run_helper
+        flops["DeepCacheSDHelper"] = explain(family, resolve_config("none", cache_interval=2, cache_branch=1),
+                                             steps=args.steps, resolution=(res, res)).total
+    if "aoti" in backends:
+        runs.update(aoti_runs(args, unet, configs, presets, device, budget, result, cond, uncond))
 
     outputs, first, compiled = {}, {}, set()
     for key, fn in list(runs.items()):   # first calls: capture, rewrite, and for torch.compile, compile
         # Measured on an H100 with a cold compile cache: 55-70 s for the whole U-Net, 25-50 s for each new
         # variant (fast's six did not finish in 235 s). Start only what can finish and leave time for rounds.
         need = 30
-        if key[1] == "torch.compile":
+        if key[1] in ("torch.compile", "reduce-overhead"):
             new = {(s.variant, s.cfg, s.low_res) for s in build_plan(configs[key[0]], args.steps)} - compiled \
                 if key[0] != "diffusers" else {"unet"}
             need = 30 + COMPILE_S_PER_GRAPH * len(new)
@@ -191,7 +227,7 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
             traceback.print_exc()
             del runs[key]
             continue
-        if key[1] == "torch.compile" and key[0] != "diffusers":
+        if key[1] in ("torch.compile", "reduce-overhead") and key[0] != "diffusers":
             compiled |= {(s.variant, s.cfg, s.low_res) for s in build_plan(configs[key[0]], args.steps)}
         print(f"first call {key[0]} / {key[1]}: {first[key]:.1f} s", flush=True)
     result["first_call_s"] = {"/".join(k): round(v, 2) for k, v in first.items()}
@@ -208,6 +244,7 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
     for key in names:
         preset, backend = key
         f = flops["none" if preset == "diffusers" else preset]
+        none = statistics.median(times[("none", backend)]) if times.get(("none", backend)) else None
         median = statistics.median(times[key])
         reduction = flops["none"].true / f.true
         out = outputs[key].float()
@@ -218,11 +255,82 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
         if base is not None:
             row["speedup_vs_diffusers_eager"] = round(base / median, 3)
             row["speedup_over_flops_reduction"] = round(base / median / reduction, 3)
+        if none is not None and preset not in ("diffusers", "DeepCacheSDHelper"):
+            row["speedup_vs_none_same_backend"] = round(none / median, 3)
+            row["speedup_vs_none_over_flops_reduction"] = round(none / median / reduction, 3)
         if reference is not None:
             row["rel_l2_vs_diffusers_eager"] = rel_l2(out, reference)
         result["rows"].append(row)
         print(f"{preset:>10} {backend:<14} {median * 1e3:9.1f} ms  "
               f"{row.get('speedup_vs_diffusers_eager', float('nan')):.2f}x (FLOPs ideal {reduction:.2f}x)", flush=True)
+
+
+def aoti_runs(args, unet, configs, presets, device, budget: Budget, result: dict, cond, uncond) -> dict:
+    """Each preset compiled to AOTInductor packages on this device and run by load(DIR, "aoti"), its variants
+    replayed from CUDA graphs on a GPU. The headline presets first: a compile takes minutes."""
+    from postdiff_compile import load
+    from postdiff_compile.compile import compile_artifact
+
+    runs = {}
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_suite_aoti_"))
+    for preset in [p for p in ("none", "fast", "balanced", "quality") if p in presets]:
+        if budget.left() < 150:
+            result["skipped"][f"{preset}/aoti"] = f"time budget: {budget.elapsed:.0f} s of {budget.seconds:.0f} s used"
+            continue
+        try:
+            start = time.perf_counter()
+            compile_artifact(unet, configs[preset], tmp / preset, resolution=(args.resolution,) * 2, steps=args.steps,
+                             formats=("pt2", "aoti"))
+            result.setdefault("aoti_compile_s", {})[preset] = round(time.perf_counter() - start, 1)
+            runner = load(tmp / preset, "aoti", device=device, cuda_graphs=device.type == "cuda")
+            runs[(preset, "aoti")] = lambda runner=runner: runner(cond, uncond, seed=0, guidance_scale=7.5)
+        except Exception as err:
+            result["skipped"][f"{preset}/aoti"] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+    return runs
+
+
+def prediction_section(args, device: torch.device, dtype: torch.dtype, budget: Budget, denoise: dict) -> dict:
+    """profile + explain --costs for each preset run eagerly, against the eager rows the denoise section measured."""
+    from postdiff_compile import resolve_config
+    from postdiff_compile.explain import explain
+    from postdiff_compile.models.families import get_family
+    from postdiff_compile.profiling.targets import profile_source
+
+    family, rows, skipped = get_family("sd15"), [], {}
+    measured = {r["config"]: r["median_s"] for r in denoise.get("rows", []) if r["backend"] == "eager"}
+    unet = build_unet(args.model, device, dtype)
+    for preset in [p for p in args.presets.split(",") if p in measured]:
+        if budget.left() < 60:
+            skipped[preset] = "time budget"
+            continue
+        config = resolve_config(preset, family="sd15")
+        profiled = profile_source(unet, config, resolution=(args.resolution,) * 2, steps=args.steps, device=device,
+                                  rounds=3)
+        ex = explain(family, config, steps=args.steps, resolution=(args.resolution,) * 2, costs=profiled.table)
+        predicted = ex.latency.total_ms / 1e3
+        rows.append({"config": preset, "predicted_s": round(predicted, 4), "measured_s": measured[preset],
+                     "error": round(predicted / measured[preset] - 1, 4),
+                     "overhead_ms_per_step": profiled.table.step_overhead_ms, "table": profiled.table.to_json()})
+        print(f"predicted {preset}: {predicted * 1e3:.1f} ms, measured {measured[preset] * 1e3:.1f} ms", flush=True)
+    return {"rows": rows, "skipped": skipped}
+
+
+def targets(denoise: dict) -> dict:
+    """The issue's GPU targets, on the CUDA-graph backend: fast >= 1.3x balanced, every preset >= 0.85 of its FLOPs
+    ideal over none, balanced >= 2.4x diffusers eager."""
+    rows = {(r["config"], r["backend"]): r for r in denoise.get("rows", [])}
+    out = {}
+
+    def check(name, value, target):
+        out[name] = {"value": value, "target": target, "met": value is not None and value >= target}
+    fast, balanced = rows.get(("fast", "cuda-graphs")), rows.get(("balanced", "cuda-graphs"))
+    check("fast_over_balanced", round(balanced["median_s"] / fast["median_s"], 3) if fast and balanced else None, 1.3)
+    for preset in PRESETS[1:]:
+        row = rows.get((preset, "cuda-graphs"), {})
+        check(f"{preset}_over_flops_ideal_vs_none", row.get("speedup_vs_none_over_flops_reduction"), 0.85)
+    check("balanced_vs_diffusers_eager", balanced.get("speedup_vs_diffusers_eager") if balanced else None, 2.4)
+    return out
 
 
 def tensorrt_section(args, device: torch.device, dtype: torch.dtype, budget: Budget, reason: str | None) -> dict:
@@ -275,10 +383,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--sections", default="transition,denoise,tensorrt")
-    parser.add_argument("--backends", default="eager,torch.compile", help="of the denoise section (eager always runs)")
+    parser.add_argument("--sections", default="transition,denoise,prediction,tensorrt")
+    parser.add_argument("--backends", default="eager,cuda-graphs,torch.compile,reduce-overhead,aoti",
+                        help="of the denoise section: eager, cuda-graphs, torch.compile, reduce-overhead, aoti")
+    parser.add_argument("--peers", default="DeepCacheSDHelper", help="of the denoise section")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the CPU rehearsal the test suite runs: --model tiny --device cpu --resolution 128 "
+                             "--rounds 2 --backends eager, sections denoise and prediction")
     parser.add_argument("--presets", default=",".join(PRESETS), help="of the denoise section")
     args = parser.parse_args()
+    if args.tiny:
+        args.model, args.device, args.resolution, args.rounds, args.dtype = "tiny", "cpu", 128, 2, "float32"
+        args.backends, args.sections = "eager", "denoise,prediction"
 
     budget = Budget(args.budget_s)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -305,6 +421,8 @@ def main() -> int:
             elif name == "denoise":
                 result[name] = {}
                 denoise_section(args, device, dtype, budget, save, result[name])
+            elif name == "prediction":
+                result[name] = prediction_section(args, device, dtype, budget, result.get("denoise", {}))
             elif name == "tensorrt":
                 result[name] = tensorrt_section(args, device, dtype, budget,
                                                 result["environment"]["tensorrt_unavailable"])
@@ -316,6 +434,9 @@ def main() -> int:
         result.setdefault("section_s", {})[name] = round(time.perf_counter() - start, 1)
         print(f"section {name}: {result['section_s'][name]:.0f} s (total {budget.elapsed:.0f} s)", flush=True)
         save()
+    result["targets"] = targets(result.get("denoise", {}))
+    save()
+    print(json.dumps(result["targets"], indent=1))
     print(f"wrote {path}")
     return 0
 

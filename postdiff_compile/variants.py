@@ -129,10 +129,11 @@ class VariantStore:
     """Variants of one denoiser, made on first use: one capture per bucket, rewritten per variant.
 
     With `compile`, each variant also gets `torch.compile(variant.module)` (made on first use, compiled by
-    torch at its first call); the rewritten graphs stay what the passes made, only their execution changes.
+    torch at its first call); the rewritten graphs stay what the passes made, only their execution changes. A
+    string is torch.compile's mode: "reduce-overhead" replays each compiled variant from CUDA graphs.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, family: FamilySpec, compile: bool = False):
+    def __init__(self, denoiser: torch.nn.Module, family: FamilySpec, compile: bool | str = False):
         self.denoiser = denoiser
         self.family = family
         self.compile = compile
@@ -158,6 +159,7 @@ class VariantStore:
             variant = build_variant(captured, spec, cache_branch, root)
             if self.compile:
                 # Every variant is one static shape; dynamic=False keeps torch from guessing at symbolic sizes.
-                variant.compiled = torch.compile(variant.module, dynamic=False)
+                mode = self.compile if isinstance(self.compile, str) else None
+                variant.compiled = torch.compile(variant.module, dynamic=False, mode=mode)
             self._variants[key] = variant
         return self._variants[key]

@@ -1,6 +1,7 @@
 """`postdiff-compile run DIR`, `inspect DIR`, `sign DIR`, `keygen`: execute an artifact, describe it, sign it.
 
-    postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt|aoti] [--embeddings FILE.safetensors | --prompt TEXT]
+    postdiff-compile run DIR [--backend torch|onnxruntime|tensorrt|aoti] [--threads N]
+                             [--embeddings FILE.safetensors | --prompt TEXT]
                              [--seed N] [--guidance-scale G] [--out FOLDER] [--source MODEL] [--public-key KEY.pub]
     postdiff-compile inspect DIR [--json] [--public-key KEY.pub]
     postdiff-compile sign DIR --key KEY
@@ -52,6 +53,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         add("--json", action="store_true", help="print the manifest (after validating it)")
     if command == "run":
         add("--backend", choices=BACKENDS, default="torch", help="default: torch")
+        add("--threads", type=int, help="CPU threads of torch and onnxruntime (default: torch's)")
         add("--embeddings", type=Path, metavar="FILE.safetensors",
             help="prompt_embeds and negative_prompt_embeds [1, L, D] (SDXL: also text_embeds, time_ids and "
                  "negative_text_embeds, negative_time_ids)")
@@ -279,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
 
     out = args.out or Path("postdiff-run") / f"{args.artifact.resolve().name}-seed{args.seed}"
     check_target(out, args.force)
-    runner = load(args.artifact, args.backend, public_key=args.public_key)
+    runner = load(args.artifact, args.backend, public_key=args.public_key, threads=args.threads)
     source = source_folder(runner.manifest, args.source)
     kwargs, guidance = _embeddings(args, runner, source)
     guidance = args.guidance_scale if args.guidance_scale is not None else guidance

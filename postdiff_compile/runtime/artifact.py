@@ -178,7 +178,8 @@ def check_contents(folder: Path, manifest: dict) -> None:
 
 
 def load(folder: str | Path, backend: str = "torch", device: str | torch.device | None = None,
-         verify_files: bool = True, public_key=None) -> ArtifactRunner:
+         verify_files: bool = True, public_key=None, *, threads: int | None = None,
+         cuda_graphs: bool = False) -> ArtifactRunner:
     """Validate an artifact folder and open it on `backend` ("torch", "onnxruntime", "tensorrt" or "aoti").
 
     With `public_key` (an Ed25519 public key: PEM file path, PEM bytes or 32 raw bytes), the artifact must carry
@@ -190,6 +191,9 @@ def load(folder: str | Path, backend: str = "torch", device: str | torch.device 
     file, a format version or schema it does not know, and a toolchain the backend cannot use (a TensorRT
     engine from another TensorRT version or GPU architecture, .pt2 programs from a newer torch, AOTInductor
     packages from another torch or for another device).
+
+    `threads` sets the CPU threads of torch and of the onnxruntime sessions. `cuda_graphs` (torch and aoti
+    backends on a CUDA device) replays each variant from a CUDA graph captured at its first call.
     """
     of_backend(backend)   # an unknown backend fails before any file is read
     folder = Path(folder)
@@ -197,5 +201,17 @@ def load(folder: str | Path, backend: str = "torch", device: str | torch.device 
     if verify_files:
         check_files(folder, manifest)
     device = torch.device(device if device is not None else ("cuda" if backend == "tensorrt" else "cpu"))
+    if cuda_graphs and (device.type != "cuda" or backend not in ("torch", "aoti")):
+        raise PostDiffError(f"cuda_graphs needs the torch or aoti backend on a CUDA device, not {backend} on {device}"
+                            " (onnxruntime and TensorRT capture graphs of their own)")
+    if threads is not None:
+        if threads < 1:
+            raise PostDiffError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     check_toolchain(folder, manifest, backend, device)
-    return ArtifactRunner(folder, manifest, backend, device)
+    runner = ArtifactRunner(folder, manifest, backend, device)
+    if cuda_graphs:
+        from .cuda_graphs import GraphedSource
+
+        runner.variants = GraphedSource(runner.variants)
+    return runner

@@ -22,7 +22,10 @@ from .transition import apply_transition
 
 class VariantSource(Protocol):
     """Where the loop gets a step's graph: the in-memory VariantStore, or an artifact's files on a backend.
-    What it returns is called with the inputs its `.inputs` names and returns what its `.outputs` names."""
+    What it returns is called with the inputs its `.inputs` names and returns what its `.outputs` names. Its
+    outputs may be the same buffers at every call (onnxruntime's bound outputs, a CUDA graph's static ones): they
+    hold until the same variant is called again, which the plan's rules make safe for the caches; the noise
+    prediction is copied where a scheduler could keep it."""
 
     def get(self, name: str, bucket: Bucket, cache_branch: int = 0) -> Any: ...
 
@@ -77,7 +80,10 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
     kwargs = req.extra_step_kwargs or {}
     caches: dict[str, torch.Tensor] = {}
     last_low = plan.switch_step - 1 if plan.transition is not None else None
-    for step, t in zip(plan, req.timesteps):
+    # Every step's timestep input on the denoiser's device in one copy, not one per step: on a GPU a per-step
+    # host-to-device copy waits for the queue.
+    timestep_inputs = req.timesteps.to(latents.device, torch.float32)
+    for step, t, t_input in zip(plan, req.timesteps, timestep_inputs):
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         if step.cfg:
@@ -89,7 +95,7 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
         bucket = Bucket(model_input.shape[0], model_input.shape[2], model_input.shape[3], context.shape[1],
                         model_input.dtype)
         variant = store.get(step.variant, bucket, plan.cache_branch)
-        timestep = t.to(torch.float32).expand(model_input.shape[0])
+        timestep = t_input.expand(model_input.shape[0])
         values = {req.latent_input: model_input, "timestep": timestep, "encoder_hidden_states": context, **cond,
                   **caches}
         missing = [name for name in variant.inputs if name not in values]
@@ -105,6 +111,8 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
             noise_pred = uncond + req.guidance_scale * (text - uncond)
             if req.guidance_rescale > 0:
                 noise_pred = rescale_noise_cfg(noise_pred, text, req.guidance_rescale)
+        else:
+            noise_pred = noise_pred.clone()   # a reused output buffer; multistep schedulers (PNDM) keep it
         if noise_pred.shape[1] == 2 * latents.shape[1]:
             noise_pred = noise_pred.chunk(2, dim=1)[0]   # learned variance (PixArt): the pipeline keeps the mean
         if step.index == last_low:
@@ -128,11 +136,15 @@ def sample(variants: VariantSource, scheduler, plan: Plan, steps: int, *, channe
     then the plan walked. `conditioning` holds DenoiseRequest's embeddings, guidance and added inputs."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    scheduler.set_timesteps(steps, device=device)
+    # On a GPU the scheduler's timesteps stay on the host: its table lookups then read host memory instead of
+    # copying a device scalar back at every step (a synchronisation). The denoiser's copy goes over once (denoise).
+    timestep_device = torch.device("cpu") if device.type == "cuda" else device
+    scheduler.set_timesteps(steps, device=timestep_device)
     start = plan.transition.low_latent if plan.transition else full_latent
     latents = randn_tensor((1, channels, *start), generator=generator, device=device, dtype=dtype) \
         * scheduler.init_noise_sigma
     request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, latent_input=latent_input,
                              extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
-                             restart_scheduler=lambda begin: restart(scheduler, steps, begin, device), **conditioning)
+                             restart_scheduler=lambda begin: restart(scheduler, steps, begin, timestep_device),
+                             **conditioning)
     return denoise(variants, scheduler, plan, request, on_step=on_step)

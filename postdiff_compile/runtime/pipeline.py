@@ -34,9 +34,17 @@ class PostDiffRuntime:
     family: FamilySpec
     store: VariantStore
     last_plan: list = field(default_factory=list)
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        from .cuda_graphs import GraphedSource
+
+        # What the loop calls: the store's variants, or their CUDA-graph replays (captured at first use)
+        self.source = GraphedSource(self.store) if self.cuda_graphs else self.store
 
 
-def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool = False, **overrides: Any) -> Any:
+def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool | str = False, cuda_graphs: bool = False,
+             **overrides: Any) -> Any:
     """Make `pipe` denoise through postdiff-compile; returns `pipe`.
 
     `pipe` is a diffusers StableDiffusionPipeline (SD1.x, SD2.x, LCM U-Nets), LatentConsistencyModelPipeline,
@@ -44,7 +52,9 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool 
 
     `preset` is a preset name or a whole PostDiffConfig; `overrides` set PostDiffConfig fields by name
     (unknown names are an error). `compile=True` runs each captured variant through `torch.compile` (compiled
-    at its first call, so the first generation is slow). Example:
+    at its first call, so the first generation is slow); a string is torch.compile's mode ("reduce-overhead": CUDA
+    graphs of the compiled code). `cuda_graphs=True` (a CUDA pipeline) replays each eager variant from a CUDA graph
+    captured at its first call (runtime/cuda_graphs.py). Example:
 
         pipe = optimize(pipe, preset="none")
         latents = pipe(prompt_embeds=c, negative_prompt_embeds=u, num_inference_steps=20,
@@ -71,7 +81,9 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool 
     else:
         store = VariantStore(loaded.module, loaded.family, compile=compile)
     pipe.__class__ = _optimized_class(base)
-    pipe._postdiff = PostDiffRuntime(config, loaded.family, store)
+    if cuda_graphs and next(loaded.module.parameters()).device.type != "cuda":
+        raise PostDiffError("cuda_graphs=True needs the pipeline on a CUDA device")
+    pipe._postdiff = PostDiffRuntime(config, loaded.family, store, cuda_graphs=cuda_graphs)
     return pipe
 
 
@@ -156,5 +168,5 @@ def _call(self, *args, **kwargs):
                              latent_input=runtime.store.latent_input, generator=a.generator,
                              restart_scheduler=restart_scheduler)
     with self.progress_bar(total=len(timesteps)) as bar:
-        latents = denoise(runtime.store, self.scheduler, plan, request, on_step=lambda _: bar.update())
+        latents = denoise(runtime.source, self.scheduler, plan, request, on_step=lambda _: bar.update())
     return cond.finish(latents)
