@@ -18,6 +18,7 @@ Models: `reference`, the shipped reference model (32x32 pixel space); `sd15`, th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -99,12 +100,19 @@ def main() -> int:
                     return runner(cond, uncond, seed=0, guidance_scale=7.5)
             tables[(preset, backend)] = result.table
             runs[(preset, backend)] = run
+            # The profile's variant calls join the end-to-end rounds: both are timed in the same minutes of a
+            # shared machine whose speed drifts by more than the 10% asked of the prediction.
+            runs.update({(preset, backend, variant): call for variant, call in result.calls.items()})
             run()   # warm
     print("end-to-end rounds", file=sys.stderr, flush=True)
     times = interleaved_rounds(runs, args.rounds, report=lambda r: print(f"round {r + 1}/{args.rounds}",
                                                                         file=sys.stderr, flush=True))
     rows = []
-    for (preset, backend), table in tables.items():
+    for (preset, backend), profiled in tables.items():
+        # The table profile wrote, its variant times taken from the interleaved rounds.
+        table = dataclasses.replace(profiled, variants_ms={
+            v: 1e3 * statistics.median(times[(preset, backend, v)]) for v in profiled.variants_ms})
+        tables[(preset, backend)] = table
         ex = explain(family, configs[preset], steps=args.steps, resolution=(res, res), costs=table)
         measured = 1e3 * statistics.median(times[(preset, backend)])
         rows.append({"preset": preset, "backend": backend, "predicted_ms": round(ex.latency.total_ms, 2),
@@ -130,8 +138,9 @@ def main() -> int:
               "tables": {f"{p}/{b}": t.to_json() for (p, b), t in tables.items()}}
     lines = [f"# Cost model against measurement, {model}, {args.steps} steps, CFG 7.5", "",
              f"{machine}; `{record['command']}`. Predicted: `profile` of the row's configuration on its backend, then "
-             "`explain --costs` (sum of its variants' measured times plus the runner's per-step time measured with "
-             f"stub variants). Measured: end-to-end, median of {args.rounds} interleaved rounds in the same process. "
+             "`explain --costs` (sum of its variants' times plus the runner's per-step time measured with stub "
+             "variants; the variants' calls timed in the same interleaved rounds as the end-to-end runs). Measured: "
+             f"end-to-end, median of {args.rounds} interleaved rounds in the same process. "
              "Speedups are over `none` on the same backend.", "",
              "| preset | backend | predicted ms | measured ms | error | realized speedup | cost-model ideal | "
              "realized / cost-model | FLOPs ideal | realized / FLOPs |", "|---|---|---|---|---|---|---|---|---|---|"]

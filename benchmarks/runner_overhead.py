@@ -9,7 +9,9 @@ overhead per step is (generation - variant calls) / steps: the scheduler update,
 bookkeeping, concatenations, and each backend's own conversions around its graphs that the call timer does not
 see. It uses only `load()` and the runner's variants, so that the same script measures an older checkout
 (PYTHONPATH=that checkout) for a before/after comparison. Writes benchmarks/results/NAME.{json,md}; with
---label, the rows are added to the file under that label (a before run and an after run share one file).
+--label, the rows are added to the file under that label (a before run and an after run share one file), and
+runs of the same label accumulate: the table shows the median over them. On a shared machine, alternate the
+labels' runs (before, after, before, after) so that drift hits both alike.
 """
 from __future__ import annotations
 
@@ -76,22 +78,24 @@ def main() -> int:
     path = args.out / f"{args.name}.json"
     record = json.loads(path.read_text()) if path.is_file() else {"benchmark": "runner_overhead", "runs": {}}
     record["machine"] = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    record["runs"][args.label] = {**provenance(), "rows": rows}
+    record["runs"].setdefault(args.label, []).append({**provenance(), "rows": rows})
     labels = list(record["runs"])
     lines = [f"# Python runner overhead per denoising step, {record['machine']}", "",
-             "Overhead = (generation - variant calls) / steps, median of the timed generations (ms); one row per "
-             "artifact and backend, one column group per labelled run (`benchmarks/runner_overhead.py`).", ""]
+             "Overhead = (generation - variant calls) / steps, median of the timed generations (ms), then the median "
+             "over the runs of a label; one row per artifact and backend, one column group per label "
+             "(`benchmarks/runner_overhead.py`).", ""]
     for label in labels:
-        run = record["runs"][label]
-        lines.append(f"- {label}: `{run['command']}` at {run['commit']}, {run['created']}")
+        for run in record["runs"][label]:
+            lines.append(f"- {label}: `{run['command']}` at {run['commit']}, {run['created']}")
     lines += ["", "| artifact | backend | " + " | ".join(f"{lb} step | {lb} calls | {lb} overhead" for lb in labels) + " |",
               "|---|---|" + "---|" * (3 * len(labels))]
-    keys = dict.fromkeys((r["artifact"], r["backend"]) for lb in labels for r in record["runs"][lb]["rows"])
+    keys = dict.fromkeys((r["artifact"], r["backend"]) for lb in labels for run in record["runs"][lb] for r in run["rows"])
     for artifact, backend in keys:
         cells = []
         for label in labels:
-            row = next((r for r in record["runs"][label]["rows"] if (r["artifact"], r["backend"]) == (artifact, backend)), None)
-            cells += [f"{row['step_ms']:.3f}", f"{row['variant_calls_ms']:.3f}", f"{row['overhead_ms']:.3f}"] if row else ["-"] * 3
+            rows = [r for run in record["runs"][label] for r in run["rows"] if (r["artifact"], r["backend"]) == (artifact, backend)]
+            cells += [f"{statistics.median(r[k] for r in rows):.3f}" for k in ("step_ms", "variant_calls_ms", "overhead_ms")] \
+                if rows else ["-"] * 3
         lines.append(f"| {artifact} | {backend} | " + " | ".join(cells) + " |")
     write_results(args.out, args.name, record, lines)
     print("\n".join(lines))

@@ -88,19 +88,31 @@ def test_tune_objective_latency_ranks_by_predicted_latency(monkeypatch, capsys, 
             PostDiffConfig(**mix, cache_interval=3, cache_branch=1),
             PostDiffConfig(**mix, cache_interval=2, cache_branch=1, cross_attn_cache="cond", cross_attn_cache_step=10)]
     monkeypatch.setattr(tune, "grid", lambda steps, clamp_x0=0.0: grid)
-    # Only three variants measured: the rest are the roofline's estimates scaled to them.
-    table = synthetic_table([PostDiffConfig(**mix)], 1.0, DevicePeak(matmul_gflops=50, copy_gbs=8, op_us=10))
-    table = CostTable(**{**table.__dict__, "variants_ms": {k: table.variants_ms[k] for k in list(table.variants_ms)[:3]}})
-    path = table.write(tmp_path / "costs.json")
+    path = synthetic_table(grid, 1.0).write(tmp_path / "costs.json")
     assert main(["tune", "--objective", "latency", "--costs", str(path), "--speedup", "1.2", "--rank-only"]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
     predicted = [float(r[3]) for r in rows]
     assert predicted == sorted(predicted) and len(rows) == 4    # `none` is 1.0x: it does not fit
     assert all(float(r[4].strip().rstrip("x")) >= 1.2 for r in rows)
-    # FLOPs rank the CFG-off configuration first; on this device (batch 1 as dear as batch 2) it is not.
+    # By hand from synthetic_ms (+1 ms per step): DeepCache k3 over the mix 725 + 20 ms, k2 792.5 + 20, the
+    # CFG-off configuration 830 + 20, the mix alone 1250 + 20. FLOPs rank the CFG-off one first.
+    assert [r[1].strip() for r in rows] == ["mix b0.5 s0.5, deepcache k3 b1", "mix b0.5 s0.5, deepcache k2 b1",
+                                            "mix b0.5 s0.5, deepcache k2 b1, ca cond m10", "mix b0.5 s0.5"]
+    assert predicted == pytest.approx([745, 812.5, 850, 1270], abs=0.1)
     flops_order = [r["name"] for r in tune.ranking(FAMILY, tune.TuneSettings(flops_budget=1.0), RES)]
     assert flops_order[0] == "mix b0.5 s0.5, deepcache k2 b1, ca cond m10"
-    assert rows[0][1].strip() != flops_order[0]
+
+
+def test_an_unmeasured_variant_costs_its_roofline_scaled_to_the_measured_ones():
+    peak = DevicePeak(matmul_gflops=50, copy_gbs=8, op_us=10)
+    table = synthetic_table([PostDiffConfig()], 1.0, peak)          # full@b2_32x32 only, 100 ms
+    ex = explain(FAMILY, resolve_config("quality", family="scenes32"), resolution=RES, costs=table)
+    low = [ms for ms, measured, step in zip(ex.latency.step_ms, ex.latency.measured, ex.steps) if step.step.low_res]
+    assert not any(m for m, s in zip(ex.latency.measured, ex.steps) if s.step.low_res)
+    assert all(m for m, s in zip(ex.latency.measured, ex.steps) if not s.step.low_res)
+    # A quarter of the pixels: cheaper than the measured full-size step, dearer than a quarter of it (fixed costs).
+    assert 25 < low[0] < 100 and len(set(low)) == 1
+    assert ex.latency.calibration > 0
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -112,6 +112,9 @@ def onnx_session(path: Path, providers: list[str] | None = None):
     options.log_severity_level = 3
     # One thread setting for the whole runner: torch's (load(..., threads=N) and --threads set it).
     options.intra_op_num_threads = torch.get_num_threads()
+    # A plan runs several sessions, each with its own thread pool; a pool that spins after its run competes for
+    # the cores with the next session's (measured below, in docs/performance.md "Cost model").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types

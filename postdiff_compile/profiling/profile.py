@@ -69,7 +69,7 @@ class ProfileResult:
     generation_ms: list[float]
     overhead_runs_ms: list[float]
     sidecar: Path | None = None
-    rows: list[dict] = field(default_factory=list)
+    calls: dict[str, Callable[[], object]] = field(default_factory=dict)   # one timed call of each variant
 
     @property
     def predicted_ms(self) -> float:
@@ -107,6 +107,7 @@ def measure(generate: Callable[[object], object], source, steps: int, device: to
                                 sync=lambda: sync(device))
     recorder.stub = False
     return {"variant_runs_ms": {k: [1e3 * t for t in v] for k, v in variant_s.items()}, "plan_ids": plan_ids,
+            "calls": runs,
             "overhead_runs_ms": [1e3 * t / steps for t in loop_s["stub"]],
             "generation_ms": [1e3 * t for t in loop_s["real"]]}
 
@@ -147,7 +148,7 @@ def conditioning(specs: list[TensorSpec], device: torch.device, dtype: torch.dty
 
 def with_result(measured: dict, table: CostTable, sidecar: Path | None = None) -> ProfileResult:
     return ProfileResult(table, measured["variant_runs_ms"], measured["plan_ids"], measured["generation_ms"],
-                         measured["overhead_runs_ms"], sidecar)
+                         measured["overhead_runs_ms"], sidecar, calls=measured["calls"])
 
 
 def write_sidecar(folder: Path, table: CostTable) -> Path:
