@@ -374,3 +374,64 @@ def test_python_aoti_backend_refuses_packages_of_another_torch(artifacts, tmp_pa
     rewrite_manifest(copy, manifest)
     with pytest.raises(PostDiffError, match="compiled with torch 2.12.0"):
         postdiff_compile.load(copy, "aoti")
+
+
+def test_profile_an_artifact_writes_a_sidecar_outside_the_checksum(artifacts, tmp_path):
+    """postdiff-compile profile on an artifact (issue: Measure, don't count; the table's use: test_costs.py)."""
+    from postdiff_compile.cli import main
+    from postdiff_compile.costs import CostTable
+    from postdiff_compile.exporters.manifest import check_files
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifacts["fast"], folder)
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(folder), "--backend", "onnxruntime", "--rounds", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    manifest = read_manifest(folder)
+    assert set(record["table"]["variants_ms"]) == {v["id"] for v in manifest["variants"]}
+    assert record["table"]["backend"] == "onnxruntime" and record["table"]["step_overhead_ms"] > 0
+    assert all(r["roofline_ms"] > 0 and r["gflops"] > 0 for r in record["variants"])
+    sidecars = list((folder / "costs").glob("onnxruntime@*.json"))
+    assert len(sidecars) == 1
+    check_files(folder, manifest)   # the artifact is still the artifact it was
+    postdiff_compile.load(folder, "onnxruntime")
+    # The results file is what --costs reads: the same table as the sidecar.
+    assert CostTable.read(out) == CostTable.read(sidecars[0])
+    steps = [manifest_step["variant_id"] for manifest_step in manifest["plan"]]
+    table = CostTable.read(out)
+    assert record["predicted_ms"] == pytest.approx(sum(table.variants_ms[v] for v in steps)
+                                                   + len(steps) * table.step_overhead_ms, rel=1e-3)
+
+
+def test_cuda_graphs_are_refused_without_a_cuda_device(artifacts):
+    """runtime/cuda_graphs.py's replay is tested in test_cuda_graphs.py; a CPU runner refuses it."""
+    load = postdiff_compile.load
+
+    with pytest.raises(PostDiffError, match="cuda_graphs needs the torch or aoti backend on a CUDA device"):
+        load(artifacts["fast"], "torch", cuda_graphs=True)
+    with pytest.raises(PostDiffError, match="onnxruntime and TensorRT capture graphs of their own"):
+        load(artifacts["fast"], "onnxruntime", device="cuda", cuda_graphs=True)
+
+
+def test_onnxruntime_io_binding_matches_session_run_and_reuses_its_outputs(artifacts):
+    """The bound runner the CUDA provider uses, checked on the CPU provider against session.run."""
+    from postdiff_compile.exporters.onnx_binding import bound_runner
+    from postdiff_compile.exporters.onnx_export import onnx_session, run_session
+
+    folder = artifacts["fast"]
+    entry = next(v for v in json.loads((folder / "manifest.json").read_text())["variants"] if "write_dc" in v["id"])
+    session = onnx_session(folder / entry["files"]["onnx"]["file"])
+    run = bound_runner(session, torch.device("cpu"))
+    names = [i.name for i in session.get_inputs()]
+    first = None
+    for seed in range(2):
+        gen = torch.Generator().manual_seed(seed)
+        inputs = [torch.randn(i["shape"], generator=gen) for i in entry["inputs"]]
+        inputs[1] = torch.tensor(500.0).expand(inputs[1].shape)    # the loop's stride-0 timestep
+        got = run(*inputs)
+        expected = run_session(session, names, tuple(inputs))
+        assert len(got) == len(expected) == 2
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        first = first or got
+        assert all(a is b for a, b in zip(first, got))

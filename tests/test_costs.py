@@ -3,7 +3,6 @@ ranking tune's candidates by predicted latency, and `profile` writing them (issu
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -128,7 +127,7 @@ def test_a_bad_cost_table_is_one_error_naming_the_file(tmp_path, edit, message, 
     edit(data)
     path = tmp_path / "costs.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(PostDiffError, match="") as err:
+    with pytest.raises(PostDiffError) as err:
         CostTable.read(path)
     assert message in str(err.value) and str(path) in str(err.value)
     assert main(["explain", "--family", "scenes32", "--costs", str(path)]) == 2
@@ -149,32 +148,6 @@ def test_an_unmeasured_variant_without_a_probe_is_named():
     table = synthetic_table([PostDiffConfig()], 1.0)
     with pytest.raises(PostDiffError, match=r"no time for variant full@b2_16x16 and no device probe"):
         explain(FAMILY, resolve_config("quality", family="scenes32"), resolution=RES, costs=table)
-
-
-def test_profile_an_artifact_writes_a_sidecar_outside_the_checksum(tiny_artifact, tmp_path):
-    from postdiff_compile import load
-    from postdiff_compile.cli import main
-    from postdiff_compile.exporters.manifest import check_files, read_manifest
-
-    folder = tmp_path / "art"
-    shutil.copytree(tiny_artifact("balanced"), folder)
-    out = tmp_path / "profile.json"
-    assert main(["profile", str(folder), "--backend", "onnxruntime", "--rounds", "1", "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
-    manifest = read_manifest(folder)
-    assert set(record["table"]["variants_ms"]) == {v["id"] for v in manifest["variants"]}
-    assert record["table"]["backend"] == "onnxruntime" and record["table"]["step_overhead_ms"] > 0
-    assert all(r["roofline_ms"] > 0 and r["gflops"] > 0 for r in record["variants"])
-    sidecars = list((folder / "costs").glob("onnxruntime@*.json"))
-    assert len(sidecars) == 1
-    check_files(folder, manifest)   # the artifact is still the artifact it was
-    load(folder, "onnxruntime")
-    # The results file is what --costs reads: the same table as the sidecar.
-    assert CostTable.read(out) == CostTable.read(sidecars[0])
-    steps = [manifest_step["variant_id"] for manifest_step in manifest["plan"]]
-    table = CostTable.read(out)
-    assert record["predicted_ms"] == pytest.approx(sum(table.variants_ms[v] for v in steps)
-                                                   + len(steps) * table.step_overhead_ms, rel=1e-3)
 
 
 def test_profile_refuses_a_backend_for_a_source(capsys):

@@ -1,6 +1,6 @@
 """CUDA-graph replay of variant calls (runtime/cuda_graphs.py): the capture-and-replay bookkeeping, on a CPU with a
 stand-in for torch.cuda's graphs that replays by re-running the captured function into the captured outputs; and
-the refusals where no CUDA device is. The kernels themselves need a GPU (benchmarks/gpu_suite.py)."""
+the refusal of a CPU pipeline (a CPU artifact's: test_artifact.py). The kernels themselves need a GPU (gpu_suite.py)."""
 from __future__ import annotations
 
 import pytest
@@ -95,15 +95,6 @@ def test_each_variant_and_bucket_gets_its_own_graph():
     assert a is not b and api.captured == 2
 
 
-def test_cuda_graphs_are_refused_without_a_cuda_device(tiny_artifact):
-    from postdiff_compile import load
-
-    with pytest.raises(PostDiffError, match="cuda_graphs needs the torch or aoti backend on a CUDA device"):
-        load(tiny_artifact("none"), "torch", cuda_graphs=True)
-    with pytest.raises(PostDiffError, match="onnxruntime and TensorRT capture graphs of their own"):
-        load(tiny_artifact("none"), "onnxruntime", device="cuda", cuda_graphs=True)
-
-
 def test_optimize_refuses_cuda_graphs_on_a_cpu_pipeline():
     from tiny_models import tiny_sd_pipeline
 
@@ -111,29 +102,3 @@ def test_optimize_refuses_cuda_graphs_on_a_cpu_pipeline():
 
     with pytest.raises(PostDiffError, match="needs the pipeline on a CUDA device"):
         optimize(tiny_sd_pipeline("sd15"), "none", cuda_graphs=True)
-
-
-def test_onnxruntime_io_binding_matches_session_run_and_reuses_its_outputs(tiny_artifact):
-    """The bound runner the CUDA provider uses, checked on the CPU provider against session.run."""
-    import json
-
-    from postdiff_compile.exporters.onnx_binding import bound_runner
-    from postdiff_compile.exporters.onnx_export import onnx_session, run_session
-
-    folder = tiny_artifact("balanced")
-    entry = next(v for v in json.loads((folder / "manifest.json").read_text())["variants"] if "write_dc" in v["id"])
-    session = onnx_session(folder / entry["files"]["onnx"]["file"])
-    run = bound_runner(session, torch.device("cpu"))
-    names = [i.name for i in session.get_inputs()]
-    first = None
-    for seed in range(2):
-        gen = torch.Generator().manual_seed(seed)
-        inputs = [torch.randn(i["shape"], generator=gen) for i in entry["inputs"]]
-        inputs[1] = torch.tensor(500.0).expand(inputs[1].shape)    # the loop's stride-0 timestep
-        got = run(*inputs)
-        expected = run_session(session, names, tuple(inputs))
-        assert len(got) == len(expected) == 2
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=0, atol=0)
-        first = first or got
-        assert all(a is b for a, b in zip(first, got))

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     family = get_family(table.family)
     rows = []
     for variant_id, ms in table.variants_ms.items():
-        t = variant_traffic(family, variant_id, table.cache_branch, on_stage=say)
+        t = variant_traffic(family, variant_id, table.cache_branch, result.denoiser_config, on_stage=say)
         itemsize = getattr(torch, table.dtype).itemsize
         row = {"variant": variant_id, "ms": ms, "gflops": round(t.flops / 1e9, 3),
                "weights_mb": round(t.weight_elements * itemsize / 1e6, 2),
