@@ -70,6 +70,7 @@ class ProfileResult:
     overhead_runs_ms: list[float]
     sidecar: Path | None = None
     denoiser_config: dict | None = None   # the architecture profiled (for its graphs' roofline)
+    generate: Callable[[], object] | None = None   # one more real generation, on what was profiled
     calls: dict[str, Callable[[], object]] = field(default_factory=dict)   # one timed call of each variant
 
     @property
@@ -147,10 +148,10 @@ def conditioning(specs: list[TensorSpec], device: torch.device, dtype: torch.dty
             "added_cond": cond or None, "negative_added_cond": cond or None}
 
 
-def with_result(measured: dict, table: CostTable, denoiser_config: dict | None,
+def with_result(measured: dict, table: CostTable, denoiser_config: dict | None, generate: Callable[[], object],
                 sidecar: Path | None = None) -> ProfileResult:
     return ProfileResult(table, measured["variant_runs_ms"], measured["plan_ids"], measured["generation_ms"],
-                         measured["overhead_runs_ms"], sidecar, denoiser_config, calls=measured["calls"])
+                         measured["overhead_runs_ms"], sidecar, denoiser_config, generate, calls=measured["calls"])
 
 
 def write_sidecar(folder: Path, table: CostTable) -> Path:

@@ -47,7 +47,8 @@ def profile_artifact(folder: str | Path, backend: str = "torch", device: str | t
     table = build_table(measured, device_name=device_name(runner.device), backend=backend, family=m["source"]["family"],
                         dtype=runner.dtype, cache_branch=m["config"].get("cache_branch", 0), toolchain=toolchain,
                         config=m["config"], steps=runner.steps, peak_device=runner.device if probe else None)
-    return with_result(measured, table, m["denoiser"]["config"], write_sidecar(Path(folder), table) if sidecar else None)
+    return with_result(measured, table, m["denoiser"]["config"], lambda: generate(own),
+                       write_sidecar(Path(folder), table) if sidecar else None)
 
 
 def profile_source(source: Any, config: PostDiffConfig | ConfigRequest, *, resolution: tuple[int, int] | None = None,
@@ -92,4 +93,4 @@ def profile_source(source: Any, config: PostDiffConfig | ConfigRequest, *, resol
     table = build_table(measured, device_name=device_name(device), backend="eager", family=family.name,
                         dtype=loaded.dtype, cache_branch=config.cache_branch, toolchain={"torch": torch.__version__},
                         config=config.to_dict(), steps=steps, peak_device=device if probe else None)
-    return with_result(measured, table, loaded.detection.config)
+    return with_result(measured, table, loaded.detection.config, lambda: generate(store))
