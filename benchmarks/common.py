@@ -69,3 +69,20 @@ def random_denoiser(family_name: str, device="cpu", dtype=None, seed: int = 0):
     if dtype is not None and dtype != torch.float32:   # diffusers warns about any .to(dtype), even a no-op one
         model = model.to(dtype)
     return model.eval().requires_grad_(False)
+
+
+def deepcache_helper_run(pipe, generator, **call):
+    """A call of `pipe` under DeepCache's own DeepCacheSDHelper with our DeepCache setting (DEEPCACHE), enabled
+    for that call only; `generator()` gives each call its fresh generator."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=DEEPCACHE["cache_interval"], cache_branch_id=DEEPCACHE["cache_branch"])
+
+    def run():
+        helper.enable()
+        try:
+            return pipe(**call, generator=generator()).images
+        finally:
+            helper.disable()
+    return run

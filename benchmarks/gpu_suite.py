@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_name, interleaved_rounds, provenance   # benchmarks/ is on sys.path when a script runs
+from common import cpu_name, deepcache_helper_run, interleaved_rounds, provenance   # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ("none", "quality", "balanced", "fast")
@@ -184,19 +184,8 @@ def denoise_section(args, device: torch.device, dtype: torch.dtype, budget: Budg
             # The headline preset first: when the budget runs short, the cheaper compiles are the ones skipped.
             runs.update({(p, way): run_ours(way, p) for p in reversed(presets)})
     if "DeepCacheSDHelper" in args.peers.split(","):
-        from DeepCache import DeepCacheSDHelper
-
-        helper_pipe = make()
-        helper = DeepCacheSDHelper(pipe=helper_pipe)
-        helper.set_params(cache_interval=2, cache_branch_id=1)
-
-        def run_helper():
-            helper.enable()
-            try:
-                return helper_pipe(**call, generator=torch.Generator(device).manual_seed(0)).images
-            finally:
-                helper.disable()
-        runs[("DeepCacheSDHelper", "eager")] = run_helper
+        runs[("DeepCacheSDHelper", "eager")] = deepcache_helper_run(make(), lambda: torch.Generator(device).manual_seed(0),
+                                                                    **call)
         flops["DeepCacheSDHelper"] = explain(family, resolve_config("none", cache_interval=2, cache_branch=1),
                                              steps=args.steps, resolution=(res, res)).total
     outputs, first, compiled = {}, {}, set()

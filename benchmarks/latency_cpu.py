@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEEPCACHE, cpu_name, interleaved_rounds, provenance, write_results   # benchmarks/ on sys.path
+from common import DEEPCACHE, cpu_name, deepcache_helper_run, interleaved_rounds, provenance, write_results   # benchmarks/ on sys.path
 
 PRESETS = ("none", "quality", "balanced", "fast")
 # The parts of the presets, as overrides of `none`, named by what they run (presets change as features join them).
@@ -191,19 +191,7 @@ def main() -> int:
                 flops_of[f"{preset}/{b}"] = (configs[preset], args.steps)
 
     if "DeepCacheSDHelper" in peers:
-        from DeepCache import DeepCacheSDHelper
-
-        helper_pipe = make()
-        helper = DeepCacheSDHelper(pipe=helper_pipe)
-        helper.set_params(cache_interval=2, cache_branch_id=1)
-
-        def run_helper():
-            helper.enable()
-            try:
-                return helper_pipe(**call, num_inference_steps=args.steps, generator=seeded()).images
-            finally:
-                helper.disable()
-        runs["DeepCacheSDHelper"] = run_helper
+        runs["DeepCacheSDHelper"] = deepcache_helper_run(make(), seeded, **call, num_inference_steps=args.steps)
         flops_of["DeepCacheSDHelper"] = (resolve_config("none", **DEEPCACHE), args.steps)
     if "tgate" in peers:
         import tgate
