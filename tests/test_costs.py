@@ -150,8 +150,11 @@ def test_an_unmeasured_variant_without_a_probe_is_named():
         explain(FAMILY, resolve_config("quality", family="scenes32"), resolution=RES, costs=table)
 
 
-def test_profile_refuses_a_backend_for_a_source(capsys):
+def test_profile_refuses_a_backend_for_a_source(capsys, tmp_path):
     from postdiff_compile.cli import main
 
     assert main(["profile", "--backend", "onnxruntime"]) == 2
-    assert "not an artifact folder" in capsys.readouterr().err
+    assert "the reference model is a source; compile it first" in capsys.readouterr().err
+    assert main(["profile", str(tmp_path), "--backend", "aoti"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: not an artifact folder (no manifest.json)") and err.count("error:") == 1

@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         name = target.resolve().name
     else:
         if args.backend not in (None, "eager"):
-            raise PostDiffError(f"{target or 'the reference model'} is not an artifact folder (no manifest.json); "
-                                f"compile it first to profile backend {args.backend}, or profile it eagerly", target)
+            what = "not an artifact folder (no manifest.json)" if target else "the reference model is a source"
+            raise PostDiffError(f"{what}; compile it first to profile backend {args.backend}, or profile it eagerly "
+                                "(--backend eager)", target)
         source = str(target) if target is not None else str(embedded_default_path())
         from ..lab.reference import is_reference_folder
 
@@ -94,9 +95,8 @@ def run(args: argparse.Namespace) -> int:
               "generation_runs_ms": [round(t, 3) for t in result.generation_ms],
               "sidecar": str(result.sidecar) if result.sidecar else None}
     text = format_profile(name, record)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
+    _write(out, json.dumps(record, indent=1) + "\n")
+    _write(out.with_suffix(".md"), text + "\n")
     print(text)
     print(f"\nwrote {out} (give it to --costs) and {out.with_suffix('.md')}"
           + (f"; the artifact's sidecar {result.sidecar}" if result.sidecar else ""), file=sys.stderr)
@@ -119,3 +119,16 @@ def format_profile(name: str, record: dict) -> str:
               f"this plan: predicted {record['predicted_ms']:.1f} ms, measured {t['measured_total_ms']:.1f} ms "
               f"(median of {len(record['generation_runs_ms'])} generations)"]
     return "\n".join(lines)
+
+
+def _write(path: Path, text: str) -> None:
+    """Written beside its target and moved into place: a reader never finds half a results file."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
