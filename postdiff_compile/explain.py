@@ -75,11 +75,11 @@ class Explanation:
 
 def step_variant_id(step: Step, latent: tuple[int, int], low: tuple[int, int] | None) -> str:
     """The id a manifest and a cost table give the variant a step runs ("shallow@b2_16x16")."""
-    size = low if step.low_res else latent
-    return f"{step.variant}@b{2 if step.cfg else 1}_{size[0]}x{size[1]}"
+    return f"{step.variant}@{Bucket(2 if step.cfg else 1, *(low if step.low_res else latent), 0, None).tag}"
 
 
 def parse_variant_id(variant_id: str) -> tuple[str, int, tuple[int, int]]:
+    """The inverse of step_variant_id: (variant name, batch, latent size)."""
     name, _, tag = variant_id.partition("@")
     batch, _, size = tag.partition("_")
     height, _, width = size.partition("x")
@@ -102,6 +102,18 @@ def architecture_of(source: str) -> tuple[FamilySpec, dict]:
 _VARIANT_FLOPS: dict[tuple[str, str, int], FlopCount] = {}
 _VARIANT_TRAFFIC: dict[tuple[str, str, int], Traffic] = {}
 _META_STORES: dict[str, VariantStore] = {}
+
+
+def _architecture(family: FamilySpec, denoiser_config: dict | None) -> str:
+    """The memo key of a denoiser architecture."""
+    return f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if denoiser_config else 'default'}"
+
+
+def _memo(architecture: str, variant_id: str, cache_branch: int) -> tuple[str, str, int]:
+    """A variant's count depends only on the architecture, the bucket and, for DeepCache variants, the branch:
+    sweeps that explain many configs (tune, study) capture each variant once per process."""
+    name = variant_id.partition("@")[0]
+    return architecture, variant_id, cache_branch if "shallow" in name or "write_dc" in name else 0
 
 
 def _meta_store(family: FamilySpec, denoiser_config: dict | None, architecture: str) -> VariantStore:
@@ -129,7 +141,7 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
     plan = make_plan(config, steps, family=family, full_latent=latent, prediction_type=family.prediction_type,
                      cfg=cfg)
     low = plan.transition.low_latent if plan.transition else None
-    architecture = f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if denoiser_config else 'default'}"
+    architecture = _architecture(family, denoiser_config)
     store = _meta_store(family, denoiser_config, architecture)
     check_cache_branch(store.denoiser, config)   # before any capture
     dtype = next(store.denoiser.parameters()).dtype
@@ -139,10 +151,7 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
         bucket = Bucket(batch, *size, family.text_length, dtype)
         key = f"{name}@{bucket.tag}"
         if key not in flops_of:
-            # A variant's count depends only on the architecture, the bucket and the branch: sweeps that explain
-            # many configs (tune, study) capture each variant once per process.
-            deep = "shallow" in name or "write_dc" in name     # the branch matters to DeepCache variants only
-            memo = (architecture, key, config.cache_branch if deep else 0)
+            memo = _memo(architecture, key, config.cache_branch)
             if memo not in _VARIANT_FLOPS:
                 if on_stage:
                     on_stage(f"capturing {key}")
@@ -162,10 +171,10 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
 def variant_traffic(family: FamilySpec, variant_id: str, cache_branch: int = 0, denoiser_config: dict | None = None,
                     on_stage: Callable[[str], None] | None = None) -> Traffic:
     """What one variant of the real architecture moves and computes, op by op (the roofline's input)."""
-    architecture = f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if denoiser_config else 'default'}"
+    architecture = _architecture(family, denoiser_config)
     store = _meta_store(family, denoiser_config, architecture)
     name, batch, size = parse_variant_id(variant_id)
-    memo = (architecture, variant_id, cache_branch if "shallow" in name or "write_dc" in name else 0)
+    memo = _memo(architecture, variant_id, cache_branch)
     if memo not in _VARIANT_TRAFFIC:
         if on_stage:
             on_stage(f"capturing {variant_id}")

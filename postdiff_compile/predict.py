@@ -72,7 +72,8 @@ class Predictor:
             raise PostDiffError(f"the cost table ({self.table.backend} on {self.table.device}) has no time for "
                                 f"variant {variant_id} and no device probe to estimate it; profile an artifact "
                                 "that runs it")
-        return self.traffic_of(variant_id, self.branch).estimate_ms(self.table.peak, self.itemsize) * self.calibration, False
+        estimate = self.traffic_of(variant_id, self.branch).estimate_ms(self.table.peak, self.itemsize)
+        return estimate * self.calibration, False
 
     def latency(self, variant_ids: list[str]) -> Latency:
         times = [self.variant_ms(v) for v in variant_ids]

@@ -180,11 +180,11 @@ def _explain(args: argparse.Namespace) -> int:
 
     def explained(request: ConfigRequest):
         config = resolve_request(request, family, steps=steps, resolution=resolution, denoiser_config=denoiser_config)
-        if request.costs is not None and request.base is None and stage is not None and \
-                config != request.resolve(family.name):
+        own = request.resolve(family.name)
+        if request.costs is not None and stage is not None and config != own:
+            changed = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if getattr(own, k, v) != v)
             stage(f"preset {request.preset} on {request.costs.device} ({request.costs.backend}): its alternative "
-                  f"{', '.join(f'{k}={v}' for k, v in config.to_dict().items() if getattr(request.resolve(family.name), k, v) != v)} "
-                  "is predicted faster")
+                  f"{changed} is predicted faster")
         return explain(family, config, steps=steps, resolution=resolution, denoiser_config=denoiser_config,
                        cfg=not args.no_cfg, costs=request.costs, on_stage=stage)
     if args.all_presets:

@@ -1,7 +1,8 @@
 """An onnxruntime session called through I/O binding: inputs are bound where the torch tensors already are and
 outputs are written into buffers allocated once per session, so that a step on a GPU costs no copy through the
-host and no output allocation (onnx_export.open_file uses it on CUDA). The outputs are the same tensors on every call: a caller must be done with one call's outputs
-before it calls the same variant again (the denoising loop is, runtime/denoise.py)."""
+host and no output allocation (onnx_export.open_file uses it on CUDA). The outputs are the same tensors on every
+call: a caller must be done with one call's outputs before it calls the same variant again (the denoising loop
+is, runtime/denoise.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -27,10 +27,10 @@ import torch
 
 from ..capture import example_inputs
 from ..errors import PostDiffError
-from .onnx_binding import bound_runner
 from ..passes.noop_squeeze import drop_noop_squeezes
 from ..variants import Variant, variant_input_specs
 from .formats import Build, VariantJob
+from .onnx_binding import bound_runner
 from .manifest import file_entry
 from .weights_file import FILE, LARGE, WeightsFile
 

@@ -62,7 +62,7 @@ def traffic(module: torch.fx.GraphModule) -> Traffic:
             return sum(size(a) for a in arg) if isinstance(arg, (list, tuple)) else 0
         if arg.op == "get_attr":
             if arg.target not in weights:
-                weights[arg.target] = _elements(_attr(module, arg.target))
+                weights[arg.target] = _elements(operator.attrgetter(arg.target)(module))
             return weights[arg.target]
         return _elements(arg.meta.get("val"))
 
@@ -75,9 +75,3 @@ def traffic(module: torch.fx.GraphModule) -> Traffic:
         nodes.append((2 * (layer + other), moved))
     return Traffic(tuple(nodes), sum(weights.values()))
 
-
-def _attr(module: torch.nn.Module, target: str):
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

@@ -196,6 +196,8 @@ def load(folder: str | Path, backend: str = "torch", device: str | torch.device 
     backends on a CUDA device) replays each variant from a CUDA graph captured at its first call.
     """
     of_backend(backend)   # an unknown backend fails before any file is read
+    if threads is not None and threads < 1:
+        raise PostDiffError(f"threads must be at least 1, got {threads}")
     folder = Path(folder)
     manifest = read_manifest(folder, public_key)
     if verify_files:
@@ -205,8 +207,6 @@ def load(folder: str | Path, backend: str = "torch", device: str | torch.device 
         raise PostDiffError(f"cuda_graphs needs the torch or aoti backend on a CUDA device, not {backend} on {device}"
                             " (onnxruntime and TensorRT capture graphs of their own)")
     if threads is not None:
-        if threads < 1:
-            raise PostDiffError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     check_toolchain(folder, manifest, backend, device)
     runner = ArtifactRunner(folder, manifest, backend, device)
