@@ -1,12 +1,18 @@
 """Export time and artifact size for a full-size architecture with random weights.
 
     python benchmarks/bench_export.py [--family sd15] [--preset fast] [--resolution 768x768] [--dtype float16]
-                                      [--formats pt2,onnx] [--name NAME]
+                                      [--formats pt2,onnx] [--name NAME] [--load onnxruntime]
+                                      [--compare OLD_ARTIFACT --compare-pythonpath OLD_CHECKOUT] [--rounds 2]
 
 Writes a seeded random-weight checkpoint of the family's real architecture as a diffusers model folder
 (no download), compiles it with `postdiff-compile` (the library call the CLI makes) and prints, and writes
 to benchmarks/results/NAME.{json,md}, the time of every stage and the size of every file. The machine is
 named in the results. Expect minutes to tens of minutes on a CPU.
+
+With --load, the artifact is then opened on that backend in a fresh process (bench_load.py): load time, two
+generations, per-step time and peak memory. With --compare, an artifact written by another checkout (its code on
+--compare-pythonpath) is measured the same way, the two alternating --rounds times, so that the per-step times
+are side by side on the same machine state.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +58,10 @@ def main() -> None:
     parser.add_argument("--name", help="results file stem (default: export_FAMILY_PRESET_RES_DTYPE)")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--keep", type=Path, help="keep the artifact here instead of deleting it")
+    parser.add_argument("--load", metavar="BACKEND", help="then open it on BACKEND in a fresh process (bench_load.py)")
+    parser.add_argument("--compare", type=Path, metavar="DIR", help="an artifact of another checkout, measured alike")
+    parser.add_argument("--compare-pythonpath", type=Path, metavar="DIR", help="the checkout that opens --compare")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating load measurements of each artifact")
     args = parser.parse_args()
     h, w = args.resolution
     name = args.name or f"export_{args.family}_{args.preset}_{h}x{w}_{args.dtype}"
@@ -80,7 +92,7 @@ def main() -> None:
             for fmt, entry in v["files"].items():
                 by_format[fmt] = by_format.get(fmt, 0) + entry["bytes"]
         if result.manifest["weights"]:
-            by_format["onnx"] = by_format.get("onnx", 0) + result.manifest["weights"]["bytes"]
+            by_format["weights (every format)"] = result.manifest["weights"]["bytes"]
         stage_groups: dict[str, float] = {}
         for stage, seconds in result.stages.items():
             group = " ".join(stage.split(" ")[:-1]) if "@" in stage else stage
@@ -95,6 +107,8 @@ def main() -> None:
                           "onnx_rel_l2_error": v["files"].get("onnx", {}).get("verification", {}).get("rel_l2_error"),
                           "reference": v["verification"]["reference"]} for v in result.manifest["variants"]],
         }
+        if args.load:
+            record["load"] = measure_loads(out, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -109,8 +123,38 @@ def main() -> None:
     lines += [f"| {v['id']} | {v['rel_l2_error']:.2e} | "
               f"{'' if v['onnx_rel_l2_error'] is None else format(v['onnx_rel_l2_error'], '.2e')} | {v['reference']} |"
               for v in record["variants"]]
+    if "load" in record:
+        lines += ["", f"Opened with `load(DIR, \"{args.load}\")` in a fresh process each time (bench_load.py), "
+                  f"{'alternating with the artifact of the other checkout' if args.compare else 'alone'}; "
+                  "peak RSS is the process's high-water mark.", "",
+                  "| artifact | round | load s | peak GB after load | 1st generation s | 2nd generation s | per step ms | "
+                  "peak GB |", "|---|---|---|---|---|---|---|---|"]
+        for row in record["load"]:
+            g = row["generations"]
+            lines.append(f"| {row['artifact']} | {row['round']} | {row['load_seconds']:.1f} | "
+                         f"{row['peak_gb_after_load']:.2f} | {g[0]['seconds']:.1f} | {g[-1]['seconds']:.1f} | "
+                         f"{row['per_step_ms']:.0f} | {g[-1]['peak_gb']:.2f} |")
     print("\n".join(lines))
     write_results(args.results, name, record, lines)
+
+
+def measure_loads(artifact: Path, args) -> list[dict]:
+    """bench_load.py on this artifact (and --compare's), each in its own process, alternating."""
+    script = str(Path(__file__).with_name("bench_load.py"))
+    targets = [("this", artifact, None)] + ([("compare", args.compare, args.compare_pythonpath)] if args.compare else [])
+    rows = []
+    for round_ in range(args.rounds):
+        for label, folder, pythonpath in targets:
+            env = dict(os.environ)
+            if pythonpath is not None:
+                env["PYTHONPATH"] = str(pythonpath)
+            print(f"  load {label} (round {round_ + 1}) ...", flush=True)
+            done = subprocess.run([sys.executable, script, str(folder), "--backend", args.load], env=env,
+                                  capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append({"artifact": label, "round": round_ + 1, **row})
+            print(f"  load {label}: {row['load_seconds']:.1f} s, {row['per_step_ms']:.0f} ms/step", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

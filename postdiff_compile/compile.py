@@ -22,7 +22,7 @@ from .fastest import resolve_request
 from .models.load import load_denoiser
 from .plan import make_plan
 from .transition_spec import transition_spec
-from .variant_build import VariantBuilder, reference_of, variant_ids, variant_key
+from .variant_build import VariantBuilder, reference_of, step_ids, variant_ids, variant_key
 from .variants import check_cache_branch
 from .version import __version__
 
@@ -120,9 +120,10 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
                   tolerance=VERIFY_TOLERANCE[dtype_name], reference=reference_of(loaded.dtype, device),
                   source=loaded.source, timed=timed, stages=stages)
     builder = VariantBuilder(loaded.module, family, build, config.cache_branch)
-    ids = variant_ids(plan, full_latent, loaded.dtype)
     with build:
-        variants = [builder.entry(key, tag) for key, tag in ids.items()]
+        build.write_weights(loaded.module)
+        variants = [builder.entry(key, tag) for key, tag in variant_ids(plan, full_latent, loaded.dtype).items()]
+    ids = step_ids(plan, full_latent, loaded.dtype)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tool": {"name": "postdiff-compile", "version": __version__},

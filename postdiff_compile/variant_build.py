@@ -16,6 +16,7 @@ from .errors import PostDiffError
 from .exporters.formats import Build, VariantJob, write_variant
 from .metrics.flops import count_flops
 from .plan import Plan, Step
+from .variant_spec import VariantSpec
 from .variants import VariantStore, check_variant, variant_input_specs, variant_output_specs
 
 VariantKey = tuple[str, int, tuple[int, int]]   # (variant name, batch, latent size)
@@ -26,11 +27,31 @@ def variant_key(step: Step, plan: Plan, full_latent: tuple[int, int]) -> Variant
     return step.variant, 2 if step.cfg else 1, low if step.low_res else full_latent
 
 
+def served_keys(plan: Plan, full_latent: tuple[int, int]) -> dict[VariantKey, VariantKey]:
+    """Each step's variant -> the variant built to run it. Variants of one bucket that compute the same thing (deep
+    mode and caches read) and differ only in the caches they also return are one variant returning the union: a
+    returned cache that the step does not write costs an output buffer, not compute (the loop drops it)."""
+    groups: dict[tuple, list[VariantSpec]] = {}
+    for name, batch, size in {variant_key(step, plan, full_latent) for step in plan}:
+        spec = VariantSpec.parse(name)
+        groups.setdefault((batch, size, spec.deep, spec.reads), []).append(spec)
+    served = {}
+    for (batch, size, _, _), specs in groups.items():
+        union = VariantSpec.union(specs).name
+        served.update({(spec.name, batch, size): (union, batch, size) for spec in specs})
+    return served
+
+
 def variant_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype) -> dict[VariantKey, str]:
-    """The variants the plan runs, largest batch and latent first, with their ids ("full@b2_8x8")."""
-    wanted = sorted({variant_key(step, plan, full_latent) for step in plan},
-                    key=lambda v: (-v[1], -v[2][0] * v[2][1], v[0]))
+    """The variants to build, largest batch and latent first, with their ids ("full+write_dc@b2_8x8")."""
+    wanted = sorted(set(served_keys(plan, full_latent).values()), key=lambda v: (-v[1], -v[2][0] * v[2][1], v[0]))
     return {key: f"{key[0]}@{Bucket(key[1], *key[2], 0, dtype).tag}" for key in wanted}
+
+
+def step_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype) -> dict[VariantKey, str]:
+    """Each step's variant (its variant_key) -> the id of the variant that runs it."""
+    ids = variant_ids(plan, full_latent, dtype)
+    return {key: ids[served] for key, served in served_keys(plan, full_latent).items()}
 
 
 def uses_twin(dtype: torch.dtype, device: torch.device) -> bool:
@@ -59,8 +80,25 @@ class VariantBuilder:
         self.twin = uses_twin(self.dtype, build.device)
         self.store = VariantStore(module, family)
         self.check_store = VariantStore(copy.deepcopy(module).float(), family) if self.twin else None
+        self.memo: dict = {}   # per bucket: the verification inputs, eager outputs and oracle caches (check_variant)
 
     def entry(self, key: VariantKey, tag: str) -> dict:
+        job, captured, check = self.job(key, tag)
+        variant, build = job.variant, self.build
+        files = write_variant(job)
+        flops = count_flops(variant.module.graph)
+        return {
+            "id": tag, "name": key[0], "batch": key[1], "latent_size": list(key[2]),
+            "text_length": self.family.text_length, "dtype": build.dtype_name, "upsample_path": captured.upsample_path,
+            "inputs": [s.to_json() for s in variant_input_specs(variant)],
+            "outputs": [s.to_json() for s in variant_output_specs(variant)],
+            "flops": {"paper": flops.paper, "true": flops.true},
+            "verification": self.verification(check), "files": files, "capture_seconds": round(captured.seconds, 3),
+        }
+
+    def job(self, key: VariantKey, tag: str):
+        """The variant captured, rewritten and verified against eager: its VariantJob for the formats to write or
+        check, with the capture and the check."""
         name, batch, size = key
         build, timed = self.build, self.build.timed
         bucket = Bucket(batch, *size, self.family.text_length, self.dtype)
@@ -79,23 +117,15 @@ class VariantBuilder:
         feed = tuple(t.to(s.dtype) for t, s in zip(check.inputs, variant_input_specs(variant)))
         job = VariantJob(build=build, tag=tag, variant=variant, feed=feed, expected=check.outputs,
                          seed=check.verification.seed)
-        files = write_variant(job)
-        flops = count_flops(variant.module.graph)
-        return {
-            "id": tag, "name": name, "batch": batch, "latent_size": list(size),
-            "text_length": bucket.text_length, "dtype": build.dtype_name, "upsample_path": captured.upsample_path,
-            "inputs": [s.to_json() for s in variant_input_specs(variant)],
-            "outputs": [s.to_json() for s in variant_output_specs(variant)],
-            "flops": {"paper": flops.paper, "true": flops.true},
-            "verification": {**check.verification.to_json(), "reference": build.reference,
-                             "tolerance": build.tolerance},
-            "files": files, "capture_seconds": round(captured.seconds, 3),
-        }
+        return job, captured, check
+
+    def verification(self, check) -> dict:
+        return {**check.verification.to_json(), "reference": self.build.reference, "tolerance": self.build.tolerance}
 
     def _check(self, name, bucket, captured, variant, root):
         if not self.twin:
-            return check_variant(captured, variant, self.module, self.cache_branch, root)
+            return check_variant(captured, variant, self.module, self.cache_branch, root, memo=self.memo)
         bucket32 = dataclasses.replace(bucket, dtype=torch.float32)
         captured32, root32 = self.check_store.prepare(bucket32)
         return check_variant(captured32, self.check_store.get(name, bucket32, self.cache_branch),
-                             self.check_store.denoiser, self.cache_branch, root32)
+                             self.check_store.denoiser, self.cache_branch, root32, memo=self.memo)

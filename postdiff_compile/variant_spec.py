@@ -44,6 +44,21 @@ class VariantSpec:
         except ValueError:
             raise PostDiffError(f"not a variant name: {name!r}") from None
 
+    def serves(self, other: "VariantSpec") -> bool:
+        """Whether this variant can run a step planned as `other`: the same computation (deep mode and caches
+        read), writing at least the caches `other` writes. The loop keeps only the caches the step writes."""
+        return (self.deep, self.reads) == (other.deep, other.reads) and set(other.writes) <= set(self.writes)
+
+    @classmethod
+    def union(cls, specs: "list[VariantSpec]") -> "VariantSpec":
+        """The one variant that serves every spec in `specs` (which must share deep mode and reads)."""
+        first = specs[0]
+        if any((s.deep, s.reads) != (first.deep, first.reads) for s in specs):
+            raise ValueError(f"no one variant serves {', '.join(s.name for s in specs)}")
+        cross = first.cross_attn if first.cross_attn == "read" else \
+            "write" if any(s.cross_attn == "write" for s in specs) else "compute"
+        return cls(first.deep, any(s.write_deepcache for s in specs), cross)
+
     @property
     def reads(self) -> tuple[str, ...]:
         return ((DEEPCACHE,) if self.deep == "shallow" else ()) + ((CROSS_ATTN,) if self.cross_attn == "read" else ())

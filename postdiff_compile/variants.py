@@ -94,28 +94,39 @@ class VariantCheck:
 
 
 def check_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Module, cache_branch: int = 0,
-                  root: torch.nn.Module | None = None, seed: int = 1) -> VariantCheck:
+                  root: torch.nn.Module | None = None, seed: int = 1, memo: dict | None = None) -> VariantCheck:
     """The variant's noise prediction against eager on fixed random inputs.
 
-    A variant that reads caches gets them from an oracle variant (the full graph writing exactly those
-    caches) run on the same inputs; with exact caches a rewrite must reproduce the full model. The inputs
-    and outputs are returned so that an exported copy of the variant can be checked on the same ones.
+    A variant that reads caches gets them from an oracle variant (the full graph writing those caches, reading
+    none) run on the same inputs; with exact caches a rewrite must reproduce the full model. The inputs and
+    outputs are returned so that an exported copy of the variant can be checked on the same ones.
+
+    `memo` (a dict the caller keeps for one denoiser) holds what is the same for every variant of a bucket: the
+    inputs, the eager outputs and the caches written by the variants and oracles run so far that read none. Each
+    variant is still run and compared; the eager reference and the oracles are run once per bucket.
     """
     device = next(denoiser.parameters()).device
-    args = tuple(a.to(device) for a in example_inputs(captured.inputs, seed))
+    memo = {} if memo is None else memo
+    key = (id(captured), seed, cache_branch)
+    if key not in memo:
+        args = tuple(a.to(device) for a in example_inputs(captured.inputs, seed))
+        wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
+        with torch.no_grad():
+            memo[key] = (args, wrapper(*args).float(), {})
+    args, expected, caches = memo[key]
     spec = variant.spec
-    caches: dict[str, torch.Tensor] = {}
-    wrapper = DenoiserCall(denoiser, tuple(s.name for s in captured.inputs)).eval()
+    needed = variant.inputs[len(args):]
     with torch.no_grad():
-        expected = wrapper(*args).float()
-        if spec.reads:
+        if any(name not in caches for name in needed):
             oracle_spec = VariantSpec("full", spec.deep == "shallow",
                                       "write" if spec.cross_attn == "read" else "compute")
             oracle = build_variant(captured, oracle_spec, cache_branch, root)
             _, *written = oracle(*args)
-            caches = dict(zip(oracle.outputs[1:], written))
-        inputs = args + tuple(caches[name] for name in variant.inputs[len(args):])
+            caches.update(zip(oracle.outputs[1:], written))
+        inputs = args + tuple(caches[name] for name in needed)
         outputs = tuple(variant(*inputs))
+    if not spec.reads:
+        caches.update(zip(variant.outputs[1:], outputs[1:]))
     got = outputs[0].float()
     return VariantCheck(Verification(float((got - expected).abs().max()), rel_l2(got, expected), seed), inputs, outputs)
 

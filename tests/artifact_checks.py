@@ -61,6 +61,19 @@ def _eager(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> tuple[torc
     return out, recorded
 
 
+def _program(folder: Path, file: str) -> torch.nn.Module:
+    """A saved program with its weights bound from the artifact's weights file by name (format 2 programs hold none).
+    Read with the safetensors library and bound here, not with the runtime's binding."""
+    from safetensors.torch import load_file
+
+    program = torch.export.load(str(folder / file))
+    if (folder / "weights.safetensors").exists():
+        weights = load_file(str(folder / "weights.safetensors"))
+        for name in program.state_dict:
+            program.state_dict[name] = torch.nn.Parameter(weights[name.removeprefix("denoiser.")], requires_grad=False)
+    return program.module()
+
+
 def variant_errors(folder: Path, model: torch.nn.Module, seed: int = 0) -> dict[str, float]:
     """{variant id: relative L2 error of its saved program against eager}, for every variant of an artifact."""
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
@@ -82,7 +95,7 @@ def variant_errors(folder: Path, model: torch.nn.Module, seed: int = 0) -> dict[
                 feed.append(attn2[name.removeprefix("cross_attn:").removeprefix("denoiser.")])
             else:
                 feed.append(named[name])
-        program = torch.export.load(str(Path(folder) / v["files"]["pt2"]["file"])).module()
+        program = _program(Path(folder), v["files"]["pt2"]["file"])
         with torch.no_grad():
             outputs = program(*feed)
         names = [o["name"] for o in v["outputs"]]

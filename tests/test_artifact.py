@@ -22,6 +22,7 @@ from postdiff_compile.errors import PostDiffError
 from postdiff_compile.exporters.manifest import SCHEMA, read_manifest, validate
 from postdiff_compile.exporters.scheduler_table import evaluate
 from postdiff_compile.schedulers import make_scheduler
+from postdiff_compile.variant_spec import VariantSpec
 
 PRESET_NAMES = list(PRESETS)          # none, quality, balanced, fast
 RESOLUTION = (128, 128)               # latent 16x16, low resolution 8x8
@@ -66,6 +67,24 @@ def test_onnxruntime_runner_equals_torch_runner(tiny_artifact, preset):
     assert rel_l2(other, by_torch) > 1e-2
 
 
+V1_ARTIFACT = Path(__file__).parent / "fixtures" / "artifact_v1" / "none"
+
+
+def test_a_format_1_artifact_still_runs_and_equals_format_2(artifacts):
+    """A format-1 artifact as postdiff-compile wrote it before one weights file (commit 3fd376d: the `none` preset of
+    this tiny U-Net, 128x128, 20 steps, pt2 programs holding their own weights, ONNX weights in weights.bin): read and
+    run by this version on torch and onnxruntime, equal to the format-2 artifact of the same model."""
+    manifest = read_manifest(V1_ARTIFACT)
+    assert manifest["format_version"] == 1 and manifest["weights"]["file"] == "weights.bin"
+    assert "weights" not in manifest["variants"][0]["files"]["pt2"]
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    new = postdiff_compile.load(artifacts["none"], "torch")(cond, uncond, seed=3, guidance_scale=7.5)
+    assert read_manifest(artifacts["none"])["format_version"] == 2
+    for backend in ("torch", "onnxruntime"):
+        old = postdiff_compile.load(V1_ARTIFACT, backend)(cond, uncond, seed=3, guidance_scale=7.5)
+        assert rel_l2(old, new) <= (0 if backend == "torch" else 1e-4), backend
+
+
 def test_aoti_backend_equals_torch_backend(artifacts):
     """One AOTInductor package (the `none` artifact's single variant) on the Python aoti backend; the C++ runner
     and the other presets' packages are the slow tier's (test_cpp_runner.py)."""
@@ -104,18 +123,24 @@ def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     manifest = read_manifest(artifacts["fast"])
-    assert manifest["format_version"] == 1 and manifest["formats"] == ["pt2", "onnx"]
+    assert manifest["format_version"] == 2 and manifest["formats"] == ["pt2", "onnx"]
     ids = {v["id"] for v in manifest["variants"]}
     assert {s["variant_id"] for s in manifest["plan"]} == ids            # every variant is used, every step has one
     for step in manifest["plan"]:
         variant = next(v for v in manifest["variants"] if v["id"] == step["variant_id"])
-        assert variant["name"] == step["variant"] and variant["batch"] == (2 if step["cfg"] else 1)
-    kinds = {v["name"] for v in manifest["variants"]}
-    assert {"shallow", "full+write_dc", "full+write_ca", "shallow+read_ca", "full+write_dc+read_ca"} <= kinds
+        assert variant["batch"] == (2 if step["cfg"] else 1)
+        served, planned = VariantSpec.parse(variant["name"]), VariantSpec.parse(step["variant"])
+        assert (served.deep, served.reads) == (planned.deep, planned.reads)
+        assert set(planned.writes) <= set(served.writes)
+    # The CFG steps full, full+write_dc and full+write_ca compute the same thing: one variant writing both caches
+    # runs them (variant_build.served_keys).
+    kinds = sorted(v["name"] for v in manifest["variants"])
+    assert kinds == ["full+write_dc+read_ca", "full+write_dc+write_ca", "shallow", "shallow+read_ca"]
+    assert {s["variant"] for s in manifest["plan"] if s["cfg"]} == {"full", "full+write_dc", "full+write_ca", "shallow"}
     for v in manifest["variants"]:
         assert v["flops"]["paper"] > 0 and v["flops"]["true"] > v["flops"]["paper"]
     shallow = next(v for v in manifest["variants"] if v["name"] == "shallow")
-    full = next(v for v in manifest["variants"] if v["name"] == "full+write_dc" and v["batch"] == 2)
+    full = next(v for v in manifest["variants"] if v["name"] == "full+write_dc+write_ca")
     assert shallow["flops"]["paper"] < 0.6 * full["flops"]["paper"]   # the deep blocks are gone
     table = manifest["scheduler_table"]    # for runtimes without diffusers: one row per step, checked at build
     assert table["reason"] is None and len(table["steps"]) == len(manifest["plan"])
@@ -145,6 +170,11 @@ def test_onnx_graphs_name_inputs_and_weights_as_the_model_does(artifacts, pipe):
     manifest = read_manifest(folder)
     state = pipe.unet.state_dict()
     used = set()
+    raw = (folder / "weights.safetensors").read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_length])
+    stored = {name: (8 + header_length + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0])
+              for name, e in header.items() if name != "__metadata__"}
     for v in manifest["variants"]:
         model = onnx.load(str(folder / v["files"]["onnx"]["file"]), load_external_data=False)
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
@@ -153,13 +183,15 @@ def test_onnx_graphs_name_inputs_and_weights_as_the_model_does(artifacts, pipe):
         external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         for tensor in external:
             info = {e.key: e.value for e in tensor.external_data}
-            assert info["location"] == "weights.bin"
+            assert info["location"] == "weights.safetensors"
+            # ... by offset into the safetensors file, at the bytes of the tensor of that name
+            assert (int(info["offset"]), int(info["length"])) == stored[tensor.name], tensor.name
             assert tensor.name in state, tensor.name          # initializer name = diffusers state-dict key
             assert list(tensor.dims) == list(state[tensor.name].shape)
             used.add(tensor.name)
         assert sum(t.ByteSize() for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL) < 4096
     assert used == set(state)                       # every weight is in some graph, under its own name ...
-    weights = (folder / "weights.bin").stat().st_size
+    weights = (folder / "weights.safetensors").stat().st_size
     exact = sum(t.numel() * t.element_size() for t in state.values())
     assert exact <= weights < exact * 1.05          # ... and stored once for all variants
 
@@ -167,7 +199,7 @@ def test_onnx_graphs_name_inputs_and_weights_as_the_model_does(artifacts, pipe):
 def test_a_weight_read_from_the_shared_file_is_the_models(artifacts, pipe):
     folder = artifacts["fast"]
     v = read_manifest(folder)["variants"][0]
-    model = onnx.load(str(folder / v["files"]["onnx"]["file"]))   # resolves weights.bin
+    model = onnx.load(str(folder / v["files"]["onnx"]["file"]))   # resolves weights.safetensors
     tensor = next(t for t in model.graph.initializer if t.name == "conv_in.weight")
     assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(tensor).copy()), pipe.unet.state_dict()["conv_in.weight"])
 
@@ -195,7 +227,7 @@ def files_of(folder: Path, fmt: str) -> list[Path]:
 
 @pytest.mark.parametrize("which", ["pt2", "onnx", "weights"])
 def test_a_corrupted_file_is_refused(copy, which):
-    path = copy / "weights.bin" if which == "weights" else files_of(copy, which)[-1]
+    path = copy / "weights.safetensors" if which == "weights" else files_of(copy, which)[-1]
     flip_byte(path)
     for backend in ("torch", "onnxruntime"):
         with pytest.raises(PostDiffError, match="does not match its sha256") as err:
@@ -205,7 +237,7 @@ def test_a_corrupted_file_is_refused(copy, which):
 
 @pytest.mark.parametrize("which", ["pt2", "onnx", "weights", "manifest.sha256", "manifest.json"])
 def test_a_deleted_file_is_refused(copy, which):
-    path = {"weights": copy / "weights.bin", "manifest.sha256": copy / "manifest.sha256",
+    path = {"weights": copy / "weights.safetensors", "manifest.sha256": copy / "manifest.sha256",
             "manifest.json": copy / "manifest.json"}.get(which) or files_of(copy, which)[0]
     path.unlink()
     with pytest.raises(PostDiffError, match="missing") as err:
@@ -231,11 +263,11 @@ def test_a_manifest_edited_with_its_checksum_still_meets_the_schema_and_the_file
 
     original = json.loads(path.read_text())
     rewrite({**original, "plan": [{**s, "resolution": "half"} for s in original["plan"]]})
-    with pytest.raises(PostDiffError, match="not a valid format-1 manifest: at plan/0/resolution") as err:
+    with pytest.raises(PostDiffError, match="not a valid format-2 manifest: at plan/0/resolution") as err:
         postdiff_compile.load(copy, "torch")
     assert str(path) in str(err.value)
-    rewrite({**original, "format_version": 2})
-    with pytest.raises(PostDiffError, match="format version 2"):
+    rewrite({**original, "format_version": 3})
+    with pytest.raises(PostDiffError, match="format version 3; this postdiff-compile reads versions 1, 2"):
         postdiff_compile.load(copy, "torch")
     variants = json.loads(json.dumps(original["variants"]))
     variants[0]["files"]["onnx"]["sha256"] = "0" * 64
@@ -388,7 +420,9 @@ def test_profile_an_artifact_writes_a_sidecar_outside_the_checksum(artifacts, tm
     assert main(["profile", str(folder), "--backend", "onnxruntime", "--rounds", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     manifest = read_manifest(folder)
-    assert set(record["table"]["variants_ms"]) == {v["id"] for v in manifest["variants"]}
+    # Keyed by what each step asks for (explain's ids), though one file may run several names.
+    steps = [f"{s['variant']}@{s['variant_id'].partition('@')[2]}" for s in manifest["plan"]]
+    assert set(record["table"]["variants_ms"]) == set(steps)
     assert record["table"]["backend"] == "onnxruntime" and record["table"]["step_overhead_ms"] > 0
     assert all(r["roofline_ms"] > 0 and r["gflops"] > 0 for r in record["variants"])
     sidecars = list((folder / "costs").glob("onnxruntime@*.json"))
@@ -397,7 +431,6 @@ def test_profile_an_artifact_writes_a_sidecar_outside_the_checksum(artifacts, tm
     postdiff_compile.load(folder, "onnxruntime")
     # The results file is what --costs reads: the same table as the sidecar.
     assert CostTable.read(out) == CostTable.read(sidecars[0])
-    steps = [manifest_step["variant_id"] for manifest_step in manifest["plan"]]
     table = CostTable.read(out)
     assert record["predicted_ms"] == pytest.approx(sum(table.variants_ms[v] for v in steps)
                                                    + len(steps) * table.step_overhead_ms, rel=1e-3)
@@ -419,7 +452,8 @@ def test_onnxruntime_io_binding_matches_session_run_and_reuses_its_outputs(artif
     from postdiff_compile.exporters.onnx_export import onnx_session, run_session
 
     folder = artifacts["fast"]
-    entry = next(v for v in json.loads((folder / "manifest.json").read_text())["variants"] if "write_dc" in v["id"])
+    entry = next(v for v in json.loads((folder / "manifest.json").read_text())["variants"]
+                 if v["name"] == "full+write_dc+read_ca")
     session = onnx_session(folder / entry["files"]["onnx"]["file"])
     run = bound_runner(session, torch.device("cpu"))
     names = [i.name for i in session.get_inputs()]

@@ -52,13 +52,13 @@ def test_compile_writes_a_verified_artifact(ckpt, tmp_path, capsys):
     assert manifest["resolution"] == {"height": 128, "width": 96, "latent_height": 16, "latent_width": 12}
     assert len(manifest["plan"]) == 5 and all(s["variant"] == "full" and s["cfg"] for s in manifest["plan"])
     (variant,) = manifest["variants"]
-    assert manifest["formats"] == ["pt2"] and manifest["weights"] is None
+    assert manifest["formats"] == ["pt2"] and manifest["weights"]["file"] == "weights.safetensors"   # every format's
     file = variant["files"]["pt2"]["file"]
     assert variant["files"]["pt2"]["sha256"] == sha256_file(out / file)
     assert [i["name"] for i in variant["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
     assert variant["inputs"][0]["shape"] == [2, 4, 16, 12]
     assert "full" in stdout and str(out) in stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "manifest.sha256", file])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "manifest.sha256", file, "weights.safetensors"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     # The saved program computes what the checkpoint's model does (run outside the compiler).
     assert variant_errors(out, tiny_denoiser("sd15")) == {variant["id"]: pytest.approx(0.0, abs=1e-6)}

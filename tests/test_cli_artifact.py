@@ -57,7 +57,7 @@ def test_inspect_prints_plan_flops_and_verification(reference_artifact, capsys):
                 for s in manifest["plan"])
     assert f"{total / 1e9:.3f}" in stdout
     code, stdout, _ = run_cli(capsys, "inspect", reference_artifact, "--json")
-    assert code == 0 and json.loads(stdout)["format_version"] == 1
+    assert code == 0 and json.loads(stdout)["format_version"] == 2
 
 
 def test_run_on_a_checkpoint_artifact_needs_embeddings(tmp_path, capsys):

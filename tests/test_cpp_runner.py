@@ -245,9 +245,9 @@ def test_malformed_manifests_are_refused(runner_binary, copy, embeddings, tmp_pa
         rewrite_manifest(copy, json.dumps(manifest))
         refused(runner_binary, copy, embeddings[0], tmp_path, message, str(copy / MANIFEST))
     manifest = json.loads(text)
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     rewrite_manifest(copy, json.dumps(manifest))
-    refused(runner_binary, copy, embeddings[0], tmp_path, "format_version 2", "version 1 only")
+    refused(runner_binary, copy, embeddings[0], tmp_path, "format_version 3", "versions 1 and 2")
 
 
 def test_an_edited_manifest_is_refused(runner_binary, copy, embeddings, tmp_path):

@@ -209,3 +209,52 @@ def runner_inputs(runner) -> tuple:
     if not runner.cfg:
         return cond, None, added or None, None
     return cond, uncond, added or None, negative_added or None
+
+
+def lora_adapted(denoiser: torch.nn.Module, seed: int = 2, rank: int = 4) -> torch.nn.Module:
+    """A copy of `denoiser` with a random PEFT LoRA on every attention projection (lora_B random, so that it changes
+    the output); alpha = rank, as kohya files store it."""
+    import copy
+
+    from peft import LoraConfig
+
+    adapted = copy.deepcopy(denoiser)
+    adapted.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                   init_lora_weights=False))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return adapted
+
+
+def write_lora(adapted: torch.nn.Module, path: Path, layout: str = "diffusers") -> Path:
+    """The LoRA of `adapted` as people download it: diffusers' save_lora_weights layout or kohya/A1111 names."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft_state = get_peft_model_state_dict(adapted)
+    path = Path(path)
+    if layout == "kohya":
+        save_file(convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()}), str(path))
+    else:
+        StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+                                                  weight_name=path.name)
+    return path
+
+
+def merged(adapted: torch.nn.Module) -> torch.nn.Module:
+    """`adapted` with its LoRA merged by PEFT itself (merge_and_unload), as plain weights."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = copy.deepcopy(adapted)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    return model

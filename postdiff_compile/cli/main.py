@@ -6,6 +6,7 @@
     postdiff-compile explain (--family NAME | SOURCE) (--preset NAME | --all-presets) [--resolution HxW]
                              [--steps N] [--json]
     postdiff-compile profile (DIR | SOURCE) [--backend B] [--device D]   (a cost table for this device: cli/profile.py)
+    postdiff-compile refit DIR --out NEW (--weights F | --lora F [--lora-scale S])   (new weights: cli/refit.py)
     postdiff-compile study | tune | samples [MODEL] ...   (quality on the reference model: cli/quality.py)
 
 Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
@@ -77,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from . import artifact, quality
 
-    command = argv[0] if argv and argv[0] in ("explain", "profile", *QUALITY_COMMANDS, *artifact.ARTIFACT_COMMANDS) \
-        else None
-    if command == "profile":
-        from . import profile
-        parser = profile.build_parser()
+    command = argv[0] if argv and argv[0] in ("explain", "profile", "refit", *QUALITY_COMMANDS,
+                                              *artifact.ARTIFACT_COMMANDS) else None
+    if command in ("profile", "refit"):
+        import importlib
+        tool = importlib.import_module(f".{command}", __package__)
+        parser = tool.build_parser()
     elif command in artifact.ARTIFACT_COMMANDS:
         parser = artifact.build_parser(command)
     elif command in QUALITY_COMMANDS:
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()   # signal handlers live in the main thread
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        if command == "profile":
-            return profile.run(args)
+        if command in ("profile", "refit"):
+            return tool.run(args)
         if command in artifact.ARTIFACT_COMMANDS:
             return artifact.run(command, args)
         if command in QUALITY_COMMANDS:

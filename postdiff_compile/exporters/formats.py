@@ -10,9 +10,11 @@ Each format is one module holding its writer, its verifier and its opener (impor
     open_file(path, device, sha256) -> fn the variant file as a callable: tensors in, tensors out
 and may define:
     check_available()                     refuse early a format this machine cannot build (TensorRT without a GPU)
-    begin(build: Build) / end(build) / abort(build)   per-build state (the shared ONNX weights file; the
-                                          TensorRT device), opened before the first variant, closed after
-                                          the last one (abort: after a failure)
+    begin(build: Build) / end(build) / abort(build)   per-build state (the tools' versions; the TensorRT
+                                          device), opened before the first variant, closed after the last one
+                                          (abort: after a failure)
+
+Every format's graphs use the build's one weights file (`Build.write_weights`, weights_file.py).
     check_file(path)                      what to check before any file is opened (`inspect` runs it)
     check_toolchain(folder, manifest, device)   refuse what this machine cannot run faithfully
 
@@ -97,6 +99,18 @@ class Build:
     toolchain: dict[str, str] = field(default_factory=dict)     # versions the formats add to the manifest's
     entries: dict[str, Any] = field(default_factory=dict)       # top-level manifest entries formats write
     state: dict[str, Any] = field(default_factory=dict)         # a format's own per-build state, by its name
+    weights: Any = None                 # weights_file.WrittenWeights, once write_weights ran
+
+    def write_weights(self, module: torch.nn.Module) -> None:
+        """The artifact's one weights file, before any graph: every format's graphs point into it."""
+        from .hashing import file_entry
+        from .weights_file import FILE, NAMES, WrittenWeights, denoiser_tensors, write_weights
+
+        with self.timed("write weights"):
+            path = self.folder / FILE
+            write_weights(path, denoiser_tensors(module))
+            self.weights = WrittenWeights(path)
+            self.entries["weights"] = {**file_entry(path), "tensors": len(self.weights.index), "names": NAMES}
 
     def _hook(self, what: str) -> None:
         for name in self.formats:
@@ -109,7 +123,11 @@ class Build:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        self._hook("end" if kind is None else "abort")
+        try:
+            self._hook("end" if kind is None else "abort")
+        finally:
+            if self.weights is not None:
+                self.weights.close()
 
 
 @dataclass(kw_only=True)

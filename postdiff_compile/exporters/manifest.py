@@ -1,6 +1,7 @@
 """manifest.json: what an artifact holds, where it came from and how well each graph was verified.
 
-Format version 1, described by manifest.schema.json and, for runtime writers, docs/manifest.md. Beside it,
+Format version 2 (version 1 is still read: its .pt2 programs and AOTInductor packages hold their own weights,
+its ONNX graphs read `weights.bin`), described by manifest.schema.json and, for runtime writers, docs/manifest.md. Beside it,
 `manifest.sha256` holds the sha256 of manifest.json's bytes (as `sha256sum` prints it), so that an edited
 manifest is refused like a corrupted graph file: every other file is listed in the manifest with its own
 sha256.
@@ -16,27 +17,14 @@ from pathlib import Path
 
 from .. import safe_json
 from ..errors import PostDiffError
+from .hashing import file_entry, sha256_file  # noqa: F401  (the manifest's file entries; re-exported)
 
 FORMAT = "postdiff-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)   # 2: one weights.safetensors for every format (weights_file.py)
 MANIFEST = "manifest.json"
 CHECKSUM = "manifest.sha256"
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-            if on_bytes is not None:
-                on_bytes(len(block))
-    return digest.hexdigest()
-
-
-def file_entry(path: Path) -> dict:
-    """The manifest's entry for a written file."""
-    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def toolchain() -> dict[str, str]:
@@ -72,7 +60,7 @@ def validate(data: dict, path: Path) -> None:
         first = errors[0]
         where = "/".join(str(p) for p in first.path) or "(top level)"
         message = first.message if len(first.message) <= 300 else first.message[:297] + "..."
-        raise PostDiffError(f"not a valid format-{FORMAT_VERSION} manifest: at {where[:200]}: {message}"
+        raise PostDiffError(f"not a valid format-{data.get('format_version')} manifest: at {where[:200]}: {message}"
                             + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), path)
 
 
@@ -132,9 +120,10 @@ def read_manifest(folder: Path, public_key=None) -> dict:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PostDiffError(f"not a {FORMAT} manifest", path)
     version = data.get("format_version")
-    if version != FORMAT_VERSION or type(version) is not int:
+    if version not in READ_VERSIONS or type(version) is not int:
         shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:37] + "..."
-        raise PostDiffError(f"format version {shown}; this postdiff-compile reads version {FORMAT_VERSION}: "
+        raise PostDiffError(f"format version {shown}; this postdiff-compile reads versions "
+                            f"{', '.join(map(str, READ_VERSIONS))}: "
                             "recompile the artifact with it", path)
     validate(data, path)
     check_consistency(data, path)

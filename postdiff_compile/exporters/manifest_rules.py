@@ -15,6 +15,14 @@ from ..errors import PostDiffError
 from .formats import FORMATS
 
 
+def _serves(variant: str, step: str) -> bool:
+    from ..variant_spec import VariantSpec
+
+    try:
+        return VariantSpec.parse(variant).serves(VariantSpec.parse(step))
+    except PostDiffError:
+        return False
+
 
 def check_consistency(m: dict, path: Path) -> None:
     def bad(where: str, why: str) -> PostDiffError:
@@ -47,9 +55,10 @@ def check_consistency(m: dict, path: Path) -> None:
         variant = variants.get(step["variant_id"])
         if variant is None:
             raise bad(f"plan/{i}/variant_id", f"{step['variant_id'][:100]!r} names no variant")
-        if variant["name"] != step["variant"]:
+        if not _serves(variant["name"], step["variant"]):
             raise bad(f"plan/{i}/variant", f"{step['variant']!r}, but variant {variant['id']!r} is a "
-                      f"{variant['name']!r} variant")
+                      f"{variant['name']!r} variant, which does not run it")
+    _check_weights(m, bad)
     low = sum(step["resolution"] == "low" for step in plan)
     if low == steps:
         raise bad("plan", "every step is at low resolution; the last steps run at full resolution")
@@ -68,6 +77,25 @@ def check_consistency(m: dict, path: Path) -> None:
         PostDiffConfig.from_dict(m["config"])
     except PostDiffError as err:
         raise bad("config", str(err)) from None
+
+
+# Formats whose files take their weights from the artifact's weights file in format 2 (a TensorRT engine holds its
+# own); a file that does not name it would open with the zeros a weightless program reads back.
+SHARED_WEIGHTS = ("pt2", "onnx", "aoti")
+
+
+def _check_weights(m: dict, bad) -> None:
+    from .weights_file import FILE
+
+    if m["format_version"] < 2:
+        return
+    if m["weights"] is None or m["weights"]["file"] != FILE:
+        raise bad("weights", f"a format-2 artifact keeps its weights in {FILE}")
+    for i, v in enumerate(m["variants"]):
+        for fmt in SHARED_WEIGHTS:
+            if fmt in v["files"] and v["files"][fmt].get("weights") != FILE:
+                raise bad(f"variants/{i}/files/{fmt}/weights", f"{str(v['files'][fmt].get('weights'))[:80]!r}, but "
+                          f"the {fmt} graphs of a format-2 artifact read {FILE}")
 
 
 def _check_scheduler(config: dict, steps: int, bad) -> None:

@@ -7,11 +7,11 @@ Why each step:
   which breaks name-based TensorRT refit (prior-art-compilers.md 1.6). With the guard, every weight
   initializer keeps its diffusers state-dict key and the graph is still cleaned up (561 nodes instead of
   1388 for the tiny SD1.5 U-Net).
-- Weights go to `weights.bin` (weights_file.py) as external data: one copy across all variants, and no
-  variant runs into protobuf's 2 GB limit. Small non-weight constants (shape arguments) stay inline,
-  where shape inference needs them.
-- Squeezes of dimensions larger than 1 (no-ops in torch, errors in ONNX) are dropped first
-  (passes/noop_squeeze.py).
+- Weights are external data pointing into the artifact's one `weights.safetensors` (weights_file.py), by
+  offset: one copy for all variants and formats, and no variant runs into protobuf's 2 GB limit. Non-weight
+  constants (shape arguments) stay inline, where shape inference needs them.
+- The graph is exported from the variant's torch.export program (pt2.export_variant, which drops squeezes of
+  dimensions larger than 1 first: no-ops in torch, errors in ONNX), made once for every format.
 - Node metadata keeps only the module path (`name_scopes`): the exporter's stack traces and FX dumps are
   90% of a graph file's size and carry the build machine's paths.
 """
@@ -27,15 +27,13 @@ import torch
 
 from ..capture import example_inputs
 from ..errors import PostDiffError
-from ..passes.noop_squeeze import drop_noop_squeezes
 from ..variants import Variant, variant_input_specs
 from .formats import Build, VariantJob
 from .onnx_binding import bound_runner
 from .manifest import file_entry
-from .weights_file import FILE, LARGE, WeightsFile
+from .weights_file import FILE, PARAM_PREFIX, V1_FILE, WrittenWeights
 
 OPSET = 18
-PARAM_PREFIX = "denoiser."           # DenoiserCall holds the denoiser under this attribute
 KEEP_METADATA = ("pkg.torch.onnx.name_scopes",)
 
 
@@ -56,18 +54,24 @@ def _quiet():
             lg.setLevel(level)
 
 
-def export_onnx(variant: Variant, path: Path, weights: WeightsFile, opset: int = OPSET) -> dict:
-    """Write `path` (graph only; weights into `weights`) and return its manifest entry."""
+def export_onnx(variant: Variant, path: Path, weights: WrittenWeights, opset: int = OPSET,
+                exported: torch.export.ExportedProgram | None = None) -> dict:
+    """Write `path` (the graph, pointing into `weights`) and return its manifest entry. From the variant's
+    torch.export program when given (pt2.program_of: the tracing is then done once for every format)."""
     import onnx_ir as ir
     from onnxscript.optimizer import optimize_ir
 
-    module = drop_noop_squeezes(variant.module)   # a copy: the variant is shared with the other formats
+    module = variant.module
     params = dict(module.named_parameters())
     device = next(iter(params.values())).device if params else torch.device("cpu")
     args = tuple(a.to(device) for a in example_inputs(variant_input_specs(variant)))
+    if exported is None:
+        from .pt2 import export_variant
+
+        exported = export_variant(variant)
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(module, args, dynamo=True, input_names=list(variant.inputs),
+            program = torch.onnx.export(exported, args, dynamo=True, input_names=list(variant.inputs),
                                         output_names=list(variant.outputs), opset_version=opset, optimize=False,
                                         verbose=False)
     except Exception as err:  # the exporter raises many error types
@@ -89,20 +93,22 @@ def export_onnx(variant: Variant, path: Path, weights: WeightsFile, opset: int =
     external = 0
     for old, value in list(model.graph.initializers.items()):
         tensor = value.const_value
-        is_weight = old in weight_names
-        if tensor is None or (not is_weight and tensor.nbytes < LARGE):
-            continue
-        name = old.removeprefix(PARAM_PREFIX) if is_weight else old
-        offset, length = weights.add(name, tensor.tobytes())
+        if tensor is None or old not in weight_names:
+            continue   # shape arguments and other small constants stay in the graph, where shape inference needs them
+        name = old.removeprefix(PARAM_PREFIX)
+        stored = weights.bytes_of(name)
+        if stored is None or stored != tensor.tobytes():
+            raise PostDiffError(f"the ONNX initializer {name!r} of variant {variant.spec.name} is not the denoiser's "
+                                "tensor of that name in the weights file", path)
+        entry = weights.index[name]
         del model.graph.initializers[old]
         value.name = name
-        value.const_value = ir.ExternalTensor(weights.path.name, offset, length, tensor.dtype, shape=tensor.shape,
-                                              name=name, base_dir=str(weights.path.parent))
+        value.const_value = ir.ExternalTensor(FILE, entry.offset, entry.length, tensor.dtype, shape=tensor.shape,
+                                              name=name, base_dir=str(weights.index.path.parent))
         model.graph.register_initializer(value)
         external += 1
-    weights.flush()   # the graph is verified right after, by a reader of the same file
     ir.save(model, str(path))
-    return {**file_entry(path), "opset": opset, "external_initializers": external}
+    return {**file_entry(path), "opset": opset, "external_initializers": external, "weights": FILE}
 
 
 def onnx_session(path: Path, providers: list[str] | None = None):
@@ -132,31 +138,21 @@ def begin(build: Build) -> None:
     import onnxscript
 
     build.toolchain.update(onnx=onnx.__version__, onnxscript=onnxscript.__version__, onnxruntime=onnxruntime.__version__)
-    build.state["onnx"] = WeightsFile(build.folder)
 
 
 def write(job: VariantJob) -> dict:
     build = job.build
     path = build.folder / f"{job.stem}.onnx"
     with build.timed(f"export onnx {job.tag}"):
-        entry = export_onnx(job.variant, path, build.state["onnx"])
+        from .pt2 import program_of
+
+        entry = export_onnx(job.variant, path, build.weights, exported=program_of(job))
     with build.timed(f"verify onnx {job.tag}"):
         got = run_session(onnx_session(path), list(job.variant.inputs), job.feed)
         if len(got) != len(job.expected):
             raise PostDiffError(f"the ONNX graph has {len(got)} outputs, the torch variant {len(job.expected)}", path)
         entry["verification"] = job.verify(got, "ONNX graph", " under onnxruntime")
     return entry
-
-
-def end(build: Build) -> None:
-    weights = build.state.pop("onnx")
-    weights.close()
-    build.entries["weights"] = {**file_entry(weights.path), "tensors": weights.tensors,
-                                "names": "the ONNX initializer names: the diffusers state-dict keys of the denoiser"}
-
-
-def abort(build: Build) -> None:
-    build.state.pop("onnx").close()
 
 
 def check_file(path: Path) -> None:
@@ -172,15 +168,30 @@ def check_file(path: Path) -> None:
     for tensor in _get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = {e.key: e.value for e in tensor.external_data}.get("location")
-            if location != FILE:
+            if location not in (FILE, V1_FILE):
                 raise PostDiffError(f"the ONNX tensor {tensor.name[:80]!r} reads its data from {str(location)[:80]!r}; "
                                     f"an artifact's graphs read only {FILE} beside them", path)
 
 
-def open_file(path: Path, device: torch.device, sha256: str | None = None):
+def open_file(path: Path, device: torch.device, sha256: str | None = None, weights=None):
+    """The graph as a callable whose onnxruntime session is created at its first call.
+
+    A session folds and prepacks its own copy of the weights (on a CPU, float16 weights also cast to float32):
+    opening every session at load made `load` of a full-size SD1.5 `fast` artifact take 93.7 s at 16.5 GB
+    (docs/performance.md, "One copy of the weights"). Created on first use, a plan's sessions are paid by its first
+    generation, and a variant no request reaches costs nothing."""
     check_file(path)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-    session = onnx_session(path, providers)
+    opened: list = []
+
+    def run(*inputs):
+        if not opened:
+            opened.append(_runner(onnx_session(path, providers), device))
+        return opened[0](*inputs)
+    return run
+
+
+def _runner(session, device: torch.device):
     # On a GPU, binding keeps inputs and outputs on the device (session.run would copy both through the host). On
     # a CPU, session.run's numpy views are already zero-copy: measured on the reference model, binding was no
     # faster there (35.6 against 31.2 ms per call, 80 interleaved rounds), so it is not used.

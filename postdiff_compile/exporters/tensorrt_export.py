@@ -167,6 +167,7 @@ def check_toolchain(folder: Path, manifest: dict, device) -> None:
                     Path(folder) / engine["file"])
 
 
-def open_file(path: Path, device, sha256: str | None = None):
+def open_file(path: Path, device, sha256: str | None = None, weights=None):
+    # An engine holds its own weights (built from the ONNX graph and the weights file).
     engine = EngineRunner(path)
     return lambda *inputs: engine(*inputs)

@@ -85,6 +85,9 @@ class FamilySpec:
     # Epsilon and v-prediction checkpoints of this family have the same shapes; without metadata one weight's
     # spread tells them apart (models/detect.py).
     prediction_from_weights: bool = False
+    # The diffusers pipeline class whose LoRA loader reads this family's LoRA files (kohya names included);
+    # empty: LoRA refit is not supported (models/lora.py).
+    lora_loader: str = "StableDiffusionPipeline"
 
     def __post_init__(self) -> None:
         if self.denoiser_class not in DENOISER_KINDS:
@@ -164,15 +167,16 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("sd2", "UNet2DConditionModel", "sd2_unet.json", "sd2_scheduler.json", "v_prediction", 1024, 77,
                    head_width=64, prediction_from_weights=True),
         FamilySpec("sdxl", "UNet2DConditionModel", "sdxl_unet.json", "sdxl_scheduler.json", "epsilon", 2048, 77,
-                   head_width=64, depth_per_level=True),
+                   head_width=64, depth_per_level=True, lora_loader="StableDiffusionXLPipeline"),
         FamilySpec("pixart_alpha", "PixArtTransformer2DModel", "pixart_alpha_transformer.json",
-                   "pixart_alpha_scheduler.json", "epsilon", 4096, 120, latent_multiple=2),
+                   "pixart_alpha_scheduler.json", "epsilon", 4096, 120, latent_multiple=2, lora_loader=""),
         # LCM-distilled U-Nets (SimianLuo/LCM_Dreamshaper_v7, latent-consistency/lcm-sdxl): the base family's
         # architecture plus the guidance embedding, LCMScheduler, 4 steps.
         FamilySpec("lcm_sd15", "UNet2DConditionModel", "sd15_unet.json", "lcm_scheduler.json", "epsilon", 768, 77,
                    guidance_embedding=256, default_steps=4),
         FamilySpec("lcm_sdxl", "UNet2DConditionModel", "sdxl_unet.json", "lcm_scheduler.json", "epsilon", 2048, 77,
-                   guidance_embedding=256, default_steps=4, head_width=64, depth_per_level=True),
+                   guidance_embedding=256, default_steps=4, head_width=64, depth_per_level=True,
+                   lora_loader="StableDiffusionXLPipeline"),
         # The reference model trained here (postdiff_compile/lab/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
                    128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),

@@ -237,10 +237,21 @@ def denoiser_of(obj: Any) -> torch.nn.Module:
     raise PostDiffError(f"expected a path, a diffusers pipeline or a denoiser module, got {type(obj).__name__}")
 
 
+def _base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict by the base model's names: a LoRA loaded through diffusers (PEFT layers, unfused) wraps each
+    adapted layer, whose weights then read `<layer>.base_layer.weight` beside its `lora_A/B` tensors."""
+    state = module.state_dict()
+    if not any(".base_layer." in k for k in state):
+        return state
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()
+            if ".lora_" not in k and ".lora_magnitude_vector" not in k}
+
+
 def _load_object(obj: Any, dtype: torch.dtype | None) -> LoadedDenoiser:
     module = denoiser_of(obj)
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    detection = detect(shapes, f"<{type(module).__name__}>", None, lambda name: module.state_dict()[name])
+    state = _base_state(module)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    detection = detect(shapes, f"<{type(module).__name__}>", None, lambda name: state[name])
     if hasattr(module, "config"):
         detection.config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
     scheduler = getattr(obj, "scheduler", None)

@@ -17,6 +17,7 @@ from ..capture import Bucket
 from ..errors import PostDiffError
 from ..exporters.formats import FORMATS, of_backend
 from ..exporters.manifest import MANIFEST, check_files, read_manifest
+from ..exporters.weights_file import artifact_weights
 from ..plan import Plan
 from ..schedulers import alpha_bars, make_scheduler
 from .backends import BackendVariant, open_variant
@@ -50,6 +51,19 @@ class _Variants:
         return self.by_key[key]
 
 
+def _open_variants(folder: Path, manifest: dict, backend: str, device: torch.device) -> _Variants:
+    """Each plan step's variant name at its bucket -> the opened variant its variant_id names (one variant may run
+    steps of several names: variant_build.served_keys)."""
+    entries = {v["id"]: v for v in manifest["variants"]}
+    weights = artifact_weights(folder, manifest)
+    opened = {i: open_variant(backend, folder, v, device, weights) for i, v in entries.items()}
+    by_key = {}
+    for step in manifest["plan"]:
+        v = entries[step["variant_id"]]
+        by_key[(step["variant"], v["batch"], *v["latent_size"])] = opened[v["id"]]
+    return _Variants(by_key)
+
+
 class ArtifactRunner:
     """Text embeddings in, latents out, on one backend. Made by `load`."""
 
@@ -60,8 +74,7 @@ class ArtifactRunner:
             self.plan = Plan.from_manifest(manifest)
         except PostDiffError as err:
             raise PostDiffError(str(err), self.folder / MANIFEST) from None
-        self.variants = _Variants({(v["name"], v["batch"], *v["latent_size"]): open_variant(backend, folder, v, device)
-                                   for v in manifest["variants"]})
+        self.variants = _open_variants(folder, manifest, backend, device)
         first = manifest["variants"][0]["inputs"]
         self.latent_input = first[0]["name"]
         self.latent_channels = first[0]["shape"][1]

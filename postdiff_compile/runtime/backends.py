@@ -27,9 +27,10 @@ class BackendVariant:
         return tuple(self.run(*inputs))
 
 
-def open_variant(backend: str, folder: Path, entry: dict, device: torch.device) -> BackendVariant:
+def open_variant(backend: str, folder: Path, entry: dict, device: torch.device, weights=None) -> BackendVariant:
+    """`weights`: the artifact's weights file (weights_file.ArtifactWeights) for the graphs that name it."""
     fmt = of_backend(backend)
     file = entry["files"][fmt.name]
     path = member(folder, file["file"], f"{fmt.name} graph of variant {entry['id']}")
-    run = fmt.impl().open_file(path, device, file["sha256"])
+    run = fmt.impl().open_file(path, device, file["sha256"], weights if "weights" in file else None)
     return BackendVariant(entry["id"], [i["name"] for i in entry["inputs"]], [o["name"] for o in entry["outputs"]], run)

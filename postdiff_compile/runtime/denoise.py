@@ -103,6 +103,8 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
             raise ValueError(f"step {step.index} ({step.variant}) needs input(s) {', '.join(missing)}")
         noise_pred, *written = variant(*(values[name] for name in variant.inputs))
         for name, value in zip(variant.outputs[1:], written):
+            if name.partition(":")[0] not in step.writes:
+                continue   # a variant serving several steps returns every cache any of them writes (variant_build.py)
             if name.startswith(CROSS_ATTN + ":") and step.cfg:
                 value = reduce_cross_attn(value, plan.cross_attn_reduce, req.guidance_scale)
             caches[name] = value

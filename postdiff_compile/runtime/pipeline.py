@@ -19,6 +19,7 @@ from ..models.load import load_denoiser
 from ..plan import build_plan, make_plan
 from ..schedulers import check_scheduler, set_begin
 from ..variants import VariantStore, check_cache_branch
+from .adapters import adapter_state
 from .denoise import DenoiseRequest, denoise
 from .pipeline_inputs import KINDS, pipeline_kind
 
@@ -35,12 +36,20 @@ class PostDiffRuntime:
     store: VariantStore
     last_plan: list = field(default_factory=list)
     cuda_graphs: bool = False
+    adapters: tuple = ()      # the denoiser's LoRA state the store's graphs were captured with (adapters.py)
 
     def __post_init__(self):
         from .cuda_graphs import GraphedSource
 
         # What the loop calls: the store's variants, or their CUDA-graph replays (captured at first use)
         self.source = GraphedSource(self.store) if self.cuda_graphs else self.store
+        self.adapters = adapter_state(self.store.denoiser)
+
+    def follow_adapters(self) -> None:
+        """Capture again if the denoiser's LoRA adapters changed since the graphs were captured."""
+        if adapter_state(self.store.denoiser) != self.adapters:
+            self.store = VariantStore(self.store.denoiser, self.family, compile=self.store.compile)
+            self.__post_init__()
 
 
 def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool | str = False, cuda_graphs: bool = False,
@@ -76,7 +85,8 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool 
         check_scheduler(pipe.scheduler)   # again at each call: the scheduler may be swapped in between
     base = getattr(type(pipe), "_postdiff_base", type(pipe))
     previous = getattr(pipe, "_postdiff", None)
-    if previous is not None and previous.store.denoiser is loaded.module and previous.store.compile == compile:
+    if previous is not None and previous.store.denoiser is loaded.module and previous.store.compile == compile \
+            and previous.adapters == adapter_state(loaded.module):
         store = previous.store   # re-optimizing with another config reuses the captured graphs
     else:
         store = VariantStore(loaded.module, loaded.family, compile=compile)
@@ -122,6 +132,7 @@ def _call(self, *args, **kwargs):
         raise PostDiffError(f"the postdiff runtime does not support argument(s): {', '.join(used + unknown)}")
     a = SimpleNamespace(**{**kind.defaults, **{k: v for k, v in kwargs.items() if k in kind.defaults}})
     runtime: PostDiffRuntime = self._postdiff
+    runtime.follow_adapters()   # set_adapters / fuse_lora since the last call take effect
     cond = kind.prepare(self, a)
     runtime.family.check_resolution(cond.height, cond.width)
     device = self._execution_device

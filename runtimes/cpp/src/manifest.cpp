@@ -162,10 +162,11 @@ void check_table(const Manifest& m) {
 void read_fields(const json& doc, Manifest& m, const std::string& device, bool verify_files) {
   if (!doc.contains("format") || doc["format"] != "postdiff-artifact")
     throw Error("not a postdiff-compile artifact manifest (format is not \"postdiff-artifact\")", m.path);
-  if (!doc.contains("format_version") || doc["format_version"] != 1)
+  if (!doc.contains("format_version") || (doc["format_version"] != 1 && doc["format_version"] != 2))
     throw Error("format_version " + (doc.contains("format_version") ? doc["format_version"].dump() : "missing") +
-                    ": this runner reads version 1 only",
+                    ": this runner reads versions 1 and 2",
                 m.path);
+  const int version = doc["format_version"].get<int>();
 
   const auto formats = field<std::vector<std::string>>(doc, "/formats", m.path);
   if (std::find(formats.begin(), formats.end(), "aoti") == formats.end())
@@ -200,6 +201,7 @@ void read_fields(const json& doc, Manifest& m, const std::string& device, bool v
     step.cfg = field<bool>(doc, at + "/cfg", m.path);
     const auto reads = field<std::vector<std::string>>(doc, at + "/reads", m.path);
     step.reads_cross_attn = std::find(reads.begin(), reads.end(), "cross_attn") != reads.end();
+    step.writes = field<std::vector<std::string>>(doc, at + "/writes", m.path);
     step.low_res = field<std::string>(doc, at + "/resolution", m.path) == "low";
     if (step.index != static_cast<int>(i))
       throw Error("malformed manifest: plan step " + std::to_string(i) + " has index " + std::to_string(step.index),
@@ -307,7 +309,23 @@ void read_fields(const json& doc, Manifest& m, const std::string& device, bool v
                   v.package);
     if (verify_files && sha256_file(v.package) != field<std::string>(doc, at + "/files/aoti/sha256", m.path))
       throw Error("sha256 differs from the manifest's: damaged or replaced", v.package);
+    // Format 2: the package holds no weights; it names the artifact's weights file, loaded at open.
+    if (version >= 2 && field<std::string>(doc, at + "/files/aoti/weights", m.path) != "weights.safetensors")
+      throw Error("malformed manifest: " + at + "/files/aoti/weights is not weights.safetensors", m.path);
     m.variants.push_back(v);
+  }
+  if (version >= 2) {
+    const std::string file = field<std::string>(doc, "/weights/file", m.path);
+    if (file != "weights.safetensors")
+      throw Error("malformed manifest: /weights/file is not weights.safetensors", m.path);
+    m.weights = (fs::path(m.folder) / file).string();
+    if (fs::is_symlink(m.weights)) throw Error("the weights file is a symbolic link", m.weights);
+    if (!fs::is_regular_file(m.weights)) throw Error("the weights file is missing", m.weights);
+    if (fs::file_size(m.weights) != field<uint64_t>(doc, "/weights/bytes", m.path))
+      throw Error("has " + std::to_string(fs::file_size(m.weights)) + " bytes, not the manifest's: damaged or replaced",
+                  m.weights);
+    if (verify_files && sha256_file(m.weights) != field<std::string>(doc, "/weights/sha256", m.path))
+      throw Error("sha256 differs from the manifest's: damaged or replaced", m.weights);
   }
   for (const auto& step : m.plan) {
     bool found = false;

@@ -1,4 +1,4 @@
-// manifest.json (format version 1, docs/manifest.md) read and checked: what the C++ runner needs of it.
+// manifest.json (format versions 1 and 2, docs/manifest.md) read and checked: what the C++ runner needs of it.
 #pragma once
 
 #include <optional>
@@ -25,6 +25,7 @@ struct PlanStep {
   std::string variant_id;
   bool cfg = false;
   bool reads_cross_attn = false;
+  std::vector<std::string> writes;   // the caches ("deepcache", "cross_attn") the step keeps of its variant's outputs
   bool low_res = false;
 };
 
@@ -56,6 +57,7 @@ struct Manifest {
   std::vector<PlanStep> plan;
   std::optional<TransitionSpec> transition;
   std::vector<VariantEntry> variants;
+  std::string weights;   // format 2: the weights file every package loads its constants from; empty for format 1
   double init_noise_sigma = 1;
   std::vector<TableRow> table;
 };

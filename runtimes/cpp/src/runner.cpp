@@ -1,10 +1,12 @@
 // The denoising loop of runtime/denoise.py and runtime/artifact.py, over AOTInductor packages.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <set>
+#include <unordered_map>
 
 #include "manifest.h"
 #include "postdiff/runner.h"
@@ -57,6 +59,28 @@ class ArtifactImpl {
   std::map<std::string, Variant> variants;
   std::vector<TensorSpec> first_inputs;
   bool cfg = false;
+  TensorMap weights;   // format 2: every package's constants, by state-dict name, used in place by the packages
+
+  // Each package gets its constants from the one weights file (AOTInductor's load_constants, by the names the
+  // package asks for; the graphs hold the denoiser under "denoiser."), on the runner's device, without a copy.
+  void bind_weights() {
+    for (auto& [name, tensor] : read_safetensors(manifest.weights)) weights[name] = tensor.to(device);
+    for (auto& [id, variant] : variants) {
+      std::unordered_map<std::string, at::Tensor> constants;
+      for (const std::string& fqn : variant.loader->get_constant_fqns()) {
+        const std::string key = fqn.rfind("denoiser.", 0) == 0 ? fqn.substr(9) : fqn;
+        auto found = weights.find(key);
+        if (found == weights.end())
+          throw Error("the package's constant " + key + " is not in the weights file", variant.entry.package);
+        constants[fqn] = found->second;
+      }
+      try {
+        variant.loader->load_constants(constants, false, true, true);
+      } catch (const std::exception& err) {
+        throw Error(std::string("AOTInductor cannot take the weights: ") + err.what(), variant.entry.package);
+      }
+    }
+  }
 
   const TensorSpec& input_spec(const std::string& name) const {
     for (const auto& spec : first_inputs)
@@ -118,6 +142,7 @@ Artifact Artifact::open(const std::string& folder, const std::string& device) {
     }
     impl->variants.emplace(entry.id, std::move(v));
   }
+  if (!impl->manifest.weights.empty()) impl->bind_weights();
   return Artifact(std::move(impl));
 }
 
@@ -219,6 +244,9 @@ torch::Tensor ArtifactImpl::denoise(const torch::Tensor& embeds, const torch::Te
                   "manifest lists " + std::to_string(variant.entry.outputs.size()), variant.entry.package);
     for (size_t k = 1; k < outputs.size(); ++k) {
       const std::string& name = variant.entry.outputs[k].name;
+      // A variant serving several steps returns every cache any of them writes; a step keeps those it writes.
+      if (std::find(step.writes.begin(), step.writes.end(), name.substr(0, name.find(':'))) == step.writes.end())
+        continue;
       torch::Tensor value = outputs[k];
       if (step.cfg && name.rfind("cross_attn:", 0) == 0) {
         auto halves = value.chunk(2);
