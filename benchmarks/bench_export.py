@@ -107,6 +107,7 @@ def main() -> None:
                           "onnx_rel_l2_error": v["files"].get("onnx", {}).get("verification", {}).get("rel_l2_error"),
                           "reference": v["verification"]["reference"]} for v in result.manifest["variants"]],
         }
+        record["unread_outputs"] = unread_outputs(result.manifest)
         if args.load:
             record["load"] = measure_loads(out, args)
     finally:
@@ -123,6 +124,11 @@ def main() -> None:
     lines += [f"| {v['id']} | {v['rel_l2_error']:.2e} | "
               f"{'' if v['onnx_rel_l2_error'] is None else format(v['onnx_rel_l2_error'], '.2e')} | {v['reference']} |"
               for v in record["variants"]]
+    unread = record["unread_outputs"]
+    lines += ["", f"Caches a variant returns that its step does not keep (one variant serves steps that write fewer "
+              f"caches): {unread['steps']} of {record['steps']} steps, at most {unread['max_bytes'] / 1e6:.1f} MB in "
+              f"one call ({unread['max_step_variant']}), {unread['total_bytes'] / 1e6:.1f} MB over a generation; "
+              "each is an output buffer freed after the call."]
     if "load" in record:
         lines += ["", f"Opened with `load(DIR, \"{args.load}\")` in a fresh process each time (bench_load.py), "
                   f"{'alternating with the artifact of the other checkout' if args.compare else 'alone'}; "
@@ -136,6 +142,20 @@ def main() -> None:
                          f"{row['per_step_ms']:.0f} | {g[-1]['peak_gb']:.2f} |")
     print("\n".join(lines))
     write_results(args.results, name, record, lines)
+
+
+def unread_outputs(manifest: dict) -> dict:
+    """The bytes of the cache outputs each step's variant returns and the step does not write (served variants)."""
+    sizes = {"float32": 4, "float16": 2, "bfloat16": 2}
+    variants = {v["id"]: v for v in manifest["variants"]}
+    per_step = []
+    for step in manifest["plan"]:
+        v = variants[step["variant_id"]]
+        extra = [o for o in v["outputs"][1:] if o["name"].split(":")[0] not in step["writes"]]
+        per_step.append((sum(sizes[o["dtype"]] * int(torch.tensor(o["shape"]).prod()) for o in extra), step))
+    worst = max(per_step, key=lambda x: x[0])
+    return {"steps": sum(1 for b, _ in per_step if b), "max_bytes": worst[0], "total_bytes": sum(b for b, _ in per_step),
+            "max_step_variant": f"step {worst[1]['index']} {worst[1]['variant']} run by {worst[1]['variant_id']}"}
 
 
 def measure_loads(artifact: Path, args) -> list[dict]:

@@ -63,11 +63,11 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         stages: dict[str, float] = {}
         manifest = _compile_into(tmp, source, config, resolution=resolution, steps=steps, dtype=dtype,
                                  prediction_type=prediction_type, formats=formats,
-                                 timed=_timer(progress or Progress(), stages), stages=stages)
+                                 timed=timer(progress or Progress(), stages), stages=stages)
         return CompileResult(out, manifest, time.perf_counter() - start, stages)
 
 
-def _timer(progress: Progress, stages: dict[str, float]):
+def timer(progress: Progress, stages: dict[str, float]):
     @contextlib.contextmanager
     def timed(name: str, total: float | None = None):
         t = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .compile import VERIFY_TOLERANCE, Progress, _timer
+from .compile import VERIFY_TOLERANCE, Progress, timer
 from .errors import PostDiffError
 from .exporters.atomic_dir import atomic_dir
 from .exporters.formats import FORMATS, Build
@@ -58,7 +58,7 @@ def refit_artifact(artifact: str | Path, out: str | Path, *, weights: str | Path
     if out.resolve() == folder.resolve():
         raise PostDiffError("refit writes a new artifact: give --out another folder than the artifact", out)
     stages: dict[str, float] = {}
-    timed = _timer(progress or Progress(), stages)
+    timed = timer(progress or Progress(), stages)
     family = get_family(manifest["source"]["family"])
     old = folder / manifest["weights"]["file"]
     with timed("load weights"):
@@ -127,7 +127,10 @@ def _load_new_weights(module: torch.nn.Module, path: Path, old: Path) -> None:
 def _verified(manifest: dict, module: torch.nn.Module, tmp: Path, family, timed, stages, source: str) -> dict:
     """The manifest with every variant verified again on the new weights, each of its files opened from `tmp`."""
     dtype_name = manifest["denoiser"]["dtype"]
-    dtype, device = getattr(torch, dtype_name), torch.device("cpu")
+    # Verified where the files run: AOTInductor packages compiled for a GPU run only there.
+    on_gpu = any(v["files"].get("aoti", {}).get("device") == "cuda" for v in manifest["variants"])
+    dtype, device = getattr(torch, dtype_name), torch.device("cuda" if on_gpu else "cpu")
+    module.to(device)
     build = Build(folder=tmp, formats=tuple(manifest["formats"]), device=device, dtype_name=dtype_name,
                   tolerance=VERIFY_TOLERANCE[dtype_name], reference=reference_of(dtype, device), source=source,
                   timed=timed, stages=stages)

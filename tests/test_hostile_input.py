@@ -382,6 +382,13 @@ MANIFEST_CASES = {
                                      "variants/0/files/pt2/file"),
     "plan step naming no variant": (lambda m: m["plan"][1].__setitem__("variant_id", "nothing@b9_1x1"),
                                     "names no variant"),
+    "plan step run by a variant that does not compute it": (lambda m: m["plan"][0].__setitem__("variant", "shallow"),
+                                                          "which does not run it"),
+    # Format 2: a program that does not name the weights file would open with the zeros it holds in their place.
+    "pt2 file not naming the weights file": (lambda m: m["variants"][0]["files"]["pt2"].pop("weights"),
+                                             "variants/0/files/pt2/weights"),
+    "weights file of another name": (lambda m: m["weights"].__setitem__("file", "weights.bin"),
+                                     "keeps its weights in weights.safetensors"),
     "boolean as an integer": (lambda m: m.__setitem__("steps", True), "at steps"),
     "config with a cache_pow that hung": (lambda m: m["config"].__setitem__("cache_pow", 1e17),
                                                    "cache_pow must be in (1, 10]"),
