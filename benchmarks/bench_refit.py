@@ -65,8 +65,14 @@ def main() -> None:
                      "stages": result.stages, "rel_l2_vs_from_scratch": errors})
         print(f"refit {layout}: {seconds:.1f} s ({100 * seconds / compile_seconds:.1f}% of compile), {errors}", flush=True)
 
+    manifest = postdiff_compile.load(work / "base", "torch").manifest
+    sizes = {"weights.safetensors": manifest["weights"]["bytes"]}
+    for v in manifest["variants"]:
+        for fmt, entry in v["files"].items():
+            sizes[fmt] = sizes.get(fmt, 0) + entry["bytes"]
     record = {"machine": f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}", "preset": args.preset,
-              "formats": list(formats), "compile_seconds": compile_seconds, "refits": rows}
+              "formats": list(formats), "compile_seconds": compile_seconds, "refits": rows, "bytes": sizes,
+              "variants": len(manifest["variants"])}
     lines = [f"# Refit against compile: tiny SD1.5-layout U-Net, `{args.preset}`, formats {', '.join(formats)}", "",
              f"Machine: {record['machine']}. 128x128, 20 steps; a random rank-4 LoRA on every attention projection "
              "(peft), saved in each layout.", "",
@@ -77,6 +83,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['layout']} | {r['refit_seconds']:.1f} | {100 * r['fraction_of_compile']:.1f}% | "
                      + " | ".join(f"{r['rel_l2_vs_from_scratch'][FORMATS[f].backend]:.2e}" for f in formats) + " |")
+    lines += ["", f"The artifact's bytes ({record['variants']} variants): the weights once, and each format's graph files "
+              "summed (none holds weights):", "", "| file | bytes |", "|---|---|"]
+    lines += [f"| {k} | {v / 1e6:.2f} MB |" for k, v in sizes.items()]
     print("\n".join(lines))
     write_results(args.results, f"refit_tiny_{args.preset}", record, lines)
 

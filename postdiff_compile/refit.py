@@ -22,7 +22,7 @@ from .exporters.atomic_dir import atomic_dir
 from .exporters.formats import FORMATS, Build
 from .exporters.manifest import MANIFEST, check_files, file_entry, listed_files, read_manifest, sha256_file, \
     write_manifest
-from .exporters.weights_file import FILE, NAMES, ArtifactWeights, WeightsIndex, denoiser_tensors, load_weights, \
+from .exporters.weights_file import FILE, NAMES, PAD_PREFIX, ArtifactWeights, WeightsIndex, denoiser_tensors, load_weights, \
     same_layout, write_weights
 from .models.build import build_denoiser
 from .models.families import get_family
@@ -110,6 +110,8 @@ def _load_new_weights(module: torch.nn.Module, path: Path, old: Path) -> None:
     ours = WeightsIndex(old).tensors
     wanted = set(module.state_dict())
     for name, info in header.tensors.items():
+        if name.startswith(PAD_PREFIX):
+            continue   # an artifact's own weights file given back
         if name not in ours:
             raise PostDiffError(f"tensor {name!r} is not a weight of the artifact's denoiser (names must be its "
                                 "diffusers state-dict keys)", path)

@@ -31,19 +31,52 @@ def denoiser_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` (to the CPU, contiguous; tensors sharing storage are stored each on its own)."""
-    from safetensors.torch import save_file
+PAD_PREFIX = "__pad__."   # filler tensors that align the next one; never a state-dict key
+# onnxruntime memory-maps an initializer's external data only at an aligned offset, and otherwise reads it into
+# memory of its own, per session: with the tensors packed back to back, as the safetensors library writes them,
+# opening the four sessions of a full-size SD1.5 `fast` artifact ran out of 24 GB. So, as onnx's own external-data
+# writer does, large tensors start at a multiple of 64 KiB and the others at a multiple of 64 bytes; the gaps are
+# U8 tensors named PAD_PREFIX + n, because a safetensors file may not have unindexed bytes.
+LARGE, LARGE_ALIGN, SMALL_ALIGN = 1 << 20, 1 << 16, 64
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
 
-    plain = {}
-    seen: set[tuple[int, int]] = set()
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        # safetensors refuses two names over one storage (tied weights): store the second one apart.
-        plain[name] = tensor.clone() if where in seen and tensor.numel() else tensor
-        seen.add(where)
-    save_file(plain, str(path))
+
+def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as safetensors, in their order, each aligned (see LARGE_ALIGN)."""
+    import json
+
+    plain = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    for name, t in plain.items():
+        if t.dtype not in _DTYPES:
+            raise PostDiffError(f"tensor {name!r} has dtype {t.dtype}, which the weights file cannot store", path)
+    # The header's size first (its digits depend on the offsets): padded with spaces to a multiple of 64 KiB, so
+    # that the data starts aligned; an upper bound of the offsets' digits keeps the size fixed.
+    entries, layout, offset, pads = {}, [], 0, 0
+    for name, t in plain.items():
+        nbytes = t.numel() * t.element_size()
+        align = LARGE_ALIGN if nbytes >= LARGE else SMALL_ALIGN
+        gap = -offset % align
+        if gap:
+            entries[f"{PAD_PREFIX}{pads}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            layout.append(gap)
+            pads += 1
+            offset += gap
+        entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        layout.append(t)
+        offset += nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % LARGE_ALIGN)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for item in layout:
+            if isinstance(item, int):
+                f.write(b"\0" * item)
+            elif item.numel():
+                f.write(item.view(torch.uint8).numpy().tobytes() if item.dim() else item.reshape(1).view(torch.uint8)
+                        .numpy().tobytes())
 
 
 @dataclass(frozen=True)
@@ -64,7 +97,7 @@ class WeightsIndex:
         header = read_header(self.path)
         header.check_data_present()
         self.tensors = {name: Stored(info.dtype, info.shape, header.data_start + info.begin, info.end - info.begin)
-                        for name, info in header.tensors.items()}
+                        for name, info in header.tensors.items() if not name.startswith(PAD_PREFIX)}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -83,9 +116,10 @@ def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, to
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise PostDiffError(f"cannot read the weights: {err}", path) from None
+    return {name: t for name, t in tensors.items() if not name.startswith(PAD_PREFIX)}
 
 
 def same_layout(new: Path, old: Path) -> None:
