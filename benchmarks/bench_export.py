@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, metavar="DIR", help="an artifact of another checkout, measured alike")
     parser.add_argument("--compare-pythonpath", type=Path, metavar="DIR", help="the checkout that opens --compare")
     parser.add_argument("--rounds", type=int, default=2, help="alternating load measurements of each artifact")
+    parser.add_argument("--generations", type=int, default=2, help="generations per load measurement")
     args = parser.parse_args()
     h, w = args.resolution
     name = args.name or f"export_{args.family}_{args.preset}_{h}x{w}_{args.dtype}"
@@ -137,6 +138,10 @@ def main() -> None:
                   "| artifact | round | load s | peak GB after load | 1st generation s | 2nd generation s | per step ms | "
                   "peak GB |", "|---|---|---|---|---|---|---|---|"]
         for row in record["load"]:
+            if "failed" in row:
+                lines.append(f"| {row['artifact']} | {row['round']} | failed: exit status {row['failed']} "
+                             f"{'(killed: out of memory)' if row['failed'] == -9 else ''} | | | | | |")
+                continue
             g = row["generations"]
             lines.append(f"| {row['artifact']} | {row['round']} | {row['load_seconds']:.1f} | "
                          f"{row['peak_gb_after_load']:.2f} | {g[0]['seconds']:.1f} | {g[-1]['seconds']:.1f} | "
@@ -183,8 +188,14 @@ def measure_loads(artifact: Path, args) -> list[dict]:
             if pythonpath is not None:
                 env["PYTHONPATH"] = str(pythonpath)
             print(f"  load {label} (round {round_ + 1}) ...", flush=True)
-            done = subprocess.run([sys.executable, script, str(folder), "--backend", args.load], env=env,
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run([sys.executable, script, str(folder), "--backend", args.load, "--generations",
+                                   str(args.generations)], env=env,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:   # recorded, not raised: a load killed for memory is a result too
+                rows.append({"artifact": label, "round": round_ + 1, "failed": done.returncode,
+                             "stderr": done.stderr[-2000:]})
+                print(f"  load {label}: failed with status {done.returncode}", flush=True)
+                continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append({"artifact": label, "round": round_ + 1, **row})
             print(f"  load {label}: {row['load_seconds']:.1f} s, {row['per_step_ms']:.0f} ms/step", flush=True)

@@ -7,7 +7,9 @@ Each format is one module holding its writer, its verifier and its opener (impor
                                           other code than the verified torch graph (ONNX, TensorRT, AOTInductor)
                                           runs it on the job's inputs and records `job.verify`; a .pt2 file is
                                           the verified graph itself, re-exported, and is not run again
-    open_file(path, device, sha256) -> fn the variant file as a callable: tensors in, tensors out
+    open_file(path, device, sha256, weights) -> fn   the variant file as a callable: tensors in, tensors out;
+                                          `weights` (weights_file.ArtifactWeights, or None for a format-1 file)
+                                          the artifact's weights the file reads
 and may define:
     check_available()                     refuse early a format this machine cannot build (TensorRT without a GPU)
     begin(build: Build) / end(build) / abort(build)   per-build state (the tools' versions; the TensorRT

@@ -121,6 +121,11 @@ def onnx_session(path: Path, providers: list[str] | None = None):
     # A plan runs several sessions, each with its own thread pool; a pool that spins after its run competes for
     # the cores with the next session's (measured below, in docs/performance.md "Cost model").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # onnxruntime's CPU arena keeps the largest activations of every run of every session: one full-size SD1.5
+    # session at 96x96 grew to 17.9 GB after two runs with it and stayed at 10.6 GB without, and its runs took 32 s
+    # with it against 20-23 s without (docs/performance.md, "One copy of the weights").
+    if not providers or providers == ["CPUExecutionProvider"]:
+        options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
