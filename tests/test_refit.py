@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import TINY_CONFIGS, lora_adapted, merged, text_embeddings, tiny_denoiser, tiny_sd_pipeline, \
+from tiny_models import lora_adapted, merged, text_embeddings, tiny_denoiser, tiny_sd_pipeline, \
     write_lora
 
 import postdiff_compile
@@ -168,4 +168,3 @@ def test_refit_on_aoti_equals_compiling_the_merged_model(tiny_artifact, loras, a
                      formats="aoti")
     assert rel_l2(generate(out, "aoti"), generate(scratch, "aoti")) <= 1e-5
     assert rel_l2(generate(out, "aoti"), generate(out, "torch")) <= 1e-5
-    assert TINY_CONFIGS["sd15"]   # the same U-Net the other refit tests use
