@@ -59,19 +59,57 @@ class DenoiserCall(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.input_names, inputs))
         latent = named.pop(self.kind.latent_input)
-        added = {k: named.pop(k) for k in self.kind.added_conditions if k in named}
-        if not added:
-            added = dict.fromkeys(self.kind.added_conditions) if self.kind.added_conditions_required else None
-        # The rest (timestep, encoder_hidden_states, timestep_cond, encoder_attention_mask) are forward's own
-        # keyword arguments.
-        return self.denoiser(latent, added_cond_kwargs=added, return_dict=False, **named)[0]
+        if self.kind.added_conditions:
+            added = {k: named.pop(k) for k in self.kind.added_conditions if k in named}
+            if not added:
+                added = dict.fromkeys(self.kind.added_conditions) if self.kind.added_conditions_required else None
+            named["added_cond_kwargs"] = added
+        if self.kind.timestep_divisor != 1.0:
+            named["timestep"] = named["timestep"] / self.kind.timestep_divisor   # as the pipeline divides it
+        if self.kind.packed_latent:
+            out = self.denoiser(pack_latent(latent), return_dict=False, **named)[0]
+            return unpack_latent(out, latent.shape[2], latent.shape[3])
+        # The rest (timestep, encoder_hidden_states, timestep_cond, encoder_attention_mask, pooled_projections)
+        # are forward's own keyword arguments.
+        return self.denoiser(latent, return_dict=False, **named)[0]
+
+
+def pack_latent(latent: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, 4C], each 2x2 patch one token, as FluxPipeline._pack_latents."""
+    b, c, h, w = latent.shape
+    return latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latent(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of pack_latent for a latent of `height` x `width`."""
+    b, _, channels = tokens.shape
+    grid = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(b, channels // 4, height, width)
+
+
+def flux_position_ids(latent: tuple[int, int], extent: tuple[int, int] | None = None,
+                      dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """FLUX's img_ids for a latent of `latent` = (h, w): one row (0, row, column) per packed token, as
+    FluxPipeline._prepare_latent_image_ids. With `extent` (a larger latent), the rows and columns are spread
+    over that latent's grid instead (fractional positions, the same extent on a coarser grid)."""
+    rows, cols = latent[0] // 2, latent[1] // 2
+    r = torch.arange(rows, device=device, dtype=torch.float32)
+    c = torch.arange(cols, device=device, dtype=torch.float32)
+    if extent is not None:
+        r = r * ((extent[0] // 2) / rows)
+        c = c * ((extent[1] // 2) / cols)
+    ids = torch.zeros(rows, cols, 3, device=device, dtype=torch.float32)
+    ids[..., 1] = r[:, None]
+    ids[..., 2] = c[None, :]
+    return ids.reshape(rows * cols, 3).to(dtype)
 
 
 def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> list[TensorSpec]:
     """The denoiser's inputs for one bucket, in export order; optional ones as its config asks for them."""
     config = denoiser.config
     b, h, w, dt = bucket.batch, bucket.latent_height, bucket.latent_width, bucket.dtype
-    specs = [TensorSpec(family.latent_input, (b, config["in_channels"], h, w), dt),
+    channels = config["in_channels"] // 4 if family.kind.packed_latent else config["in_channels"]
+    specs = [TensorSpec(family.latent_input, (b, channels, h, w), dt),
              TensorSpec("timestep", (b,), TIMESTEP_DTYPE),
              TensorSpec("encoder_hidden_states", (b, bucket.text_length, config[family.text_width_key]), dt)]
     if family.kind.text_mask:
@@ -84,6 +122,12 @@ def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -
         specs.append(TensorSpec("timestep_cond", (b, config["time_cond_proj_dim"]), dt))
     if config.get("use_additional_conditions"):   # PixArt's resolution and aspect-ratio conditioning
         specs += [TensorSpec("resolution", (b, 2), dt), TensorSpec("aspect_ratio", (b, 1), dt)]
+    if config.get("pooled_projection_dim"):       # SD3 and FLUX: pooled CLIP text embeddings
+        specs.append(TensorSpec("pooled_projections", (b, config["pooled_projection_dim"]), dt))
+    if family.kind.packed_latent:                 # FLUX: rotary positions of the text and image tokens
+        specs += [TensorSpec("txt_ids", (bucket.text_length, 3), dt), TensorSpec("img_ids", (h * w // 4, 3), dt)]
+        if config.get("guidance_embeds"):         # FLUX-dev: the distilled guidance scale
+            specs.append(TensorSpec("guidance", (b,), TIMESTEP_DTYPE))
     return specs
 
 
@@ -107,6 +151,12 @@ def example_inputs(specs: list[TensorSpec], seed: int = 0) -> tuple[torch.Tensor
             out.append(torch.randint(256, 1024, spec.shape, generator=gen).to(spec.dtype))
         elif spec.name == "aspect_ratio":
             out.append(torch.ones(spec.shape, dtype=spec.dtype))
+        elif spec.name == "txt_ids":
+            out.append(torch.zeros(spec.shape, dtype=spec.dtype))
+        elif spec.name == "img_ids":   # positions; any values exercise the rotary embedding
+            out.append(torch.randint(0, 64, spec.shape, generator=gen).to(spec.dtype))
+        elif spec.name == "guidance":
+            out.append(torch.rand(spec.shape, generator=gen).mul(5).to(spec.dtype))
         elif spec.name == "encoder_attention_mask":
             # Real tokens first, the last quarter padding: the masked path is exercised, no row is all padding.
             mask = torch.ones(spec.shape, dtype=spec.dtype)

@@ -26,9 +26,17 @@ from .verification import Verification, rel_l2
 
 # The deep cache of each denoiser kind (FamilySpec.deep_cache): U-Nets cache DeepCache's deep feature;
 # transformers, which have no skip branches, the residual of their middle blocks. Both travel under the one
-# cache name DEEPCACHE. Each entry: the blocks cache_branch counts, the check of a branch, the graph pass.
-_DEEP_CACHES = {"deepcache": ("up_blocks", check_branch, deepcache_graph),
-                "block_cache": ("transformer_blocks", check_block_branch, block_cache_graph)}
+# cache name DEEPCACHE. Each entry: the check of a branch, the graph pass (graph, branch, mode, kind).
+_DEEP_CACHES = {"deepcache": (check_branch, lambda graph, branch, mode, kind: deepcache_graph(graph, branch, mode)),
+                "block_cache": (check_block_branch, lambda graph, branch, mode, kind: block_cache_graph(
+                    graph, branch, mode, kind.block_stacks))}
+
+
+def cache_blocks(denoiser: torch.nn.Module) -> int:
+    """How many blocks cache_branch counts in: a U-Net's up blocks, a transformer's blocks (all its stacks)."""
+    kind = kind_of(denoiser)
+    stacks = ("up_blocks",) if kind.deep_cache == "deepcache" else kind.block_stacks
+    return sum(len(getattr(denoiser, stack)) for stack in stacks)
 
 
 def check_cache_branch(denoiser: torch.nn.Module, config: PostDiffConfig) -> None:
@@ -36,8 +44,8 @@ def check_cache_branch(denoiser: torch.nn.Module, config: PostDiffConfig) -> Non
     the config caches at all)."""
     if config.cache_interval <= 1:
         return
-    blocks, check, _ = _DEEP_CACHES[kind_of(denoiser).deep_cache]
-    check(len(getattr(denoiser, blocks)), config.cache_branch)
+    check, _ = _DEEP_CACHES[kind_of(denoiser).deep_cache]
+    check(cache_blocks(denoiser), config.cache_branch)
 
 
 @dataclass
@@ -60,8 +68,8 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
     inputs = [s.name for s in captured.inputs]
     outputs = ["noise_pred"]
     if spec.deep == "shallow" or spec.write_deepcache:
-        _, _, deep_pass = _DEEP_CACHES[captured.family.deep_cache]
-        graph = deep_pass(graph, cache_branch, "read" if spec.deep == "shallow" else "write")
+        _, deep_pass = _DEEP_CACHES[captured.family.deep_cache]
+        graph = deep_pass(graph, cache_branch, "read" if spec.deep == "shallow" else "write", captured.family.kind)
         (inputs if spec.deep == "shallow" else outputs).append(DEEPCACHE)
     if spec.cross_attn != "compute":
         ca = cross_attn_graph(graph, spec.cross_attn)

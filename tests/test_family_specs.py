@@ -16,7 +16,8 @@ from postdiff_compile.models.families import DENOISER_KINDS, FAMILIES, consisten
 from postdiff_compile.models.reference_shapes import reference_table
 
 # The pipeline each denoiser class ships in (the test's own knowledge, not read from the package).
-SHIPPED_IN = {"UNet2DConditionModel": "StableDiffusionPipeline", "PixArtTransformer2DModel": "PixArtAlphaPipeline"}
+SHIPPED_IN = {"UNet2DConditionModel": "StableDiffusionPipeline", "PixArtTransformer2DModel": "PixArtAlphaPipeline",
+              "SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline"}
 
 
 def _small_model(name: str) -> torch.nn.Module:
@@ -31,7 +32,11 @@ def test_family_facts_match_the_diffusers_class(name):
     cls = denoiser_class(spec.denoiser_class)
     forward = list(inspect.signature(cls.forward).parameters)[1:]   # after self
     assert forward[0] == spec.latent_input
-    assert "added_cond_kwargs" in forward and "encoder_hidden_states" in forward
+    assert "encoder_hidden_states" in forward
+    # added conditions travel in added_cond_kwargs (U-Nets, PixArt); SD3 and FLUX take plain arguments
+    assert ("added_cond_kwargs" in forward) == bool(spec.kind.added_conditions)
+    assert ("pooled_projections" in forward) == ("pooled_projection_dim" in spec.config())
+    assert ("img_ids" in forward) == spec.kind.packed_latent
     if spec.kind.text_mask:
         assert "encoder_attention_mask" in forward
     assert spec.text_width_key in inspect.signature(cls.__init__).parameters
@@ -40,6 +45,10 @@ def test_family_facts_match_the_diffusers_class(name):
     model = _small_model(name)
     children = dict(model.named_children())
     assert (spec.deep_cache == "block_cache") == ("transformer_blocks" in children)
+    if spec.deep_cache == "block_cache":   # the stacks are the model's block lists, in forward's order
+        assert all(isinstance(children[stack], torch.nn.ModuleList) for stack in spec.kind.block_stacks)
+        source = inspect.getsource(type(model).forward)
+        assert sorted(spec.kind.block_stacks, key=lambda s: source.index(f"self.{s}")) == list(spec.kind.block_stacks)
     assert (spec.deep_cache == "deepcache") == ("up_blocks" in children)
     assert spec.kind.size_dependent_upsampling == hasattr(model, "num_upsamplers")
     assert kind_of(model) is spec.kind
@@ -91,6 +100,11 @@ EXPECTED_INPUTS = {
     "lcm_sd15": ["sample", "timestep", "encoder_hidden_states", "timestep_cond"],
     "lcm_sdxl": ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"],
     "scenes32": ["sample", "timestep", "encoder_hidden_states"],
+    "sd3": ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"],
+    "flux": ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "txt_ids", "img_ids",
+             "guidance"],
+    "flux_schnell": ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "txt_ids",
+                     "img_ids"],
 }
 
 
@@ -101,7 +115,9 @@ def test_input_specs_follow_the_family(name):
                                                                             torch.float16))
     assert [s.name for s in specs] == EXPECTED_INPUTS[name]
     by_name = {s.name: s for s in specs}
-    assert by_name[spec.latent_input].shape == (2, spec.config()["in_channels"], 16, 16)
+    # FLUX's latent is packed inside the graph: the loop's latent has a quarter of the transformer's channels
+    channels = spec.config()["in_channels"] // (4 if spec.kind.packed_latent else 1)
+    assert by_name[spec.latent_input].shape == (2, channels, 16, 16)
     assert by_name["encoder_hidden_states"].shape == (2, spec.text_length, spec.context_dim)
 
 

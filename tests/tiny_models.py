@@ -53,6 +53,16 @@ TINY_CONFIGS["pixart_alpha_sized"] = dict(TINY_CONFIGS["pixart_alpha_deep"], att
                                           cross_attention_dim=48, sample_size=128, use_additional_conditions=True)
 # SDXL layout with 3 resnets per up block (layers_per_block 2, as the released SDXL), for DeepCache's branches.
 TINY_CONFIGS["sdxl_deep"] = dict(TINY_CONFIGS["sdxl"], layers_per_block=2)
+# Flow-matching transformers: SD3 (joint blocks, the last one context_pre_only) and FLUX (double-stream then
+# single-stream blocks, rotary positions; dev with the guidance embedding, schnell without). Six SD3 blocks and
+# 3 + 3 FLUX blocks, so every preset's block cache keeps blocks at each end and FLUX's range spans both kinds.
+TINY_CONFIGS["sd3"] = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=8,
+                           num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                           pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32)
+TINY_CONFIGS["flux"] = dict(patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, attention_head_dim=16,
+                            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                            guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+TINY_CONFIGS["flux_schnell"] = dict(TINY_CONFIGS["flux"], guidance_embeds=False)
 
 
 def base_family(family: str) -> str:
@@ -63,8 +73,11 @@ def base_family(family: str) -> str:
 def tiny_denoiser(family: str, seed: int = 0) -> torch.nn.Module:
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
     torch.manual_seed(seed)
-    cls = PixArtTransformer2DModel if family.startswith("pixart_alpha") else UNet2DConditionModel
+    cls = PixArtTransformer2DModel if family.startswith("pixart_alpha") else SD3Transformer2DModel \
+        if family.startswith("sd3") else FluxTransformer2DModel if family.startswith("flux") else UNet2DConditionModel
     model = cls(**TINY_CONFIGS[family]).eval()
     # Random init leaves some tensors at exactly zero or one; make every tensor distinct so a misrouted
     # key cannot go unnoticed.

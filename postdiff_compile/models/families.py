@@ -33,6 +33,17 @@ class DenoiserKind:
     size_dependent_upsampling: bool
     checkpoint_layouts: tuple[str, ...]  # the tensor-name layouts detection reads (models/detect.py)
     pipeline_component: str             # the diffusers pipeline attribute and folder that holds it
+    # The block lists the block cache counts, in the order forward runs them (passes/block_cache.py); FLUX runs
+    # its double-stream blocks, then its single-stream ones.
+    block_stacks: tuple[str, ...] = ("transformer_blocks",)
+    # FLUX packs each 2x2 patch of the [B, C, H, W] latent into one token of 4C channels before the transformer
+    # and its pipeline steps the scheduler on the packed latent. The capture packs and unpacks inside the graph, so
+    # every runtime keeps the latent as [B, C, H, W] (the scheduler step is elementwise: the same numbers).
+    packed_latent: bool = False
+    # The pipeline passes timestep / timestep_divisor (FLUX: t / 1000; the transformer multiplies it back).
+    timestep_divisor: float = 1.0
+    # Flow matching (SD3, FLUX): the denoiser predicts the velocity noise - x0 on x_t = (1 - sigma) x0 + sigma noise.
+    flow_matching: bool = False
 
 
 DENOISER_KINDS: dict[str, DenoiserKind] = {
@@ -47,6 +58,18 @@ DENOISER_KINDS: dict[str, DenoiserKind] = {
                      deep_cache="block_cache", size_dependent_upsampling=False,
                      checkpoint_layouts=("pixart_original", "diffusers"),
                      pipeline_component="transformer"),
+        # SD3 / SD3.5 MMDiT: joint text-image blocks; the pooled CLIP embeddings are a plain forward argument.
+        DenoiserKind("SD3Transformer2DModel", "hidden_states", "joint_attention_dim", text_mask=False,
+                     added_conditions=(), added_conditions_required=False, deep_cache="block_cache",
+                     size_dependent_upsampling=False, checkpoint_layouts=("sd3_original", "diffusers"),
+                     pipeline_component="transformer", flow_matching=True),
+        # FLUX.1: 19 double-stream then 38 single-stream blocks, rotary positions from img_ids / txt_ids.
+        DenoiserKind("FluxTransformer2DModel", "hidden_states", "joint_attention_dim", text_mask=False,
+                     added_conditions=(), added_conditions_required=False, deep_cache="block_cache",
+                     size_dependent_upsampling=False, checkpoint_layouts=("flux_original", "diffusers"),
+                     pipeline_component="transformer",
+                     block_stacks=("transformer_blocks", "single_transformer_blocks"), packed_latent=True,
+                     timestep_divisor=1000.0, flow_matching=True),
     )
 }
 
@@ -88,6 +111,10 @@ class FamilySpec:
     # The diffusers pipeline class whose LoRA loader reads this family's LoRA files (kohya names included);
     # empty: LoRA refit is not supported (models/lora.py).
     lora_loader: str = "StableDiffusionPipeline"
+    # The pipeline's default latent side where the denoiser config has no sample_size (FLUX); 0: config's.
+    default_latent: int = 0
+    # The released pipeline's default guidance scale (FLUX-dev's guidance embedding takes it as an input).
+    default_guidance: float = 7.5
 
     def __post_init__(self) -> None:
         if self.denoiser_class not in DENOISER_KINDS:
@@ -115,12 +142,17 @@ class FamilySpec:
 
     @property
     def classifier_free_guidance(self) -> bool:
-        """Whether the pipeline batches a negative and a positive half (False for LCM)."""
-        return self.guidance_embedding == 0
+        """Whether the pipeline batches a negative and a positive half (False for LCM and FLUX, whose guidance
+        is distilled into the model: dev takes the scale as an input, schnell none)."""
+        return self.guidance_embedding == 0 and not self.kind.packed_latent
+
+    @property
+    def flow_matching(self) -> bool:
+        return self.kind.flow_matching
 
     @property
     def default_resolution(self) -> tuple[int, int]:
-        side = self.config()["sample_size"] * self.vae_scale_factor
+        side = (self.default_latent or self.config()["sample_size"]) * self.vae_scale_factor
         return side, side
 
     def config(self) -> dict:
@@ -180,6 +212,18 @@ FAMILIES: dict[str, FamilySpec] = {
         # The reference model trained here (postdiff_compile/lab/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
                    128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),
+        # Flow-matching transformers. Text: SD3 joins 77 CLIP tokens and 256 T5 tokens (max_sequence_length 256);
+        # FLUX-dev's pipeline pads T5 to 512, schnell's to 256. Both VAEs have 16 channels and factor 8; SD3
+        # patchifies 2x2 and FLUX packs 2x2, so latent sides are even. SD3.5-medium and -large are the sd3 family
+        # with another config (detected from the checkpoint).
+        FamilySpec("sd3", "SD3Transformer2DModel", "sd3_transformer.json", "sd3_scheduler.json", "flow", 4096,
+                   333, latent_multiple=2, default_steps=28, lora_loader="", default_guidance=7.0),
+        FamilySpec("flux", "FluxTransformer2DModel", "flux_dev_transformer.json", "flux_dev_scheduler.json", "flow",
+                   4096, 512, latent_multiple=2, default_steps=28, lora_loader="", default_latent=128,
+                   default_guidance=3.5),
+        FamilySpec("flux_schnell", "FluxTransformer2DModel", "flux_schnell_transformer.json",
+                   "flux_schnell_scheduler.json", "flow", 4096, 256, latent_multiple=2, default_steps=4,
+                   lora_loader="", default_latent=128, default_guidance=0.0),
     )
 }
 

@@ -69,13 +69,19 @@ def nodes_of(graph: torch.fx.Graph, path: str) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if in_module(n, path)]
 
 
-def output_of(graph: torch.fx.Graph, path: str) -> torch.fx.Node:
-    """The one node of module `path` that is used outside it: the module's output."""
+def outputs_of(graph: torch.fx.Graph, path: str) -> list[torch.fx.Node]:
+    """Every node of module `path` used outside it, in graph order: its outputs (two for a block that returns
+    a text and an image state)."""
     region = nodes_of(graph, path)
     if not region:
         raise PostDiffError(f"the graph has no module {path!r}")
     inside = set(region)
-    leaving = [n for n in region if any(user not in inside for user in n.users)]
+    return [n for n in region if any(user not in inside for user in n.users)]
+
+
+def output_of(graph: torch.fx.Graph, path: str) -> torch.fx.Node:
+    """The one node of module `path` that is used outside it: the module's output."""
+    leaving = outputs_of(graph, path)
     if len(leaving) != 1:
         names = ", ".join(n.name for n in leaving) or "none"
         raise PostDiffError(f"module {path!r} does not have exactly one output in the graph (found: {names})")
