@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from postdiff_compile.errors import PostDiffError  # noqa: E402
 from postdiff_compile.kernels.transition_op import (ensure_registered, kernel_available,  # noqa: E402
                                                     resolution_transition)
 from postdiff_compile.kernels.transition_ref import (PREDICTION_TYPES, RENOISE_MODES, TransitionParams,  # noqa: E402
@@ -59,31 +60,56 @@ def bilinear64(img: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return top * (1 - ly) + bottom * ly
 
 
+def params_for(prediction_type, t=0.35, after=0.62, renoise="fresh", clamp=0.0):
+    """Levels for a transition: alpha-bars rise towards the clean end, flow sigmas fall (the same two numbers,
+    swapped)."""
+    if prediction_type == "flow":
+        return TransitionParams.flow(after, t, renoise, clamp)
+    return TransitionParams(prediction_type, t, after, renoise, clamp)
+
+
 @pytest.mark.parametrize("clamp", [0.0, 0.8])
 @pytest.mark.parametrize("renoise", RENOISE_MODES)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_reference_matches_float64_equations(prediction_type, renoise, clamp):
     B, h, w, H, W = 2, 5, 7, 10, 13
     x, m, noise = make_inputs(B, h, w, H, W, renoise=renoise)
-    a, an = 0.42, 0.77
-    params = TransitionParams(prediction_type, a, an, renoise, clamp)
+    params = params_for(prediction_type, 0.42, 0.77, renoise, clamp)
     xd, md = x.double(), m.double()
-    sa, s1a = a ** 0.5, (1 - a) ** 0.5
-    x0 = {"epsilon": (xd - s1a * md) / sa, "v_prediction": sa * xd - s1a * md, "sample": md}[prediction_type]
+    if prediction_type == "flow":   # x = (1 - s) x0 + s noise, m = noise - x0
+        s, sn = 0.77, 0.42
+        sa, s1a, san, s1an = 1 - s, s, 1 - sn, sn
+        x0 = xd - s * md
+    else:
+        a, an = 0.42, 0.77
+        sa, s1a, san, s1an = a ** 0.5, (1 - a) ** 0.5, an ** 0.5, (1 - an) ** 0.5
+        x0 = {"epsilon": (xd - s1a * md) / sa, "v_prediction": sa * xd - s1a * md, "sample": md}[prediction_type]
     eps = (xd - sa * x0) / s1a  # the noise consistent with x0, before any clamp
     if clamp:
         x0 = x0.clamp(-clamp, clamp)
     n = bilinear64(eps, H, W) if renoise == "predicted" else noise.double()
-    expected = an ** 0.5 * bilinear64(x0, H, W) + (1 - an) ** 0.5 * n
+    expected = san * bilinear64(x0, H, W) + s1an * n
     assert rel_err(transition_reference(x, m, (H, W), params, noise), expected) < 1e-6
 
 
 def test_predict_x0_and_noise_consistent():
     x, m, _ = make_inputs(1, 4, 4, 4, 4)
     for prediction_type in PREDICTION_TYPES:
-        x0, eps = predict_x0_and_noise(x, m, TransitionParams(prediction_type, 0.3, 0.5))
+        params = params_for(prediction_type, 0.3, 0.5)
+        x0, eps = predict_x0_and_noise(x, m, params)
         assert x0.dtype == eps.dtype == torch.float32
-        torch.testing.assert_close(0.3 ** 0.5 * x0 + 0.7 ** 0.5 * eps, x, rtol=1e-5, atol=1e-5)
+        a, b, _, _ = params.coefficients()
+        torch.testing.assert_close(a * x0 + b * eps, x, rtol=1e-5, atol=1e-5)
+        if prediction_type == "flow":   # and the velocity is noise - x0
+            torch.testing.assert_close(eps - x0, m, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_levels_are_checked():
+    with pytest.raises(PostDiffError, match="sigma_next"):
+        TransitionParams.flow(0.5, 0.6)
+    with pytest.raises(PostDiffError, match="sigma_t"):
+        TransitionParams.flow(1.2, 0.6)
+    assert TransitionParams.flow(1.0, 0.0).coefficients() == (0.0, 1.0, 1.0, 0.0)
 
 
 def test_identity_when_next_timestep_is_clean():
@@ -106,7 +132,7 @@ def test_kernel_matches_reference(case, dtype, prediction_type, renoise, clamp):
 
     B, h, w, H, W = case
     x, m, noise = make_inputs(*case, dtype=dtype, renoise=renoise, device=DEVICE)
-    params = TransitionParams(prediction_type, 0.35, 0.62, renoise, clamp)
+    params = params_for(prediction_type, 0.35, 0.62, renoise, clamp)
     out = transition_triton(x, m, (H, W), params, noise=noise)
     assert out.shape == (B, 4, H, W) and out.dtype == dtype
     assert rel_err(out, ref32(x, m, (H, W), params, noise)) < TOL[dtype]

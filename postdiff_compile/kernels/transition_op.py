@@ -4,6 +4,9 @@ torch.compile see one opaque node instead of a dozen eager ops.
     (Tensor sample, Tensor model_output, Tensor? noise, SymInt height, SymInt width, str prediction_type,
      float alpha_bar_t, float alpha_bar_next, str renoise, float clamp_x0, SymInt? seed) -> Tensor
 
+For prediction_type "flow" the two levels are the flow sigmas (x = (1 - sigma) x0 + sigma noise), passed in the
+alpha_bar_t / alpha_bar_next slots (`TransitionParams.flow`).
+
 CPU (and any device without a kernel of its own): `transition_reference`. CUDA: the fused Triton kernel
 when triton imports, else the reference. Noise from a seed differs by device: the Triton kernel draws
 Philox normals (`transition_triton.philox_normal`); the reference path draws

@@ -10,6 +10,12 @@ with noise either fresh ("fresh": a given [B, C, H, W] tensor) or the noise the 
 upsampled the same way ("predicted"). `up` is F.interpolate(mode="bilinear", align_corners=False).
 All arithmetic is float32; the result has the input dtype.
 
+Flow matching (prediction type "flow": SD3, FLUX) has x_sigma = (1 - sigma) x0 + sigma noise and a model that
+predicts the velocity v = noise - x0. Then x0 = x - sigma v, noise = x + (1 - sigma) v, and the re-noised latent
+is x_sigma' = (1 - sigma') up(x0) + sigma' noise. Both cases are one computation on the coefficients of
+x = a x0 + b noise: (sqrt(abar), sqrt(1 - abar)) on the diffusion path, (1 - sigma, sigma) on the flow path
+(`TransitionParams.coefficients`).
+
 Bytes: the fused transition must read sample and model_output once at low resolution (2 * B*C*h*w
 elements), read the noise at full resolution ("fresh" only, B*C*H*W) and write the output (B*C*H*W).
 This eager version moves several times that: each line below is its own pass over memory, plus upcasts.
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from ..config import RENOISE_MODES
 from ..errors import PostDiffError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -35,6 +41,8 @@ class TransitionParams:
 
     alpha_bar_t: scheduler.alphas_cumprod at t, the last low-resolution timestep, in (0, 1).
     alpha_bar_next: at t', the first full-resolution timestep, in (0, 1].
+    For prediction_type "flow" these two hold the flow noise levels instead, sigma_t in (0, 1] and sigma_next in
+    [0, sigma_t) (make them with `TransitionParams.flow`; the op and the manifest name them sigma there).
     clamp_x0: > 0 clamps x0 to [-clamp_x0, clamp_x0] before the upsample; 0 is off. The predicted noise
     is always taken from the unclamped prediction (clamping x0 must not leak into eps).
     """
@@ -50,13 +58,32 @@ class TransitionParams:
             raise PostDiffError(f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         if self.renoise not in RENOISE_MODES:
             raise PostDiffError(f"renoise {self.renoise!r} is not one of {RENOISE_MODES}")
+        if self.prediction_type == "flow":
+            # x0 = x - sigma v and noise = x + (1 - sigma) v divide by nothing: sigma_t = 1 (pure noise) is fine.
+            if not 0.0 < self.alpha_bar_t <= 1.0:
+                raise PostDiffError(f"sigma_t must be in (0, 1], got {self.alpha_bar_t}")
+            if not 0.0 <= self.alpha_bar_next < self.alpha_bar_t:
+                raise PostDiffError(f"sigma_next must be in [0, sigma_t), got {self.alpha_bar_next}")
         # Both ends excluded: x0 from epsilon divides by sqrt(abar), eps from x0 by sqrt(1 - abar).
-        if not 0.0 < self.alpha_bar_t < 1.0:
+        elif not 0.0 < self.alpha_bar_t < 1.0:
             raise PostDiffError(f"alpha_bar_t must be in (0, 1), got {self.alpha_bar_t}")
-        if not 0.0 < self.alpha_bar_next <= 1.0:
+        elif not 0.0 < self.alpha_bar_next <= 1.0:
             raise PostDiffError(f"alpha_bar_next must be in (0, 1], got {self.alpha_bar_next}")
         if not self.clamp_x0 >= 0.0 or math.isinf(self.clamp_x0):  # `not >=` also catches NaN
             raise PostDiffError(f"clamp_x0 must be a finite number >= 0 (0 = off), got {self.clamp_x0}")
+
+    @classmethod
+    def flow(cls, sigma_t: float, sigma_next: float, renoise: str = "fresh", clamp_x0: float = 0.0) -> TransitionParams:
+        """The flow-matching transition from noise level sigma_t to sigma_next."""
+        return cls("flow", sigma_t, sigma_next, renoise, clamp_x0)
+
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """(a_t, b_t, a_next, b_next) of x = a x0 + b noise at the two levels."""
+        if self.prediction_type == "flow":
+            s, sn = self.alpha_bar_t, self.alpha_bar_next
+            return 1.0 - s, s, 1.0 - sn, sn
+        a, an = self.alpha_bar_t, self.alpha_bar_next
+        return math.sqrt(a), math.sqrt(1 - a), math.sqrt(an), math.sqrt(1 - an)
 
 
 def check_inputs(sample: torch.Tensor, model_output: torch.Tensor, size, params: TransitionParams,
@@ -113,7 +140,10 @@ def predict_x0_and_noise(sample: torch.Tensor, model_output: torch.Tensor,
     """
     x, m = sample.float(), model_output.float()
     a = params.alpha_bar_t
-    if params.prediction_type == "epsilon":
+    if params.prediction_type == "flow":   # m is the velocity noise - x0; a holds sigma_t
+        x0 = x - a * m
+        eps = x + (1 - a) * m
+    elif params.prediction_type == "epsilon":
         x0 = (x - math.sqrt(1 - a) * m) / math.sqrt(a)
         eps = m
     elif params.prediction_type == "v_prediction":
@@ -135,6 +165,6 @@ def transition_reference(sample: torch.Tensor, model_output: torch.Tensor, size:
     x0_up = F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
     if params.renoise == "predicted":
         noise = F.interpolate(eps, size=size, mode="bilinear", align_corners=False)
-    an = params.alpha_bar_next
-    out = math.sqrt(an) * x0_up + math.sqrt(1 - an) * noise.float()
+    _, _, a_next, b_next = params.coefficients()
+    out = a_next * x0_up + b_next * noise.float()
     return out.to(sample.dtype)

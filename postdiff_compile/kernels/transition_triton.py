@@ -11,7 +11,6 @@ On CPU this runs only under TRITON_INTERPRET=1 (set before this module is import
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
@@ -38,6 +37,9 @@ def _x0_eps(sample_ptr, model_ptr, idx, mask, sqrt_a, sqrt_1ma, clamp,
     elif PRED == 1:  # v_prediction
         x0 = sqrt_a * x - sqrt_1ma * m
         eps = sqrt_a * m + sqrt_1ma * x
+    elif PRED == 3:  # flow: m is the velocity noise - x0; sqrt_a, sqrt_1ma hold 1 - sigma, sigma
+        x0 = x - sqrt_1ma * m
+        eps = x + sqrt_a * m
     else:  # sample
         x0 = m
         eps = x0
@@ -130,13 +132,13 @@ def transition_triton(sample: torch.Tensor, model_output: torch.Tensor, size: tu
         mode, noise_arg = NOISE_SEED, out
     else:
         mode, noise_arg = NOISE_TENSOR, noise.contiguous()
-    a, an = params.alpha_bar_t, params.alpha_bar_next
+    coef_t, noise_t, coef_next, noise_next = params.coefficients()
     with _device_guard(out.device):
         _transition_kernel[(triton.cdiv(n_out, _BLOCK),)](
             sample, model_output, noise_arg, out, 0 if seed is None else seed,
             n_out, h, w, H, W, _ratio(h, H), _ratio(w, W),
             # Python floats arrive as fp32, rounded as ATen rounds a scalar operand of a float32 op.
-            math.sqrt(a), math.sqrt(1 - a), math.sqrt(an), math.sqrt(1 - an), params.clamp_x0,
+            coef_t, noise_t, coef_next, noise_next, params.clamp_x0,
             PRED=PREDICTION_TYPES.index(params.prediction_type), NOISE=mode, CLAMP=params.clamp_x0 > 0,
             INT64=max(n_out, sample.numel()) + _BLOCK > _INT32_MAX, BLOCK=_BLOCK)
     return out
