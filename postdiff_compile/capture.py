@@ -127,7 +127,8 @@ def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -
     if family.kind.packed_latent:                 # FLUX: rotary positions of the text and image tokens
         specs += [TensorSpec("txt_ids", (bucket.text_length, 3), dt), TensorSpec("img_ids", (h * w // 4, 3), dt)]
         if config.get("guidance_embeds"):         # FLUX-dev: the distilled guidance scale
-            specs.append(TensorSpec("guidance", (b,), TIMESTEP_DTYPE))
+            # in the latent dtype, as the other inputs: the transformer casts it to that dtype first thing anyway
+            specs.append(TensorSpec("guidance", (b,), dt))
     return specs
 
 

@@ -37,10 +37,29 @@ def make_scheduler(config: dict, path: Path | None = None) -> Any:
                             f"{str(err)[:200]}", path) from None
 
 
+def flow_matching(scheduler: Any) -> bool:
+    """Whether the scheduler walks the flow-matching path x = (1 - sigma) x0 + sigma noise (SD3, FLUX)."""
+    return any(cls.__name__.startswith("FlowMatch") for cls in type(scheduler).__mro__)
+
+
+def prediction_type(scheduler: Any) -> str:
+    """What the denoiser's output means to this scheduler: "flow" (the velocity noise - x0) for flow-matching
+    schedulers, else the config's prediction type."""
+    return "flow" if flow_matching(scheduler) else scheduler.config.get("prediction_type", "epsilon")
+
+
 def check_scheduler(scheduler: Any) -> None:
     """Refuse schedulers the transition's equations do not describe, with what to use instead."""
     name = type(scheduler).__name__
     config = scheduler.config
+    if flow_matching(scheduler):
+        if not hasattr(scheduler, "set_begin_index") or getattr(scheduler, "sigmas", None) is None:
+            raise PostDiffError(f"mixed resolution restarts the scheduler at the switch step and reads its sigmas; "
+                                f"{name} has no set_begin_index or sigma table; use FlowMatchEulerDiscreteScheduler")
+        if config.get("stochastic_sampling") or config.get("invert_sigmas"):
+            raise PostDiffError(f"mixed resolution re-noises on the flow path from sigma to the next sigma; {name} "
+                                "with stochastic_sampling or invert_sigmas walks another path: turn them off")
+        return
     instead = ("; set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) (or DPM-Solver++, Euler, "
                "UniPC), or turn mixed resolution off with low_res_fraction=0")
     if not any(cls.__name__ in STATELESS for cls in type(scheduler).__mro__) and \
@@ -74,16 +93,27 @@ def alpha_bars(scheduler: Any, timesteps: torch.Tensor, step: int) -> tuple[floa
     return tuple(float(scheduler.alphas_cumprod[int(timesteps[i])]) for i in (step, step + 1))
 
 
+def transition_levels(scheduler: Any, timesteps: torch.Tensor, step: int) -> tuple[float, float]:
+    """The noise levels the transition after step `step` (the last low-resolution one) goes between: the
+    scheduler's sigmas at `step` and `step + 1` on the flow path, else its alpha-bars there (`alpha_bars`)."""
+    if flow_matching(scheduler):
+        sigmas = scheduler.sigmas
+        return float(sigmas[step]), float(sigmas[step + 1])
+    return alpha_bars(scheduler, timesteps, step)
+
+
 def set_begin(scheduler: Any, begin: int) -> None:
     """Put the scheduler's step counter at `begin` (a no-op for the stateless ones, which have no counter)."""
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(begin)
 
 
-def restart(scheduler: Any, steps: int, begin: int, device: Any = None) -> None:
+def restart(scheduler: Any, steps: int, begin: int, device: Any = None, **timestep_kwargs: Any) -> None:
     """The restart at the switch step: set_timesteps clears a multistep scheduler's history (the timesteps
-    come out the same), then the counter moves to `begin`."""
-    scheduler.set_timesteps(steps, device=device)
+    come out the same; `timestep_kwargs`: FLUX's sigmas and shift mu, as the first call had them), then the
+    counter moves to `begin`. A flow-matching scheduler needs it too: its step counter would otherwise stay on
+    the step the transition replaced."""
+    scheduler.set_timesteps(steps, device=device, **timestep_kwargs)
     set_begin(scheduler, begin)
 
 

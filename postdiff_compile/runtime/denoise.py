@@ -44,6 +44,9 @@ class DenoiseRequest:
     latent_input: str = "sample"          # the denoiser's latent input name ("hidden_states" for PixArt)
     generator: Any = None                 # draws the transition's fresh noise (as the pipeline's own draws)
     restart_scheduler: Callable[[int], None] | None = None   # called with the switch step after the transition
+    # Inputs shared by every image of the batch that depend on the step's latent size at most: FLUX's rotary
+    # positions (txt_ids, img_ids), given the latent (h, w).
+    shared_inputs: Callable[[tuple[int, int]], dict[str, torch.Tensor]] | None = None
 
 
 def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> torch.Tensor:
@@ -83,9 +86,11 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
     # Every step's timestep input on the denoiser's device in one copy, not one per step: on a GPU a per-step
     # host-to-device copy waits for the queue.
     timestep_inputs = req.timesteps.to(latents.device, torch.float32)
+    shared: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for step, t, t_input in zip(plan, req.timesteps, timestep_inputs):
         model_input = torch.cat([latents] * 2) if step.cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
+        if hasattr(scheduler, "scale_model_input"):   # flow-matching schedulers scale nothing and have none
+            model_input = scheduler.scale_model_input(model_input, t)
         if step.cfg:
             context, cond = cfg_embeds, cfg_added
         elif CROSS_ATTN in step.reads:
@@ -96,8 +101,11 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
                         model_input.dtype)
         variant = store.get(step.variant, bucket, plan.cache_branch)
         timestep = t_input.expand(model_input.shape[0])
+        size = (model_input.shape[2], model_input.shape[3])
+        if req.shared_inputs is not None and size not in shared:
+            shared[size] = req.shared_inputs(size)
         values = {req.latent_input: model_input, "timestep": timestep, "encoder_hidden_states": context, **cond,
-                  **caches}
+                  **shared.get(size, {}), **caches}
         missing = [name for name in variant.inputs if name not in values]
         if missing:
             raise ValueError(f"step {step.index} ({step.variant}) needs input(s) {', '.join(missing)}")
@@ -144,7 +152,7 @@ def sample(variants: VariantSource, scheduler, plan: Plan, steps: int, *, channe
     scheduler.set_timesteps(steps, device=timestep_device)
     start = plan.transition.low_latent if plan.transition else full_latent
     latents = randn_tensor((1, channels, *start), generator=generator, device=device, dtype=dtype) \
-        * scheduler.init_noise_sigma
+        * getattr(scheduler, "init_noise_sigma", 1.0)
     request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, latent_input=latent_input,
                              extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
                              restart_scheduler=lambda begin: restart(scheduler, steps, begin, timestep_device),

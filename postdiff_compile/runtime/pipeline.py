@@ -17,7 +17,7 @@ from ..errors import PostDiffError
 from ..models.families import FamilySpec
 from ..models.load import load_denoiser
 from ..plan import build_plan, make_plan
-from ..schedulers import check_scheduler, set_begin
+from ..schedulers import check_scheduler, prediction_type, set_begin
 from ..variants import VariantStore, check_cache_branch
 from .adapters import adapter_state
 from .denoise import DenoiseRequest, denoise
@@ -57,7 +57,7 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool 
     """Make `pipe` denoise through postdiff-compile; returns `pipe`.
 
     `pipe` is a diffusers StableDiffusionPipeline (SD1.x, SD2.x, LCM U-Nets), LatentConsistencyModelPipeline,
-    StableDiffusionXLPipeline or PixArtAlphaPipeline, or a subclass of one.
+    StableDiffusionXLPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline or FluxPipeline, or a subclass of one.
 
     `preset` is a preset name or a whole PostDiffConfig; `overrides` set PostDiffConfig fields by name
     (unknown names are an error). `compile=True` runs each captured variant through `torch.compile` (compiled
@@ -147,7 +147,7 @@ def _call(self, *args, **kwargs):
     scale = self.vae_scale_factor
     full_latent = (cond.height // scale, cond.width // scale)
     plan = make_plan(runtime.config, len(timesteps), family=runtime.family, full_latent=full_latent,
-                     prediction_type=self.scheduler.config.prediction_type, cfg=cond.cfg)
+                     prediction_type=prediction_type(self.scheduler), cfg=cond.cfg)
     runtime.last_plan = list(plan)
     start_latent = plan.transition.low_latent if plan.transition else full_latent
     restart_scheduler = None
@@ -162,22 +162,26 @@ def _call(self, *args, **kwargs):
                 raise PostDiffError("the scheduler gave other timesteps when restarted at the resolution switch")
             set_begin(self.scheduler, begin)
 
-    if a.latents is not None and tuple(a.latents.shape[2:]) != start_latent:
+    if a.latents is not None and cond.prepare_latents is None and tuple(a.latents.shape[2:]) != start_latent:
         which = "low-resolution " if plan.transition else ""
         raise PostDiffError(f"the initial latents must be {which}{start_latent[0]}x{start_latent[1]}; got "
                             f"{tuple(a.latents.shape[2:])}")
     denoiser = runtime.store.denoiser
     # With mixed resolution, drawn exactly as diffusers would draw them for an image of the low-resolution size.
-    latents = self.prepare_latents(cond.batch, denoiser.config.in_channels, start_latent[0] * scale,
-                                   start_latent[1] * scale, cond.prompt_embeds.dtype, device, a.generator, a.latents)
+    if cond.prepare_latents is not None:
+        latents = cond.prepare_latents(start_latent)
+    else:
+        latents = self.prepare_latents(cond.batch, denoiser.config.in_channels, start_latent[0] * scale,
+                                       start_latent[1] * scale, cond.prompt_embeds.dtype, device, a.generator, a.latents)
     set_begin(self.scheduler, 0)   # as the SDXL and PixArt pipelines do; a no-op for a fresh schedule
     request = DenoiseRequest(latents=latents, timesteps=timesteps, prompt_embeds=cond.prompt_embeds,
                              negative_prompt_embeds=cond.negative_prompt_embeds, guidance_scale=a.guidance_scale,
                              guidance_rescale=a.guidance_rescale,
-                             extra_step_kwargs=self.prepare_extra_step_kwargs(a.generator, a.eta),
+                             extra_step_kwargs=self.prepare_extra_step_kwargs(a.generator, a.eta)
+                             if cond.step_kwargs is None else cond.step_kwargs,
                              added_cond=cond.added, negative_added_cond=cond.negative_added,
                              latent_input=runtime.store.latent_input, generator=a.generator,
-                             restart_scheduler=restart_scheduler)
+                             restart_scheduler=restart_scheduler, shared_inputs=cond.shared_inputs)
     with self.progress_bar(total=len(timesteps)) as bar:
         latents = denoise(runtime.source, self.scheduler, plan, request, on_step=lambda _: bar.update())
     return cond.finish(latents)

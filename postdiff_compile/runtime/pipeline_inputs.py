@@ -17,43 +17,14 @@ model. The values are inputs of every variant, so a caller can pass others.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import PostDiffError
+from .call_inputs import Conditioning, PipelineKind, batch_size as _batch
 from .conditioning import guidance_embedding
-
-
-@dataclass
-class Conditioning:
-    """One call's inputs to the loop, and how to turn its final latents into the pipeline's output."""
-    batch: int                                   # images (prompts x images per prompt)
-    height: int                                  # image size the loop runs for (after PixArt's binning)
-    width: int
-    cfg: bool
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
-    added: dict[str, torch.Tensor] = field(default_factory=dict)
-    negative_added: dict[str, torch.Tensor] = field(default_factory=dict)
-    timestep_kwargs: dict[str, Any] = field(default_factory=dict)   # extra set_timesteps arguments (LCM)
-    finish: Callable[[torch.Tensor], Any] | None = None
-
-
-@dataclass(frozen=True)
-class PipelineKind:
-    name: str
-    defaults: dict[str, Any]                     # the __call__ arguments this runtime implements, with defaults
-    prepare: Callable[[Any, Any], Conditioning]  # (pipe, arguments) -> Conditioning
-
-
-def _batch(prompt, prompt_embeds) -> int:
-    if prompt is not None:
-        return 1 if isinstance(prompt, str) else len(prompt)
-    if prompt_embeds is not None:
-        return prompt_embeds.shape[0]
-    raise PostDiffError("pass a prompt or prompt_embeds")
+from .pipeline_flow import prepare_flux, prepare_sd3
 
 
 def _timestep_cond(pipe, guidance_scale: float, batch: int, dtype, device) -> dict[str, torch.Tensor]:
@@ -258,6 +229,15 @@ KINDS = {kind.name: kind for kind in (
         _COMMON, negative_prompt="", num_inference_steps=20, guidance_scale=4.5, eta=0.0, prompt_attention_mask=None,
         negative_prompt_embeds=None, negative_prompt_attention_mask=None, clean_caption=True,
         use_resolution_binning=True, max_sequence_length=120, guidance_rescale=0.0), _prepare_pixart),
+    PipelineKind("StableDiffusion3Pipeline", dict(
+        _COMMON, prompt_2=None, prompt_3=None, num_inference_steps=28, guidance_scale=7.0, negative_prompt=None,
+        negative_prompt_2=None, negative_prompt_3=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None, clip_skip=None, max_sequence_length=256, skip_guidance_layers=None,
+        mu=None, guidance_rescale=0.0, eta=None), prepare_sd3),
+    PipelineKind("FluxPipeline", dict(
+        _COMMON, prompt_2=None, negative_prompt=None, negative_prompt_2=None, true_cfg_scale=1.0,
+        num_inference_steps=28, guidance_scale=3.5, pooled_prompt_embeds=None, negative_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None, max_sequence_length=512, guidance_rescale=0.0, eta=None), prepare_flux),
 )}
 
 

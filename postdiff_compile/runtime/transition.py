@@ -13,7 +13,7 @@ import torch
 from ..caches import CROSS_ATTN
 from ..plan import Transition
 from ..resolution import resize_tokens
-from ..schedulers import alpha_bars, sigma_space
+from ..schedulers import flow_matching, sigma_space, transition_levels
 
 
 def apply_transition(scheduler: Any, transition: Transition, latents: torch.Tensor, model_output: torch.Tensor,
@@ -30,10 +30,11 @@ def apply_transition(scheduler: Any, transition: Transition, latents: torch.Tens
     from ..kernels.transition_op import resolution_transition
     from ..kernels.transition_ref import TransitionParams
 
-    abar, abar_next = alpha_bars(scheduler, timesteps, transition.switch_step - 1)
-    params = TransitionParams(transition.prediction_type, abar, abar_next, transition.renoise, transition.clamp_x0)
+    level, level_next = transition_levels(scheduler, timesteps, transition.switch_step - 1)
+    params = TransitionParams(transition.prediction_type, level, level_next, transition.renoise, transition.clamp_x0)
     # In sigma space x = x_t / sqrt(abar): the same equations on x_t, scaled back at the next level.
-    to_vp, from_vp = (abar ** 0.5, abar_next ** -0.5) if sigma_space(scheduler) else (1.0, 1.0)
+    to_vp, from_vp = (level ** 0.5, level_next ** -0.5) if sigma_space(scheduler) and not flow_matching(scheduler) \
+        else (1.0, 1.0)
     shape = (latents.shape[0], latents.shape[1], *transition.full_latent)
     noise = seed = None
     if transition.renoise == "fresh":
