@@ -96,6 +96,7 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
     with timed("load"):
         loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type)
     family = loaded.family
+    family.check_artifacts(loaded.source)
     height, width = resolution or family.default_resolution
     full_latent = family.check_resolution(height, width, loaded.source)
     scheduler = {**family.scheduler(), "prediction_type": loaded.detection.prediction_type}

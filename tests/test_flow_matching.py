@@ -162,3 +162,35 @@ def test_flux_refuses_what_it_does_not_run():
     with pytest.raises(PostDiffError, match="packed"):
         run(pipe, "flux", latents=torch.zeros(1, 4, 16, 16))
     restore(pipe)
+
+
+def test_artifacts_are_refused_with_the_reason(tmp_path):
+    from tiny_models import tiny_denoiser
+
+    from postdiff_compile.compile import compile_artifact
+    from postdiff_compile.config import ConfigRequest
+
+    with pytest.raises(PostDiffError, match="flow-matching transformers .flux. are not built yet"):
+        compile_artifact(tiny_denoiser("flux"), ConfigRequest("none"), tmp_path / "out", resolution=(128, 128), steps=4)
+    assert not (tmp_path / "out").exists()
+
+
+def test_explain_counts_the_block_cache_and_the_low_resolution_steps():
+    """SD3-medium at 1024 px on the meta device: quality's 14 of 28 steps at 96x96 latent (beta 3/4) and balanced's
+    shallow steps each cost less than a full step; the counts are the graphs', not a formula's."""
+    from postdiff_compile.config import resolve_config
+    from postdiff_compile.explain import explain
+    from postdiff_compile.models.families import get_family
+
+    family = get_family("sd3")
+    none = explain(family, resolve_config("none", family="sd3"), steps=28, resolution=(1024, 1024))
+    quality = explain(family, resolve_config("quality", family="sd3"), steps=28, resolution=(1024, 1024))
+    balanced = explain(family, resolve_config("balanced", family="sd3"), steps=28, resolution=(1024, 1024))
+    assert quality.low_res_latent == (96, 96) and sum(s.step.low_res for s in quality.steps) == 14
+    per_step = none.total.paper / 28
+    low = [s.flops.paper for s in quality.steps if s.step.low_res]
+    # token count falls to 9/16; the linear layers scale with it, the pooled and timestep paths do not
+    assert all(0.5 < f / per_step < 0.6 for f in low)
+    shallow = [s.flops.paper for s in balanced.steps if s.step.variant.startswith("shallow")]
+    assert shallow and all(f < min(low) for f in shallow)
+    assert none.total.paper > quality.total.paper > balanced.total.paper

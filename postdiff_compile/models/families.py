@@ -155,6 +155,13 @@ class FamilySpec:
         side = (self.default_latent or self.config()["sample_size"]) * self.vae_scale_factor
         return side, side
 
+    def check_artifacts(self, source: str | None = None) -> None:
+        """A clear error for a family whose compiled artifacts are not built yet (before any slow work)."""
+        if self.flow_matching:
+            raise PostDiffError(f"artifacts of flow-matching transformers ({self.name}) are not built yet (their "
+                                "runners need the shifted sigma schedule, FLUX's positions and guidance); run the "
+                                "model with optimize(pipe), or explain it", source)
+
     def config(self) -> dict:
         config = copy.deepcopy(_load_json(self.denoiser_config))
         if self.guidance_embedding:
