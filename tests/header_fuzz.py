@@ -28,7 +28,8 @@ for p in (str(ROOT), str(ROOT / "tests")):
 
 FIXTURES = ROOT / "tests" / "fixtures" / "headers"
 TINY_SEEDS = (("sd15", "ldm"), ("sdxl", "ldm"), ("sd15", "diffusers"), ("pixart_alpha", "pixart_original"),
-              ("lcm_sd15", "ldm"), ("pixart_alpha_sized", "diffusers"))
+              ("lcm_sd15", "ldm"), ("pixart_alpha_sized", "diffusers"), ("sd3", "sd3_original"),
+              ("flux", "flux_original"))
 MAX_SECONDS = 5.0
 
 

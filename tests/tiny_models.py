@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from postdiff_compile.models.key_maps import LDM_PREFIX, original_source
+from postdiff_compile.models.key_maps import RELEASED_PREFIX, original_source
 
 TINY_CONFIGS = {
     "sd15": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
@@ -93,13 +93,15 @@ def original_state_dict(model: torch.nn.Module, layout: str, prefix: str = "") -
     groups: dict[str, dict[int, torch.Tensor]] = {}
     for key, tensor in model.state_dict().items():
         src = original_source(layout, key, config, prefix)
-        groups.setdefault(src.name, {})[src.chunk] = tensor
+        if src.swap:   # exchanging the halves is its own inverse
+            tensor = tensor.roll(tensor.shape[0] // 2, 0)
+        groups.setdefault(src.name, {})[src.chunk] = tensor   # parts in row order (FLUX's MLP part spans 4)
     return {name: torch.cat([parts[i] for i in sorted(parts)], dim=0).contiguous() for name, parts in groups.items()}
 
 
 def write_checkpoint(model: torch.nn.Module, path: Path, layout: str, extra: dict | None = None,
                      dtype: torch.dtype | None = None, metadata: dict | None = None) -> Path:
-    prefix = LDM_PREFIX if layout == "ldm" else ""
+    prefix = RELEASED_PREFIX.get(layout, "")
     state = original_state_dict(model, layout, prefix)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

@@ -3,8 +3,9 @@
 The input is {name: shape}, as read from a safetensors header (no tensor data), a diffusers folder's
 weights, or an in-memory state dict. Rules follow ComfyUI's model_detection and diffusers'
 single_file_utils (../shared/reference/prior-art-compilers.md section 6): the layout from sentinel keys,
-the block structure from counting blocks (detect_unet.py, detect_pixart.py), the family from the
-text-conditioning widths. When nothing matches, the error names the closest family (closest_family.py).
+the block structure from counting blocks (detect_unet.py, detect_pixart.py, detect_sd3.py, detect_flux.py),
+the family from the text-conditioning widths (U-Nets) or the tensor names (transformers). When nothing
+matches, the error names the closest family (closest_family.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import PostDiffError
 from .closest_family import unknown_architecture
+from .detect_flux import detect_flux
 from .detect_pixart import detect_pixart
+from .detect_sd3 import detect_sd3
 from .detect_unet import detect_unet, diffusers_view, ldm_view
 from .families import get_family
 from .key_maps import LDM_PREFIX
@@ -36,7 +39,8 @@ def detect(shapes: Shapes, source: str | None = None, metadata: dict[str, str] |
         raise unknown_architecture(shapes, source, "the tensor shapes match no known family", err.evidence) from None
     if detection is None:
         raise unknown_architecture(shapes, source,
-                                   "no known denoiser layout found (LDM/SGM, diffusers or PixArt tensor names)")
+                                   "no known denoiser layout found (LDM/SGM, diffusers, PixArt, SD3 or FLUX "
+                                   "tensor names)")
     declared = _prediction_from_metadata(metadata)
     if declared:
         detection.prediction_type = declared
@@ -48,15 +52,23 @@ def detect(shapes: Shapes, source: str | None = None, metadata: dict[str, str] |
 
 def _match(shapes: Shapes) -> Detection | None:
     shapes = CheckedShapes(shapes)
-    for prefix in (LDM_PREFIX, ""):
+    for prefix in (LDM_PREFIX, ""):   # SD3 and FLUX files saved by ComfyUI also carry the LDM prefix
         if f"{prefix}input_blocks.0.0.weight" in shapes:
             return detect_unet(ldm_view(shapes, prefix), "ldm", prefix)
+        if f"{prefix}x_embedder.proj.weight" in shapes and f"{prefix}context_embedder.weight" in shapes:
+            return detect_sd3(shapes, "sd3_original", prefix)   # PixArt's original names have no context embedder
+        if f"{prefix}img_in.weight" in shapes and f"{prefix}txt_in.weight" in shapes:
+            return detect_flux(shapes, "flux_original", prefix)
     if "conv_in.weight" in shapes and "down_blocks.0.resnets.0.conv1.weight" in shapes:
         return detect_unet(diffusers_view(shapes), "diffusers", "")
     if "t_block.1.weight" in shapes and "x_embedder.proj.weight" in shapes:
         return detect_pixart(shapes, "pixart_original")
     if "adaln_single.linear.weight" in shapes and "pos_embed.proj.weight" in shapes:
         return detect_pixart(shapes, "diffusers")
+    if "pos_embed.proj.weight" in shapes and "context_embedder.weight" in shapes:
+        return detect_sd3(shapes, "diffusers", "")
+    if "x_embedder.weight" in shapes and "context_embedder.weight" in shapes:
+        return detect_flux(shapes, "diffusers", "")
     return None
 
 

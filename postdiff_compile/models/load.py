@@ -130,12 +130,11 @@ def _assemble(files: _WeightFiles, detection: Detection, dtype: torch.dtype | No
     state = {}
     for key, src in wanted.items():
         stored = files.read(src.name)
-        need = (expected[key].shape[0] * src.chunks, *expected[key].shape[1:])  # a fused tensor holds all chunks
+        need = (src.stored_rows(expected[key].shape[0]), *expected[key].shape[1:])  # a fused tensor holds all parts
         if tuple(stored.shape) != need:
             raise PostDiffError(f"tensor {src.name!r} has shape {tuple(stored.shape)}, but the detected "
                                 f"{detection.family} architecture needs {need}", source)
-        tensor = stored.chunk(src.chunks, dim=0)[src.chunk] if src.chunks > 1 else stored
-        state[key] = tensor.to(target)
+        state[key] = src.take(stored).to(target)
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
     files_read = sorted({files.where[src.name].path for src in wanted.values()})
@@ -210,7 +209,8 @@ def _folder_weights(model_dir: Path) -> list[Path]:
 
 
 # Config fields a folder's config.json must agree on with what detection read from the weights' shapes.
-_STRUCTURAL = ("in_channels", "block_out_channels", "layers_per_block", "num_layers", "patch_size")
+_STRUCTURAL = ("in_channels", "block_out_channels", "layers_per_block", "num_layers", "num_single_layers",
+               "patch_size")
 
 
 def _read_json(path: Path) -> dict:

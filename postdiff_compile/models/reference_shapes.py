@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .families import FAMILIES, get_family
-from .key_maps import LDM_PREFIX
+from .key_maps import RELEASED_PREFIX
 
 TABLE = "reference_shapes.json.gz"
 
@@ -32,11 +32,11 @@ def build_shapes(family: str, layout: str) -> dict[str, tuple[int, ...]]:
 
     spec = get_family(family)
     model = build_denoiser(spec.denoiser_class, spec.config(), device="meta")
-    prefix = LDM_PREFIX if layout == "ldm" else ""
+    prefix = RELEASED_PREFIX.get(layout, "")
     shapes: dict[str, tuple[int, ...]] = {}
     for key, tensor in model.state_dict().items():
         src = original_source(layout, key, spec.config(), prefix)
-        shapes[src.name] = (tensor.shape[0] * src.chunks, *tensor.shape[1:])  # fused tensors hold all chunks
+        shapes[src.name] = (src.stored_rows(tensor.shape[0]), *tensor.shape[1:])  # fused tensors hold all parts
     return shapes
 
 

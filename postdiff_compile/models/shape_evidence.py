@@ -11,7 +11,7 @@ Shapes = dict[str, tuple[int, ...]]
 @dataclass
 class Detection:
     family: str
-    layout: str                 # "ldm" (also SGM), "diffusers", "pixart_original"
+    layout: str                 # "ldm" (also SGM), "diffusers", "pixart_original", "sd3_original", "flux_original"
     prefix: str                 # what the denoiser's tensor names start with in the file
     config: dict                # diffusers config of the denoiser, inferred from the shapes
     prediction_type: str
@@ -62,7 +62,8 @@ def count_blocks(s: Shapes, prefix: str) -> int:
 # meta device) would hang; every released checkpoint is far inside these.
 _BOUNDS = {"levels": (1, 8), "layers_per_block": (1, 16), "attention_depth": (0, 64), "channels": (1, 1 << 16),
            "num_layers": (1, 256), "patch_size": (1, 16), "in_channels": (1, 1024), "out_channels": (1, 1024),
-           "context_dim": (1, 1 << 16), "guidance_embedding": (0, 1 << 16), "adm_channels": (1, 1 << 16)}
+           "context_dim": (1, 1 << 16), "guidance_embedding": (0, 1 << 16), "adm_channels": (1, 1 << 16),
+           "pos_embed_max_size": (1, 1024)}   # SD3's positional table is built (sin-cos) with the model
 
 
 def bounded(evidence: list[str], **values: int | list[int] | None) -> None:
