@@ -55,11 +55,12 @@ TINY_CONFIGS["pixart_alpha_sized"] = dict(TINY_CONFIGS["pixart_alpha_deep"], att
 TINY_CONFIGS["sdxl_deep"] = dict(TINY_CONFIGS["sdxl"], layers_per_block=2)
 # Flow-matching transformers: SD3 (joint blocks, the last one context_pre_only) and FLUX (double-stream then
 # single-stream blocks, rotary positions; dev with the guidance embedding, schnell without). Six SD3 blocks and
-# 3 + 3 FLUX blocks, so every preset's block cache keeps blocks at each end and FLUX's range spans both kinds.
+# 4 + 5 FLUX blocks, so every preset's block cache (branch 2 and 4) keeps blocks at each end and caches at least
+# one, and FLUX's cached range spans both block kinds.
 TINY_CONFIGS["sd3"] = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=8,
                            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
                            pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32)
-TINY_CONFIGS["flux"] = dict(patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, attention_head_dim=16,
+TINY_CONFIGS["flux"] = dict(patch_size=1, in_channels=16, num_layers=4, num_single_layers=5, attention_head_dim=16,
                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 TINY_CONFIGS["flux_schnell"] = dict(TINY_CONFIGS["flux"], guidance_embeds=False)
@@ -132,13 +133,15 @@ def _scheduler(family: str, scheduler: str):
     return getattr(diffusers, name).from_config(sched_config)
 
 
-def _tiny_vae(seed: int):
+def _tiny_vae(seed: int, flow: bool = False):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    # SD3 and FLUX VAEs shift as well as scale their latents (shift_factor)
+    extra = dict(shift_factor=0.1, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False) if flow else {}
     return AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         norm_num_groups=32).eval()
+                         norm_num_groups=32, **extra).eval()
 
 
 def tiny_sd_pipeline(family: str = "sd15", scheduler: str = "ddim", seed: int = 0):
@@ -156,8 +159,9 @@ def tiny_pipeline(family: str, scheduler: str = "default", seed: int = 0):
     """The diffusers pipeline class each family ships with, around a tiny denoiser, without text encoders."""
     import diffusers
 
-    vae, denoiser, sched = _tiny_vae(seed), tiny_denoiser(family, seed), _scheduler(family, scheduler)
     base = base_family(family)
+    vae, denoiser = _tiny_vae(seed, base in ("sd3", "flux", "flux_schnell")), tiny_denoiser(family, seed)
+    sched = _scheduler(family, scheduler)
     if base in ("sd15", "sd2"):
         return tiny_sd_pipeline(family, "ddim" if scheduler == "default" else scheduler, seed)
     if base == "lcm_sd15":
@@ -171,6 +175,13 @@ def tiny_pipeline(family: str, scheduler: str = "default", seed: int = 0):
     elif base == "pixart_alpha":
         pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=denoiser,
                                              scheduler=sched)
+    elif base == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=denoiser, scheduler=sched, vae=vae, text_encoder=None,
+                                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                                  text_encoder_3=None, tokenizer_3=None)
+    elif base.startswith("flux"):
+        pipe = diffusers.FluxPipeline(transformer=denoiser, scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
+                                      text_encoder_2=None, tokenizer_2=None)
     else:
         raise ValueError(family)
     pipe.set_progress_bar_config(disable=True)
@@ -190,6 +201,16 @@ def pipeline_embeds(family: str, seed: int = 0) -> dict:
         return dict(prompt_embeds=torch.randn(1, length, width, generator=gen), prompt_attention_mask=mask,
                     negative_prompt_embeds=torch.randn(1, length, width, generator=gen),
                     negative_prompt_attention_mask=negative_mask, negative_prompt=None)
+    if base in ("sd3", "flux", "flux_schnell"):   # T5 (+ CLIP for SD3) tokens and pooled CLIP embeddings
+        config = TINY_CONFIGS[base]
+        length, width, pooled = (12 if base == "sd3" else 10), config["joint_attention_dim"], \
+            config["pooled_projection_dim"]
+        embeds = dict(prompt_embeds=torch.randn(1, length, width, generator=gen),
+                      pooled_prompt_embeds=torch.randn(1, pooled, generator=gen))
+        if base == "sd3":
+            embeds.update(negative_prompt_embeds=torch.randn(1, length, width, generator=gen),
+                          negative_pooled_prompt_embeds=torch.randn(1, pooled, generator=gen))
+        return embeds
     width = TINY_CONFIGS[base]["cross_attention_dim"]
     embeds = dict(prompt_embeds=torch.randn(1, 77, width, generator=gen))
     if not base.startswith("lcm"):
