@@ -87,20 +87,13 @@ def unpack_latent(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor
     return grid.reshape(b, channels // 4, height, width)
 
 
-def flux_position_ids(latent: tuple[int, int], extent: tuple[int, int] | None = None,
-                      dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def flux_position_ids(latent: tuple[int, int], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """FLUX's img_ids for a latent of `latent` = (h, w): one row (0, row, column) per packed token, as
-    FluxPipeline._prepare_latent_image_ids. With `extent` (a larger latent), the rows and columns are spread
-    over that latent's grid instead (fractional positions, the same extent on a coarser grid)."""
+    FluxPipeline._prepare_latent_image_ids."""
     rows, cols = latent[0] // 2, latent[1] // 2
-    r = torch.arange(rows, device=device, dtype=torch.float32)
-    c = torch.arange(cols, device=device, dtype=torch.float32)
-    if extent is not None:
-        r = r * ((extent[0] // 2) / rows)
-        c = c * ((extent[1] // 2) / cols)
     ids = torch.zeros(rows, cols, 3, device=device, dtype=torch.float32)
-    ids[..., 1] = r[:, None]
-    ids[..., 2] = c[None, :]
+    ids[..., 1] = torch.arange(rows, device=device, dtype=torch.float32)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device, dtype=torch.float32)[None, :]
     return ids.reshape(rows * cols, 3).to(dtype)
 
 

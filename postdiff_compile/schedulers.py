@@ -108,12 +108,10 @@ def set_begin(scheduler: Any, begin: int) -> None:
         scheduler.set_begin_index(begin)
 
 
-def restart(scheduler: Any, steps: int, begin: int, device: Any = None, **timestep_kwargs: Any) -> None:
+def restart(scheduler: Any, steps: int, begin: int, device: Any = None) -> None:
     """The restart at the switch step: set_timesteps clears a multistep scheduler's history (the timesteps
-    come out the same; `timestep_kwargs`: FLUX's sigmas and shift mu, as the first call had them), then the
-    counter moves to `begin`. A flow-matching scheduler needs it too: its step counter would otherwise stay on
-    the step the transition replaced."""
-    scheduler.set_timesteps(steps, device=device, **timestep_kwargs)
+    come out the same), then the counter moves to `begin`."""
+    scheduler.set_timesteps(steps, device=device)
     set_begin(scheduler, begin)
 
 

@@ -13,7 +13,7 @@ import torch
 from ..caches import CROSS_ATTN
 from ..plan import Transition
 from ..resolution import resize_tokens
-from ..schedulers import flow_matching, sigma_space, transition_levels
+from ..schedulers import sigma_space, transition_levels
 
 
 def apply_transition(scheduler: Any, transition: Transition, latents: torch.Tensor, model_output: torch.Tensor,
@@ -32,9 +32,9 @@ def apply_transition(scheduler: Any, transition: Transition, latents: torch.Tens
 
     level, level_next = transition_levels(scheduler, timesteps, transition.switch_step - 1)
     params = TransitionParams(transition.prediction_type, level, level_next, transition.renoise, transition.clamp_x0)
-    # In sigma space x = x_t / sqrt(abar): the same equations on x_t, scaled back at the next level.
-    to_vp, from_vp = (level ** 0.5, level_next ** -0.5) if sigma_space(scheduler) and not flow_matching(scheduler) \
-        else (1.0, 1.0)
+    # In sigma space x = x_t / sqrt(abar): the same equations on x_t, scaled back at the next level. Flow-matching
+    # schedulers have no init_noise_sigma, so they are not in sigma space: their levels are the flow sigmas.
+    to_vp, from_vp = (level ** 0.5, level_next ** -0.5) if sigma_space(scheduler) else (1.0, 1.0)
     shape = (latents.shape[0], latents.shape[1], *transition.full_latent)
     noise = seed = None
     if transition.renoise == "fresh":
