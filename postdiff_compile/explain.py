@@ -139,7 +139,8 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
     steps = family.check_steps(steps or family.default_steps)
     cfg = cfg and family.classifier_free_guidance   # an LCM pipeline never batches CFG
     plan = make_plan(config, steps, family=family, full_latent=latent, prediction_type=family.prediction_type,
-                     cfg=cfg)
+                     cfg=cfg, timesteps=family_timesteps(family, steps, latent) if config.attn_broadcast_interval > 1
+                     else None)
     low = plan.transition.low_latent if plan.transition else None
     architecture = _architecture(family, denoiser_config)
     store = _meta_store(family, denoiser_config, architecture)
@@ -166,6 +167,18 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
     if costs is not None:
         _predict(result, costs, family, denoiser_config, cfg, on_stage)
     return result
+
+
+def family_timesteps(family: FamilySpec, steps: int, latent: tuple[int, int]) -> list[float]:
+    """The timesteps of the family's bundled scheduler as its pipeline sets them for this latent (FLUX's sigmas and
+    shift mu): what the attention broadcast's timestep window is planned on."""
+    from .schedulers import make_scheduler, timestep_kwargs
+
+    config = family.scheduler()
+    scheduler = make_scheduler(config)
+    tokens = latent[0] * latent[1] // family.latent_multiple ** 2
+    scheduler.set_timesteps(steps, **timestep_kwargs(config, steps, tokens, family.kind.linspace_sigmas))
+    return [float(t) for t in scheduler.timesteps]
 
 
 def variant_traffic(family: FamilySpec, variant_id: str, cache_branch: int = 0, denoiser_config: dict | None = None,

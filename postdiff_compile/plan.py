@@ -19,12 +19,20 @@ Rules (peers.md 1.5, 2.3-2.5):
   transition (x0 prediction, upsample, re-noise) replaces the scheduler step, at no extra denoiser call.
   A low-resolution deep feature cannot feed a full-resolution step, so step L is full and the uniform
   schedule restarts there. The cross-attention cache crosses the switch: the runtime resizes it.
+- Attention broadcast with interval N (Pyramid Attention Broadcast, `broadcast_roles`): a counter of steps that
+  restarts at 0 at step 0, at the switch and (with the cross-attention cache) at steps m - 1 and m, where the
+  attentions' shape or batch changes or step m - 1 must compute them for the cross-attention cache. A step reads
+  every self-attention output from the cache when its count is not a multiple of N and its timestep t lies
+  strictly inside (attn_broadcast_t_low, attn_broadcast_t_high); the others compute them, and write them when a
+  later step reads them before they are computed again. Without restarts this is diffusers' PAB hook, whose
+  counter counts the attention's calls, one per step. A DeepCache shallow step takes part with the attentions it
+  runs (the blocks it recomputes); the middle blocks' entries are those of the last full step that wrote them.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .caches import CROSS_ATTN
@@ -115,9 +123,10 @@ class Plan:
 
 
 def make_plan(config: PostDiffConfig, num_steps: int, *, family: FamilySpec, full_latent: tuple[int, int],
-              prediction_type: str, cfg: bool = True) -> Plan:
-    """`build_plan` with the settings that run it and, with mixed resolution, the transition."""
-    steps = tuple(build_plan(config, num_steps, cfg=cfg))
+              prediction_type: str, cfg: bool = True, timesteps: Sequence[float] | None = None) -> Plan:
+    """`build_plan` with the settings that run it and, with mixed resolution, the transition. `timesteps`, the
+    scheduler's, are needed only by an attention broadcast that reads at some step."""
+    steps = tuple(build_plan(config, num_steps, cfg=cfg, timesteps=timesteps))
     switch = switch_step_of(steps)
     transition = Transition(switch_step=switch, full_latent=tuple(full_latent),
                             low_latent=low_res_latent(family, full_latent, config.low_res_scale),
@@ -127,8 +136,10 @@ def make_plan(config: PostDiffConfig, num_steps: int, *, family: FamilySpec, ful
                 transition=transition)
 
 
-def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list[Step]:
-    """The plan for `num_steps` steps; `cfg` says whether the pipeline uses classifier-free guidance."""
+def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True,
+               timesteps: Sequence[float] | None = None) -> list[Step]:
+    """The plan for `num_steps` steps; `cfg` says whether the pipeline uses classifier-free guidance; `timesteps`
+    are the scheduler's (the attention broadcast's window is in timesteps)."""
     if num_steps < 1:
         raise PostDiffError(f"the number of steps must be at least 1, got {num_steps}")
     switch = switch_step(config.low_res_scale, config.low_res_fraction, num_steps)
@@ -138,17 +149,60 @@ def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True) -> list
                       "be read, so it is off for this call", stacklevel=2)
         gate = None
     full = full_steps(config, num_steps, gate, switch, cfg)
+    restarts = {0, switch, *((gate - 1, gate) if gate is not None else ())}
+    broadcast = broadcast_roles(config, num_steps, full, restarts, timesteps)
 
     specs = []
     for i in range(num_steps):
         ca = "compute" if gate is None else "write" if i == gate - 1 else "read" if i >= gate else "compute"
         deep = "full" if i in full else "shallow"
         write_dc = deep == "full" and i + 1 < num_steps and (i + 1) not in full
-        specs.append(VariantSpec(deep, write_dc, ca))
+        specs.append(VariantSpec(deep, write_dc, ca, broadcast[i]))
     plan = [Step(i, s.name, cfg and (gate is None or i < gate), s.reads, s.writes, i < switch)
             for i, s in enumerate(specs)]
     check_plan(plan)
     return plan
+
+
+def broadcast_roles(config: PostDiffConfig, num_steps: int, full: set[int], restarts: set[int],
+                    timesteps: Sequence[float] | None) -> list[str]:
+    """Per step, what the attention broadcast does: "compute", "write" or "read" (the rule in this module's
+    docstring). Timesteps are read only for steps the counter would let read."""
+    interval = config.attn_broadcast_interval
+    roles = ["compute"] * num_steps
+    if interval <= 1:
+        return roles
+    count = 0
+    for i in range(num_steps):
+        count = 0 if i in restarts else count
+        if count % interval and _in_broadcast_window(config, timesteps, i):
+            roles[i] = "read"
+        count += 1
+    for i, role in enumerate(roles):
+        if role == "compute" and _read_before_overwritten(roles, i, full, restarts):
+            roles[i] = "write"
+    return roles
+
+
+def _read_before_overwritten(roles: list[str], index: int, full: set[int], restarts: set[int]) -> bool:
+    """Whether a later step reads what step `index` computed before a restart or a computing step that holds all
+    of it again: a full step runs every attention, so only the next full computing step does; a shallow step's
+    (the blocks it recomputes) any computing step."""
+    for j in range(index + 1, len(roles)):
+        if j in restarts:
+            return False
+        if roles[j] == "read":
+            return True
+        if j in full or index not in full:
+            return False
+    return False
+
+
+def _in_broadcast_window(config: PostDiffConfig, timesteps: Sequence[float] | None, index: int) -> bool:
+    if timesteps is None:
+        raise PostDiffError("the attention broadcast reuses attention only inside its timestep window "
+                            "(attn_broadcast_t_low, attn_broadcast_t_high): planning it needs the scheduler's timesteps")
+    return config.attn_broadcast_t_low < float(timesteps[index]) < config.attn_broadcast_t_high
 
 
 def switch_step_of(plan: list[Step] | tuple[Step, ...]) -> int:

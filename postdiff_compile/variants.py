@@ -1,9 +1,10 @@
 """Variants: the specialised graphs one captured denoiser graph is rewritten into.
 
 A variant is named by what it does (`VariantSpec.name`, variant_spec.py), e.g. "full", "full+write_dc",
-"shallow+read_ca".
+"shallow+read_ca", "full+write_ab".
 It takes the denoiser inputs followed by the caches it reads and returns the noise prediction followed
-by the caches it writes; `Variant.inputs` / `.outputs` name them ("deepcache", "cross_attn:<attn2 path>").
+by the caches it writes; `Variant.inputs` / `.outputs` name them ("deepcache", "cross_attn:<attn2 path>",
+"attn_broadcast:<attention path>").
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from typing import Any
 import torch
 
 from .capture import Bucket, Captured, DenoiserCall, TensorSpec, capture, example_inputs
-from .caches import CROSS_ATTN, DEEPCACHE
+from .caches import ATTN_BROADCAST, CROSS_ATTN, DEEPCACHE
 from .config import PostDiffConfig
 from .models.families import FamilySpec, kind_of
 from .passes import graph_edit
+from .passes.attn_broadcast import attn_broadcast_graph
 from .passes.block_cache import block_cache_graph, check_block_branch
 from .passes.cross_attn import cross_attn_graph
 from .passes.deepcache import check_branch, deepcache_graph
+from .passes.joint_text import joint_text_graph
 from .variant_spec import VariantSpec
 from .verification import Verification, rel_l2
 
@@ -30,6 +33,10 @@ from .verification import Verification, rel_l2
 _DEEP_CACHES = {"deepcache": (check_branch, lambda graph, branch, mode, kind: deepcache_graph(graph, branch, mode)),
                 "block_cache": (check_block_branch, lambda graph, branch, mode, kind: block_cache_graph(
                     graph, branch, mode, kind.block_stacks))}
+# What the cross-attention cache holds, by denoiser class: the attn2 outputs, or for SD3's joint blocks (no attn2)
+# the text keys and values every joint attention reads and the pooled text embedding (passes/joint_text.py).
+# (A DenoiserKind field would be the registry's place; models/families.py is another change's for now.)
+_CROSS_ATTN_PASSES = {"SD3Transformer2DModel": joint_text_graph}
 
 
 def cache_blocks(denoiser: torch.nn.Module) -> int:
@@ -71,8 +78,13 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
         _, deep_pass = _DEEP_CACHES[captured.family.deep_cache]
         graph = deep_pass(graph, cache_branch, "read" if spec.deep == "shallow" else "write", captured.family.kind)
         (inputs if spec.deep == "shallow" else outputs).append(DEEPCACHE)
+    if spec.attn_broadcast != "compute":
+        # before the cross-attention pass: a joint-text read then skips the attentions read from this cache
+        ab = attn_broadcast_graph(graph, spec.attn_broadcast)
+        graph = ab.graph
+        (inputs if spec.attn_broadcast == "read" else outputs).extend(f"{ATTN_BROADCAST}:{e}" for e in ab.entries)
     if spec.cross_attn != "compute":
-        ca = cross_attn_graph(graph, spec.cross_attn)
+        ca = _CROSS_ATTN_PASSES.get(captured.family.kind.denoiser_class, cross_attn_graph)(graph, spec.cross_attn)
         graph = ca.graph
         (inputs if spec.cross_attn == "read" else outputs).extend(f"{CROSS_ATTN}:{m}" for m in ca.modules)
     module = graph_edit.to_module(root, graph)
@@ -127,7 +139,8 @@ def check_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modul
     with torch.no_grad():
         if any(name not in caches for name in needed):
             oracle_spec = VariantSpec("full", spec.deep == "shallow",
-                                      "write" if spec.cross_attn == "read" else "compute")
+                                      "write" if spec.cross_attn == "read" else "compute",
+                                      "write" if spec.attn_broadcast == "read" else "compute")
             oracle = build_variant(captured, oracle_spec, cache_branch, root)
             _, *written = oracle(*args)
             caches.update(zip(oracle.outputs[1:], written))

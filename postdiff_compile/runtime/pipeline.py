@@ -147,7 +147,7 @@ def _call(self, *args, **kwargs):
     scale = self.vae_scale_factor
     full_latent = (cond.height // scale, cond.width // scale)
     plan = make_plan(runtime.config, len(timesteps), family=runtime.family, full_latent=full_latent,
-                     prediction_type=prediction_type(self.scheduler), cfg=cond.cfg)
+                     prediction_type=prediction_type(self.scheduler), cfg=cond.cfg, timesteps=timesteps.tolist())
     runtime.last_plan = list(plan)
     start_latent = plan.transition.low_latent if plan.transition else full_latent
     restart_scheduler = None

@@ -22,8 +22,8 @@ def apply_transition(scheduler: Any, transition: Transition, latents: torch.Tens
 
     `generator` (a torch.Generator, a list of them, one per image, or None) draws the fresh noise.
 
-    `caches` is updated in place: cross-attention entries are resized, DeepCache features (which the
-    plan never reads across the switch) are dropped.
+    `caches` is updated in place: attn2 outputs are resized, the text-stream entries of SD3's cross-attention
+    cache kept, DeepCache features and attention broadcasts (which the plan never reads across the switch) dropped.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -51,8 +51,10 @@ def apply_transition(scheduler: Any, transition: Transition, latents: torch.Tens
     if from_vp != 1.0:
         full = full * from_vp
     for name in list(caches):
-        if name.startswith(CROSS_ATTN + ":"):
+        if name.startswith(CROSS_ATTN + ":") and name.endswith(".attn2"):
             caches[name] = resize_tokens(caches[name], low, transition.full_latent)
-        else:
+        elif not name.startswith(CROSS_ATTN + ":"):
             del caches[name]
+        # other cross-attention entries (SD3's text keys and values, the pooled text embedding) have no image
+        # tokens: the same at every resolution, kept as they are
     return full
