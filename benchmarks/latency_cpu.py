@@ -1,13 +1,18 @@
 """Latency on this CPU, one process: plain diffusers, our runtime per preset per backend, and the peers.
 
-    python benchmarks/latency_cpu.py --model reference|sd15 [--rounds 5] [--steps 20] [--resolution 256]
+    python benchmarks/latency_cpu.py --model reference|sd15|flux [--rounds 5] [--steps 20] [--resolution 256]
                                      [--backends eager,torch.compile,torch,onnxruntime,aoti]
                                      [--presets none,quality,balanced,fast] [--parts deepcache,deepcache+ca]
                                      [--peers DeepCacheSDHelper,tgate,tomesd] [--name NAME]
+    python benchmarks/latency_cpu.py --model flux [--rounds 3] [--resolution 512] [--presets ...]
+                                     [--hooks FirstBlockCache,PyramidAttentionBroadcast,FasterCache,TaylorSeer]
 
 Models: `reference` is the shipped reference model (pixel space, 32x32, its own weights); `sd15` is the
 SD1.5-architecture U-Net (bundled config, random weights) at --resolution (default 256x256) with a VAE that
-is not run. Only the denoising loop is timed: embeddings are given (random, fixed), latents come out.
+is not run. Only the denoising loop is timed: embeddings are given (random, fixed), latents come out. `flux` is a
+FLUX.1-dev-architecture transformer of reduced width and depth (random weights) at 512x512, its presets on eager
+against plain diffusers and diffusers' cache hooks, each with FLOPs and PSNR/SSIM of the decoded images: see
+benchmarks/latency_flux.py, which runs it (--backends and --peers do not apply).
 
 Rows, each a configuration on a backend:
   diffusers          the plain StableDiffusionPipeline (the baseline); `diffusers 8 steps` the fewer-steps one
@@ -81,17 +86,24 @@ def reference_pipeline():
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("reference", "sd15"), required=True)
-    parser.add_argument("--resolution", type=int, help="sd15 only (default 256); the reference model is 32x32")
+    parser.add_argument("--model", choices=("reference", "sd15", "flux"), required=True)
+    parser.add_argument("--resolution", type=int,
+                        help="sd15 (default 256) and flux (default 512); the reference model is 32x32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="eager,torch.compile," + ",".join(ARTIFACT_BACKENDS))
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--parts", default="", help=f"of {', '.join(PARTS)}; timed as the presets are")
     parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--hooks", default="FirstBlockCache,PyramidAttentionBroadcast,FasterCache,TaylorSeer",
+                        help="flux only: diffusers' cache hooks, at their documented defaults")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", help="default: latency_cpu_<model>")
     args = parser.parse_args()
+    if args.model == "flux":
+        from latency_flux import run
+
+        return run(args, parser)
     if args.rounds < 5:
         print(f"note: {args.rounds} rounds; the committed results use at least 5", file=sys.stderr)
 
