@@ -203,3 +203,23 @@ def test_explain_counts_the_fast_caches():
                              steps=steps, resolution=(128, 128), denoiser_config=TINY_CONFIGS[family]).total
                   for p in ("balanced", "fast")}
         assert counts["fast"].paper < counts["balanced"].paper and counts["fast"].true < counts["balanced"].true
+
+
+def test_first_block_cache_is_static_only_where_it_degenerates():
+    """diffusers' FirstBlockCache runs the remaining blocks when the first block's residual changed by more than
+    `threshold` (relative mean absolute change) since the last full step: data-dependent. Only two settings are
+    static: a negative threshold always computes (no cache), and infinity computes only the first step and reuses
+    its tail residual at every later one. Neither is a schedule worth planning; docs/method.md says so."""
+    from diffusers import FirstBlockCacheConfig, apply_first_block_cache
+
+    calls = []
+    baseline = run(tiny_pipeline("flux"), "flux", 6)
+    for threshold, expected in ((-1.0, 6), (float("inf"), 1)):
+        pipe = tiny_pipeline("flux")   # (a pipeline that ran before the hook is applied finds no cache context)
+        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=threshold))
+        tail = pipe.transformer.single_transformer_blocks[-1].proj_out   # a plain Linear: no diffusers hook on it
+        handle = tail.register_forward_pre_hook(lambda *_: calls.append(threshold))
+        cached = run(pipe, "flux", 6)
+        handle.remove()
+        assert calls.count(threshold) == expected
+        assert (rel(cached, baseline) == 0) == (threshold < 0)
