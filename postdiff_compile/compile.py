@@ -21,6 +21,7 @@ from .exporters.scheduler_table import scheduler_table
 from .fastest import resolve_request
 from .models.load import load_denoiser
 from .plan import make_plan
+from .schedulers import scheduler_timesteps, timestep_kwargs
 from .transition_spec import transition_spec
 from .variant_build import VariantBuilder, reference_of, step_ids, variant_ids, variant_key
 from .variants import check_cache_branch
@@ -96,25 +97,24 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
     with timed("load"):
         loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type)
     family = loaded.family
-    family.check_artifacts(loaded.source)
     height, width = resolution or family.default_resolution
     full_latent = family.check_resolution(height, width, loaded.source)
     scheduler = {**family.scheduler(), "prediction_type": loaded.detection.prediction_type}
     steps = family.check_steps(steps or family.default_steps, scheduler, loaded.source)
     config = resolve_request(config, family, steps=steps, resolution=(height, width),   # with a cost table: for its device
                              denoiser_config=loaded.detection.config)
+    timing = timestep_kwargs(scheduler, steps, full_latent[0] * full_latent[1] // family.latent_multiple ** 2,
+                             family.kind.linspace_sigmas)   # what the pipeline gives set_timesteps (FLUX, SD3.5)
     with _source_error(loaded.source):   # before any slow work: a plan or a transition that cannot run
-        plan = make_plan(config, steps, family=family, full_latent=full_latent,
-                         prediction_type=loaded.detection.prediction_type, cfg=family.classifier_free_guidance)
+        plan = make_plan(config, steps, family=family, full_latent=full_latent, cfg=family.classifier_free_guidance,
+                         prediction_type=loaded.detection.prediction_type,
+                         timesteps=scheduler_timesteps(scheduler, steps, timing))
         check_cache_branch(loaded.module, config)
-        transition = transition_spec(plan.transition, config, scheduler, steps)
-    table = scheduler_table(scheduler, steps, plan.switch_step)   # cheap; never fails the build (a null table says why)
+        transition = transition_spec(plan.transition, config, scheduler, steps, timing)
+    table = scheduler_table(scheduler, steps, plan.switch_step, timing)   # never fails the build (null: says why)
     dtype_name = str(loaded.dtype).removeprefix("torch.")
-
-    hashes = []
     with timed("hash source", sum(p.stat().st_size for p in loaded.files)) as advance:
-        for path in loaded.files:
-            hashes.append({"file": str(path), "sha256": sha256_file(path, advance), "bytes": path.stat().st_size})
+        hashes = [{"file": str(p), "sha256": sha256_file(p, advance), "bytes": p.stat().st_size} for p in loaded.files]
 
     device = next(loaded.module.parameters()).device
     build = Build(folder=tmp, formats=formats, device=device, dtype_name=dtype_name,
@@ -133,8 +133,7 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
                    "evidence": loaded.detection.evidence},
         "config": config.to_dict(),
         "toolchain": {**toolchain(), **build.toolchain},
-        "resolution": {"height": height, "width": width, "latent_height": full_latent[0],
-                       "latent_width": full_latent[1]},
+        "resolution": {"height": height, "width": width, "latent_height": full_latent[0], "latent_width": full_latent[1]},
         "steps": steps,
         "formats": list(formats),
         "plan": [{**step.to_json(), "variant_id": ids[variant_key(step, plan, full_latent)]} for step in plan],
@@ -143,6 +142,7 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
         "weights": build.entries.get("weights"),
         "denoiser": {"class": family.denoiser_class, "config": loaded.detection.config, "dtype": dtype_name},
         "scheduler": scheduler,
+        "set_timesteps": timing,
         "scheduler_table": table,
     }
     write_manifest(tmp, manifest)

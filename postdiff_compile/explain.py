@@ -172,13 +172,11 @@ def explain(family: FamilySpec, config: PostDiffConfig, *, steps: int | None = N
 def family_timesteps(family: FamilySpec, steps: int, latent: tuple[int, int]) -> list[float]:
     """The timesteps of the family's bundled scheduler as its pipeline sets them for this latent (FLUX's sigmas and
     shift mu): what the attention broadcast's timestep window is planned on."""
-    from .schedulers import make_scheduler, timestep_kwargs
+    from .schedulers import scheduler_timesteps, timestep_kwargs
 
     config = family.scheduler()
-    scheduler = make_scheduler(config)
     tokens = latent[0] * latent[1] // family.latent_multiple ** 2
-    scheduler.set_timesteps(steps, **timestep_kwargs(config, steps, tokens, family.kind.linspace_sigmas))
-    return [float(t) for t in scheduler.timesteps]
+    return scheduler_timesteps(config, steps, timestep_kwargs(config, steps, tokens, family.kind.linspace_sigmas))
 
 
 def variant_traffic(family: FamilySpec, variant_id: str, cache_branch: int = 0, denoiser_config: dict | None = None,

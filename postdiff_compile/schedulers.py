@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import PostDiffError
@@ -31,7 +32,9 @@ def make_scheduler(config: dict, path: Path | None = None) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise PostDiffError(f"unknown scheduler class {config['_class_name'][:100]!r} in the manifest", path)
     try:
-        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        # "flow" is the manifest's word for what the denoiser predicts; flow-matching schedulers have no such setting
+        return cls.from_config({k: v for k, v in config.items()
+                                if not k.startswith("_") and (k, v) != ("prediction_type", "flow")})
     except Exception as err:   # diffusers refuses bad scheduler settings with several error types
         raise PostDiffError(f"the manifest's {cls.__name__} settings cannot be used: {type(err).__name__}: "
                             f"{str(err)[:200]}", path) from None
@@ -108,11 +111,37 @@ def set_begin(scheduler: Any, begin: int) -> None:
         scheduler.set_begin_index(begin)
 
 
-def restart(scheduler: Any, steps: int, begin: int, device: Any = None) -> None:
-    """The restart at the switch step: set_timesteps clears a multistep scheduler's history (the timesteps
-    come out the same), then the counter moves to `begin`."""
-    scheduler.set_timesteps(steps, device=device)
+def restart(scheduler: Any, steps: int, begin: int, device: Any = None, timestep_kwargs: dict | None = None) -> None:
+    """The restart at the switch step: set_timesteps (with the pipeline's `timestep_kwargs`, the flow pipelines'
+    sigmas and shift mu) clears a multistep scheduler's history (the timesteps come out the same), then the
+    counter moves to `begin`."""
+    scheduler.set_timesteps(steps, device=device, **(timestep_kwargs or {}))
     set_begin(scheduler, begin)
+
+
+def timestep_kwargs(config: dict, steps: int, image_tokens: int, linspace_sigmas: bool) -> dict:
+    """What the flow pipelines pass to `set_timesteps` beside the step count, for an image of `image_tokens`
+    tokens: FluxPipeline's sigmas linspace(1, 1/N, N) (unless the scheduler makes its own flow sigmas), and the
+    shift mu, linear in the token count, when the scheduler shifts by resolution (FLUX-dev, SD3.5 configs that
+    ask for it). Plain floats, so that a manifest holds them exactly. Empty for every other scheduler."""
+    kwargs: dict = {}
+    if linspace_sigmas and not config.get("use_flow_sigmas"):
+        kwargs["sigmas"] = [float(s) for s in np.linspace(1.0, 1 / steps, steps)]
+    if config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = float(calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
+                                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                             config.get("max_shift", 1.15)))
+    return kwargs
+
+
+def scheduler_timesteps(config: dict, steps: int, timing: dict | None = None) -> list[float]:
+    """The timesteps of the scheduler `config` describes, set as its pipeline sets them (`timing`: set_timesteps'
+    other arguments, `timestep_kwargs`)."""
+    scheduler = make_scheduler(config)
+    scheduler.set_timesteps(steps, **(timing or {}))
+    return [float(t) for t in scheduler.timesteps]
 
 
 def step_kwargs(scheduler: Any, generator: Any) -> dict:

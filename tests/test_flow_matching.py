@@ -163,17 +163,6 @@ def test_flux_refuses_what_it_does_not_run():
     restore(pipe)
 
 
-def test_artifacts_are_refused_with_the_reason(tmp_path):
-    from tiny_models import tiny_denoiser
-
-    from postdiff_compile.compile import compile_artifact
-    from postdiff_compile.config import ConfigRequest
-
-    with pytest.raises(PostDiffError, match="flow-matching transformers .flux. are not built yet"):
-        compile_artifact(tiny_denoiser("flux"), ConfigRequest("none"), tmp_path / "out", resolution=(128, 128), steps=4)
-    assert not (tmp_path / "out").exists()
-
-
 def test_explain_counts_the_block_cache_and_the_low_resolution_steps():
     """SD3-medium at 1024 px on the meta device: quality's 14 of 28 steps at 96x96 latent (beta 3/4) and balanced's
     shallow steps each cost less than a full step; the counts are the graphs', not a formula's."""

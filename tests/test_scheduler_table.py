@@ -17,17 +17,30 @@ from postdiff_compile.schedulers import make_scheduler
 
 CONFIGS = Path(__file__).parent.parent / "postdiff_compile" / "models" / "configs"
 SD15 = json.loads((CONFIGS / "sd15_scheduler.json").read_text())
-# scenes32: DDIM with clip_sample. The flow-matching families' schedulers (sd3, flux) are not tabled: their
-# artifacts are not built yet (compile refuses them), so no runtime without diffusers reads a table for them.
-FLOW = ("sd3_scheduler.json", "flux_dev_scheduler.json", "flux_schnell_scheduler.json")
-BUNDLED = sorted(p.name for p in CONFIGS.glob("*_scheduler.json") if p.name not in FLOW)
+# scenes32: DDIM with clip_sample. sd3, flux: FlowMatchEuler (no scale_model_input, FLUX-dev's shift mu).
+BUNDLED = sorted(p.name for p in CONFIGS.glob("*_scheduler.json"))
 # Other schedulers people put in SD pipelines: multistep history (PNDM, UniPC, DPM-Solver++), sigma-space
 # input scaling (Euler), noise drawn inside step (Euler ancestral, DDPM, LCM).
 CLASSES = ["PNDMScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler",
            "EulerDiscreteScheduler", "DDPMScheduler", "LCMScheduler"]
 
 
-def diffusers_run(config: dict, steps: int, switch: int, seed: int):
+def pipeline_timing(name: str, config: dict, steps: int) -> dict:
+    """What FluxPipeline passes to set_timesteps for a 64x64 latent (1024 tokens): its sigmas, and mu where the
+    scheduler shifts by resolution; nothing for the others. Written from the pipeline, not from schedulers.py."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if not name.startswith("flux"):
+        return {}
+    timing = {"sigmas": np.linspace(1.0, 1 / steps, steps)}
+    if config.get("use_dynamic_shifting"):
+        timing["mu"] = calculate_shift(1024, config["base_image_seq_len"], config["max_image_seq_len"],
+                                       config["base_shift"], config["max_shift"])
+    return timing
+
+
+def diffusers_run(config: dict, steps: int, switch: int, seed: int, timing: dict | None = None):
     """(start latents, model outputs, restart latents, final latents) of diffusers' scheduler on random data."""
     gen = torch.Generator().manual_seed(seed)
     shape = (1, 4, 6, 5)
@@ -35,7 +48,8 @@ def diffusers_run(config: dict, steps: int, switch: int, seed: int):
     outputs = [torch.randn(shape, generator=gen) for _ in range(steps)]
     restart = [torch.randn(shape, generator=gen)] if switch else []
     scheduler = make_scheduler(config)
-    scheduler.set_timesteps(steps)
+    timing = timing or {}
+    scheduler.set_timesteps(steps, **timing)
     noise = torch.Generator().manual_seed(seed + 100)
     kwargs = {"eta": 0.0, "generator": noise}
     import inspect
@@ -43,10 +57,10 @@ def diffusers_run(config: dict, steps: int, switch: int, seed: int):
     latents = start
     scaled = []
     for i, t in enumerate(scheduler.timesteps[:steps]):
-        scaled.append(scheduler.scale_model_input(latents, t))
+        scaled.append(scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents)
         if switch and i == switch - 1:
             latents = restart[0]
-            scheduler.set_timesteps(steps)
+            scheduler.set_timesteps(steps, **timing)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(switch)
             continue
@@ -54,10 +68,12 @@ def diffusers_run(config: dict, steps: int, switch: int, seed: int):
     return start, outputs, restart, latents, scaled
 
 
-def check(config: dict, steps: int, switch: int, seed: int = 0) -> dict:
-    table = scheduler_table(config, steps, switch)
+def check(config: dict, steps: int, switch: int, seed: int = 0, timing: dict | None = None) -> dict:
+    timing = timing or {}
+    table = scheduler_table(config, steps, switch, {k: [float(x) for x in v] if k == "sigmas" else float(v)
+                                                    for k, v in timing.items()})
     assert table["reason"] is None and table["steps"] is not None
-    start, outputs, restart, expected, _ = diffusers_run(config, steps, switch, seed)
+    start, outputs, restart, expected, _ = diffusers_run(config, steps, switch, seed, timing)
     got = evaluate(table, start, outputs, torch.Generator().manual_seed(seed + 100), restart)
     assert rel_l2(got, expected) <= 1e-5
     # The table is not trivially right: other model outputs give other latents.
@@ -69,7 +85,8 @@ def check(config: dict, steps: int, switch: int, seed: int = 0) -> dict:
 @pytest.mark.parametrize("name", BUNDLED)
 @pytest.mark.parametrize("steps,switch", [(20, 0), (20, 8), (4, 2)])
 def test_bundled_schedulers(name, steps, switch):
-    check(json.loads((CONFIGS / name).read_text()), steps, switch)
+    config = json.loads((CONFIGS / name).read_text())
+    check(config, steps, switch, timing=pipeline_timing(name, config, steps))
 
 
 @pytest.mark.parametrize("cls", CLASSES)

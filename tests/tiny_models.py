@@ -229,8 +229,8 @@ def text_embeddings(batch: int = 1, length: int = 77, width: int = 768, seed: in
 
 def runner_inputs(runner) -> tuple:
     """(cond, uncond, added, negative_added) for an artifact runner: prompt embeddings and the added conditioning
-    the runner cannot derive itself: SDXL's pooled embeddings, PixArt's attention masks (padding at the end, the
-    negative prompt shorter, as T5 prompts are). No negative half without CFG (LCM)."""
+    the runner cannot derive itself: SDXL's, SD3's and FLUX's pooled embeddings, PixArt's attention masks (padding
+    at the end, the negative prompt shorter, as T5 prompts are). No negative half without CFG (LCM, FLUX)."""
     spec = runner.text["shape"]
     cond, uncond = text_embeddings(1, spec[1], spec[2], seed=2)
     added, negative_added = {}, {}
@@ -238,6 +238,11 @@ def runner_inputs(runner) -> tuple:
         gen = torch.Generator().manual_seed(1)
         added["text_embeds"], negative_added["text_embeds"] = torch.randn(1, 1280, generator=gen), \
             torch.randn(1, 1280, generator=gen)
+    if "pooled_projections" in runner.added_inputs:   # SD3, FLUX: the pooled CLIP embeddings
+        gen = torch.Generator().manual_seed(3)
+        width = runner.input_shapes["pooled_projections"][1]
+        added["pooled_projections"], negative_added["pooled_projections"] = torch.randn(1, width, generator=gen), \
+            torch.randn(1, width, generator=gen)
     if "encoder_attention_mask" in runner.added_inputs:
         mask, negative_mask = torch.zeros(1, spec[1]), torch.zeros(1, spec[1])
         mask[:, :12], negative_mask[:, :1] = 1, 1

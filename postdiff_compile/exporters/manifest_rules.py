@@ -71,6 +71,9 @@ def check_consistency(m: dict, path: Path) -> None:
         raise bad("transition/switch_step", f"{transition['switch_step']}, but the plan switches at step {low}"
                   if low else f"{transition['switch_step']}, but the plan has no low-resolution step")
     _check_scheduler(m["scheduler"], steps, bad)
+    sigmas = m.get("set_timesteps", {}).get("sigmas")
+    if sigmas is not None and len(sigmas) != steps:
+        raise bad("set_timesteps/sigmas", f"{len(sigmas)} sigmas for {steps} steps")
     from ..config import PostDiffConfig
 
     try:

@@ -80,14 +80,22 @@ def _clip_weight(linear: Any, clipped: Any, t, x0_of_sample: float, x0_of_output
     return (outs[1] - outs[0]) / (r - 10 * r)
 
 
-def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
+def _input_scale(scheduler: Any, t) -> float:
+    """What scale_model_input multiplies the latents by at `t` (flow-matching schedulers have no such step: 1)."""
+    if not hasattr(scheduler, "scale_model_input"):
+        return 1.0
+    return float(scheduler.scale_model_input(torch.ones(1, 1, 1, 1), t).reshape(()))
+
+
+def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None, timing: dict | None = None) -> dict:
     """The table of `scheduler` at `steps` steps, with the transition after step `switch - 1` (0 = none).
 
     `clipped`: the same scheduler with clip_sample on, when `scheduler` is its twin with it off; rows then
-    carry the clamp (module docstring)."""
-    scheduler.set_timesteps(steps)
+    carry the clamp (module docstring). `timing`: set_timesteps' other arguments (the manifest's set_timesteps)."""
+    timing = timing or {}
+    scheduler.set_timesteps(steps, **timing)
     if clipped is not None:
-        clipped.set_timesteps(steps)
+        clipped.set_timesteps(steps, **timing)
     timesteps = scheduler.timesteps
     size = 3 * steps + 2
     basis = _Basis(size)
@@ -101,13 +109,13 @@ def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
     extra = step_kwargs(scheduler, None)
     for index in range(min(steps, len(timesteps))):
         t = timesteps[index]
-        scale = float(scheduler.scale_model_input(torch.ones(1, 1, 1, 1), t).reshape(()))
+        scale = _input_scale(scheduler, t)
         row = {"index": index, "timestep": float(t.to(torch.float32)), "input_scale": scale}
         if switch and index == switch - 1:
             rows.append({**row, "transition": True, "noise_draws": 0, "update": []})
             for s in (scheduler, clipped):
                 if s is not None:
-                    restart(s, steps, switch)
+                    restart(s, steps, switch, timestep_kwargs=timing)
             basis = _Basis(size)
             continue
         at = basis.count        # this step's latents and output are basis[at] and basis[at + 1]
@@ -134,7 +142,11 @@ def probe(scheduler: Any, steps: int, switch: int, clipped: Any = None) -> dict:
         update = [[k, float(coefficients[k])] for k in range(basis.count) if float(coefficients[k]) != 0.0]
         rows.append({**row, "transition": False, "noise_draws": len(draws), "update": update,
                      **({"clip": clip} if clip else {})})
-    return {"init_noise_sigma": float(scheduler.init_noise_sigma), "steps": rows}
+    return {"init_noise_sigma": _init_noise_sigma(scheduler), "steps": rows}
+
+
+def _init_noise_sigma(scheduler: Any) -> float:
+    return float(getattr(scheduler, "init_noise_sigma", 1.0))   # flow-matching schedulers start from plain noise
 
 
 def evaluate(table: dict, latents: torch.Tensor, outputs: list[torch.Tensor], generator: torch.Generator,
@@ -161,44 +173,45 @@ def evaluate(table: dict, latents: torch.Tensor, outputs: list[torch.Tensor], ge
     return latents
 
 
-def check_table(scheduler: Any, steps: int, switch: int, table: dict, seed: int = 0) -> float:
+def check_table(scheduler: Any, steps: int, switch: int, table: dict, seed: int = 0, timing: dict | None = None) -> float:
     """Relative L2 error of the table against the scheduler on random latents and model outputs."""
     gen = torch.Generator().manual_seed(seed)
     shape = (1, 4, 8, 8)
     start = torch.randn(shape, generator=gen)
     outputs = [torch.randn(shape, generator=gen) for _ in range(steps)]
     restart_latents = [torch.randn(shape, generator=gen)] if switch else []
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, **(timing or {}))
     timesteps = scheduler.timesteps
     noise_gen = torch.Generator().manual_seed(seed + 1)
     extra = step_kwargs(scheduler, noise_gen)
     latents = start
     for index in range(min(steps, len(timesteps))):
         t = timesteps[index]
-        scheduler.scale_model_input(latents, t)
+        _input_scale(scheduler, t)   # some schedulers count steps in it
         if switch and index == switch - 1:
             latents = restart_latents[0]
-            restart(scheduler, steps, switch)
+            restart(scheduler, steps, switch, timestep_kwargs=timing)
             continue
         latents = scheduler.step(outputs[index], t, latents, **extra, return_dict=False)[0]
     got = evaluate(table, start, outputs, torch.Generator().manual_seed(seed + 1), restart_latents)
     return rel_l2(got, latents.float())
 
 
-def scheduler_table(scheduler_config: dict, steps: int, switch: int) -> dict:
-    """The manifest's `scheduler_table`: the coefficients, or null ones with the reason they cannot be used."""
+def scheduler_table(scheduler_config: dict, steps: int, switch: int, timing: dict | None = None) -> dict:
+    """The manifest's `scheduler_table`: the coefficients, or null ones with the reason they cannot be used.
+    `timing`: what the pipeline passes to set_timesteps beside the step count (schedulers.timestep_kwargs)."""
 
     name = scheduler_config["_class_name"]
     clips = bool(scheduler_config.get("clip_sample")) and not scheduler_config.get("thresholding")
     try:
         if clips:   # the linear twin, and the clipping scheduler for the clamp's weight
             table = probe(make_scheduler({**scheduler_config, "clip_sample": False}), steps, switch,
-                          make_scheduler(scheduler_config))
+                          make_scheduler(scheduler_config), timing)
         else:
-            table = probe(make_scheduler(scheduler_config), steps, switch)
-        error = check_table(make_scheduler(scheduler_config), steps, switch, table)
+            table = probe(make_scheduler(scheduler_config), steps, switch, timing=timing)
+        error = check_table(make_scheduler(scheduler_config), steps, switch, table, timing=timing)
     except Exception as err:   # no pred_original_sample, a step that refuses unit vectors, ...: no table, not no artifact
-        table, error = {"init_noise_sigma": float(make_scheduler(scheduler_config).init_noise_sigma)}, float("inf")
+        table, error = {"init_noise_sigma": _init_noise_sigma(make_scheduler(scheduler_config))}, float("inf")
         cause = f"probing it failed ({type(err).__name__}: {err})"
     else:
         cause = (f"it is not linear in the latent and the model output (thresholding?): the table differs from "

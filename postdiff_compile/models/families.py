@@ -44,6 +44,8 @@ class DenoiserKind:
     timestep_divisor: float = 1.0
     # Flow matching (SD3, FLUX): the denoiser predicts the velocity noise - x0 on x_t = (1 - sigma) x0 + sigma noise.
     flow_matching: bool = False
+    # The pipeline passes sigmas linspace(1, 1/N, N) to set_timesteps (FluxPipeline; schedulers.timestep_kwargs).
+    linspace_sigmas: bool = False
 
 
 DENOISER_KINDS: dict[str, DenoiserKind] = {
@@ -69,7 +71,7 @@ DENOISER_KINDS: dict[str, DenoiserKind] = {
                      size_dependent_upsampling=False, checkpoint_layouts=("flux_original", "diffusers"),
                      pipeline_component="transformer",
                      block_stacks=("transformer_blocks", "single_transformer_blocks"), packed_latent=True,
-                     timestep_divisor=1000.0, flow_matching=True),
+                     timestep_divisor=1000.0, flow_matching=True, linspace_sigmas=True),
     )
 }
 
@@ -113,7 +115,8 @@ class FamilySpec:
     lora_loader: str = "StableDiffusionPipeline"
     # The pipeline's default latent side where the denoiser config has no sample_size (FLUX); 0: config's.
     default_latent: int = 0
-    # The released pipeline's default guidance scale (FLUX-dev's guidance embedding takes it as an input).
+    # The released pipeline's default guidance scale (LatentConsistencyModelPipeline's 8.5; FLUX-dev's guidance
+    # embedding takes it as an input); an artifact's runner defaults to it.
     default_guidance: float = 7.5
 
     def __post_init__(self) -> None:
@@ -154,13 +157,6 @@ class FamilySpec:
     def default_resolution(self) -> tuple[int, int]:
         side = (self.default_latent or self.config()["sample_size"]) * self.vae_scale_factor
         return side, side
-
-    def check_artifacts(self, source: str | None = None) -> None:
-        """A clear error for a family whose compiled artifacts are not built yet (before any slow work)."""
-        if self.flow_matching:
-            raise PostDiffError(f"artifacts of flow-matching transformers ({self.name}) are not built yet (their "
-                                "runners need the shifted sigma schedule, FLUX's positions and guidance); run the "
-                                "model with optimize(pipe), or explain it", source)
 
     def config(self) -> dict:
         config = copy.deepcopy(_load_json(self.denoiser_config))
@@ -212,9 +208,9 @@ FAMILIES: dict[str, FamilySpec] = {
         # LCM-distilled U-Nets (SimianLuo/LCM_Dreamshaper_v7, latent-consistency/lcm-sdxl): the base family's
         # architecture plus the guidance embedding, LCMScheduler, 4 steps.
         FamilySpec("lcm_sd15", "UNet2DConditionModel", "sd15_unet.json", "lcm_scheduler.json", "epsilon", 768, 77,
-                   guidance_embedding=256, default_steps=4),
+                   guidance_embedding=256, default_steps=4, default_guidance=8.5),
         FamilySpec("lcm_sdxl", "UNet2DConditionModel", "sdxl_unet.json", "lcm_scheduler.json", "epsilon", 2048, 77,
-                   guidance_embedding=256, default_steps=4, head_width=64, depth_per_level=True,
+                   guidance_embedding=256, default_steps=4, default_guidance=8.5, head_width=64, depth_per_level=True,
                    lora_loader="StableDiffusionXLPipeline"),
         # The reference model trained here (postdiff_compile/lab/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",

@@ -13,17 +13,21 @@ from pathlib import Path
 
 import torch
 
-from ..capture import Bucket
+from ..capture import Bucket, flux_position_ids
 from ..errors import PostDiffError
 from ..exporters.formats import FORMATS, of_backend
 from ..exporters.manifest import MANIFEST, check_files, read_manifest
 from ..exporters.weights_file import artifact_weights
 from ..plan import Plan
-from ..schedulers import alpha_bars, make_scheduler
+from ..models.families import get_family
+from ..schedulers import alpha_bars, make_scheduler, transition_levels
 from .backends import BackendVariant, open_variant
 from .denoise import sample
 
-ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio", "encoder_attention_mask", "timestep_cond")
+ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio", "encoder_attention_mask", "timestep_cond",
+                "pooled_projections", "guidance")
+# Inputs the runner makes for each latent size, shared by the batch: FLUX's rotary positions.
+SHARED_INPUTS = ("txt_ids", "img_ids")
 
 
 def check_toolchain(folder: Path, manifest: dict, backend: str, device: torch.device | None = None) -> None:
@@ -83,6 +87,7 @@ class ArtifactRunner:
         self.input_shapes = {i["name"]: i["shape"] for i in first}
         self.cfg = self.plan.cfg   # False for LCM: no negative half
         self.scheduler = make_scheduler(manifest["scheduler"], self.folder / MANIFEST)
+        self.timing = manifest.get("set_timesteps", {})   # absent before flow matching: nothing but the steps
         self._check_scheduler()
 
     @property
@@ -92,7 +97,7 @@ class ArtifactRunner:
     def _check_scheduler(self) -> None:
         """The transition's numbers come from the scheduler; a diffusers that computes others must not run it."""
         try:   # every scheduler setting and step count the manifest holds passed its rules; diffusers has its own
-            self.scheduler.set_timesteps(self.steps)
+            self.scheduler.set_timesteps(self.steps, **self.timing)
         except Exception as err:
             raise PostDiffError(f"{type(self.scheduler).__name__} cannot run {self.steps} steps: {type(err).__name__}: "
                                 f"{str(err)[:200]}", self.folder / MANIFEST) from None
@@ -100,14 +105,19 @@ class ArtifactRunner:
         if transition is None:
             return
         step = transition["switch_step"]
-        abar, abar_next = alpha_bars(self.scheduler, self.scheduler.timesteps, step - 1)
-        got = (int(self.scheduler.timesteps[step - 1]), int(self.scheduler.timesteps[step]))
-        if got != (transition["timestep_t"], transition["timestep_next"]) or \
-                abs(abar - transition["alpha_bar_t"]) > 1e-6 or abs(abar_next - transition["alpha_bar_next"]) > 1e-6:
-            raise PostDiffError(f"this diffusers' {type(self.scheduler).__name__} gives timesteps {got} and alpha_bar "
-                                f"({abar:.6g}, {abar_next:.6g}) at the switch, the manifest ({transition['timestep_t']}, "
-                                f"{transition['timestep_next']}) and ({transition['alpha_bar_t']:.6g}, "
-                                f"{transition['alpha_bar_next']:.6g})", self.folder / MANIFEST)
+        flow = transition["prediction_type"] == "flow"
+        level, names = ((transition_levels, ("sigma_t", "sigma_next")) if flow else
+                        (alpha_bars, ("alpha_bar_t", "alpha_bar_next")))
+        got_levels = level(self.scheduler, self.scheduler.timesteps, step - 1)
+        want_levels = tuple(transition[n] for n in names)
+        cast = float if flow else int   # flow timesteps are sigma * 1000, not integers
+        got = (cast(self.scheduler.timesteps[step - 1]), cast(self.scheduler.timesteps[step]))
+        want = (transition["timestep_t"], transition["timestep_next"])
+        if any(abs(a - b) > 1e-6 * (1 + abs(b)) for a, b in zip(got + got_levels, want + want_levels)):
+            raise PostDiffError(f"this diffusers' {type(self.scheduler).__name__} gives timesteps {got} and "
+                                f"{names[0].removesuffix('_t')} ({got_levels[0]:.6g}, {got_levels[1]:.6g}) at the "
+                                f"switch, the manifest {want} and ({want_levels[0]:.6g}, {want_levels[1]:.6g})",
+                                self.folder / MANIFEST)
 
     def _check_embeds(self, name: str, tensor: torch.Tensor | None, shape: list[int]) -> torch.Tensor:
         if tensor is None:
@@ -132,12 +142,22 @@ class ArtifactRunner:
         if "timestep_cond" in self.input_shapes:
             defaults["timestep_cond"] = guidance_embedding(guidance_scale, 1, self.input_shapes["timestep_cond"][1],
                                                            torch.float32)
+        if "guidance" in self.input_shapes:   # FLUX-dev takes the scale itself
+            defaults["guidance"] = torch.full([1], guidance_scale, dtype=torch.float32)
         return {k: v for k, v in defaults.items() if k in self.added_inputs}
+
+    def shared_inputs(self, latent: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """FLUX's rotary positions for a step at latent size `latent`, as FluxPipeline makes them: zeros for the
+        text tokens, (0, row, column) per packed image token (at low resolution, the low grid's own positions)."""
+        values = {"txt_ids": torch.zeros(self.text["shape"][1], 3, device=self.device, dtype=self.dtype),
+                  "img_ids": flux_position_ids(latent, dtype=self.dtype, device=self.device)}
+        return {k: v for k, v in values.items() if k in self.input_shapes}
 
     @property
     def default_guidance_scale(self) -> float:
-        """diffusers' pipeline default: 8.5 for LCM (LatentConsistencyModelPipeline), 7.5 otherwise."""
-        return 7.5 if self.cfg else 8.5
+        """The family's pipeline default (FamilySpec.default_guidance): 7.5 for the SD U-Nets, 8.5 for LCM, 7.0
+        for SD3, 3.5 for FLUX."""
+        return get_family(self.manifest["source"]["family"]).default_guidance
 
     @torch.no_grad()
     def __call__(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
@@ -177,7 +197,8 @@ class ArtifactRunner:
                       full_latent=(resolution["latent_height"], resolution["latent_width"]), device=self.device,
                       dtype=self.dtype, generator=generator, latent_input=self.latent_input, on_step=on_step,
                       prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=guidance_scale,
-                      added_cond=added, negative_added_cond=negative_added)
+                      added_cond=added, negative_added_cond=negative_added, timestep_kwargs=self.timing,
+                      shared_inputs=self.shared_inputs if any(n in self.input_shapes for n in SHARED_INPUTS) else None)
 
 
 def check_contents(folder: Path, manifest: dict) -> None:

@@ -141,20 +141,24 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
 
 def sample(variants: VariantSource, scheduler, plan: Plan, steps: int, *, channels: int, full_latent: tuple[int, int],
            device: torch.device, dtype: torch.dtype, generator, latent_input: str,
-           on_step: Callable[[int], None] | None = None, **conditioning) -> torch.Tensor:
+           on_step: Callable[[int], None] | None = None, timestep_kwargs: dict | None = None,
+           **conditioning) -> torch.Tensor:
     """One image: the initial latent drawn as diffusers' prepare_latents draws it for the plan's first latent size,
-    then the plan walked. `conditioning` holds DenoiseRequest's embeddings, guidance and added inputs."""
+    then the plan walked. `timestep_kwargs` are set_timesteps' other arguments (FLUX's sigmas and mu);
+    `conditioning` holds DenoiseRequest's embeddings, guidance, added and shared inputs."""
     from diffusers.utils.torch_utils import randn_tensor
 
     # On a GPU the scheduler's timesteps stay on the host: its table lookups then read host memory instead of
     # copying a device scalar back at every step (a synchronisation). The denoiser's copy goes over once (denoise).
     timestep_device = torch.device("cpu") if device.type == "cuda" else device
-    scheduler.set_timesteps(steps, device=timestep_device)
+    timestep_kwargs = timestep_kwargs or {}
+    scheduler.set_timesteps(steps, device=timestep_device, **timestep_kwargs)
     start = plan.transition.low_latent if plan.transition else full_latent
     latents = randn_tensor((1, channels, *start), generator=generator, device=device, dtype=dtype) \
         * getattr(scheduler, "init_noise_sigma", 1.0)
     request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, latent_input=latent_input,
                              extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
-                             restart_scheduler=lambda begin: restart(scheduler, steps, begin, timestep_device),
+                             restart_scheduler=lambda begin: restart(scheduler, steps, begin, timestep_device,
+                                                                     timestep_kwargs),
                              **conditioning)
     return denoise(variants, scheduler, plan, request, on_step=on_step)
