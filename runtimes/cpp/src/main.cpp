@@ -18,8 +18,10 @@ const char* kUsage =
     "usage: postdiff-run ARTIFACT --embeddings IN.safetensors --out LATENTS.safetensors [--seed N]\n"
     "                    [--guidance-scale G] [--device cpu|cuda] [--step-times] [--repeat N]\n"
     "IN holds prompt_embeds [1, L, D], negative_prompt_embeds (artifacts with classifier-free guidance) and\n"
-    "any added conditioning the artifact takes; LATENTS gets `latents` [1, C, H, W]. --step-times prints each\n"
-    "step's time (and its package call's) to stderr; --repeat N generates N times (for timing; same result).\n";
+    "any added conditioning the artifact takes (SDXL text_embeds, SD3/FLUX pooled_projections, ...; negative_<name>\n"
+    "for the negative half); LATENTS gets `latents` [1, C, H, W]. --guidance-scale defaults to the family's\n"
+    "(7.5; LCM 8.5, SD3 7.0, FLUX 3.5). --step-times prints each step's time (and its package call's) to\n"
+    "stderr; --repeat N generates N times (for timing; same result).\n";
 
 struct Args {
   std::string artifact, embeddings, out, device = "cpu";

@@ -113,22 +113,37 @@ void check_tensor_specs(const VariantEntry& v, const std::string& path) {
   if (v.inputs.size() < 3 || v.outputs.empty())
     throw Error("malformed manifest: variant " + v.id + " needs the latent, timestep and text inputs and an output",
                 path);
+  const std::string in = "malformed manifest: variant " + v.id + " input ";
   for (const auto& spec : v.inputs)
     if (spec.shape.empty() || spec.shape[0] < 1)
-      throw Error("malformed manifest: variant " + v.id + " input " + spec.name + " has no batch dimension", path);
+      throw Error(in + spec.name + (spec.name == "txt_ids" || spec.name == "img_ids" ? " has no rows"
+                                                                                     : " has no batch dimension"),
+                  path);
   if (v.inputs[0].shape.size() != 4)
     throw Error("malformed manifest: variant " + v.id + " latent input " + v.inputs[0].name + " is not 4-D", path);
-  bool text = false;
-  for (const auto& spec : v.inputs) {
-    if (spec.name == "encoder_hidden_states") {
-      text = true;
-      if (spec.shape.size() != 3)
-        throw Error("malformed manifest: variant " + v.id + " encoder_hidden_states is not 3-D", path);
-    }
-    if (spec.name == "timestep_cond" && spec.shape.size() != 2)
-      throw Error("malformed manifest: variant " + v.id + " timestep_cond is not 2-D", path);
-  }
+  const auto& latent = v.inputs[0].shape;
+  const TensorSpec* text = nullptr;
+  for (const auto& spec : v.inputs)
+    if (spec.name == "encoder_hidden_states") text = &spec;
   if (!text) throw Error("malformed manifest: variant " + v.id + " has no encoder_hidden_states input", path);
+  if (text->shape.size() != 3) throw Error(in + "encoder_hidden_states is not 3-D", path);
+  for (const auto& spec : v.inputs) {
+    const size_t rank = spec.shape.size();
+    if ((spec.name == "timestep_cond" || spec.name == "pooled_projections") && rank != 2)
+      throw Error(in + spec.name + " is not 2-D", path);
+    if (spec.name == "guidance" && rank != 1) throw Error(in + "guidance is not 1-D", path);
+    // FLUX's rotary positions, made by the runner per latent size: one row per text token, one per packed 2x2
+    // latent patch, each (0, row, column).
+    if (spec.name == "txt_ids" && (rank != 2 || spec.shape[0] != text->shape[1] || spec.shape[1] != 3))
+      throw Error(in + "txt_ids is not [" + std::to_string(text->shape[1]) + ", 3] (text length, 3)", path);
+    if (spec.name == "img_ids") {
+      const int64_t tokens = (latent[2] / 2) * (latent[3] / 2);
+      if (latent[2] % 2 || latent[3] % 2 || rank != 2 || spec.shape[0] != tokens || spec.shape[1] != 3)
+        throw Error(in + "img_ids is not [" + std::to_string(tokens) + ", 3] (one row per 2x2 patch of the " +
+                        std::to_string(latent[2]) + "x" + std::to_string(latent[3]) + " latent, 3)",
+                    path);
+    }
+  }
 }
 
 void check_table(const Manifest& m) {
@@ -219,26 +234,41 @@ void read_fields(const json& doc, Manifest& m, const std::string& device, bool v
     t.switch_step = field<int>(doc, "/transition/switch_step", m.path);
     t.low = field<std::vector<int64_t>>(doc, "/transition/low_latent_size", m.path);
     t.full = field<std::vector<int64_t>>(doc, "/transition/full_latent_size", m.path);
-    t.alpha_bar_t = field<double>(doc, "/transition/alpha_bar_t", m.path);
-    t.alpha_bar_next = field<double>(doc, "/transition/alpha_bar_next", m.path);
-    t.sigma_space = field<std::string>(doc, "/transition/latent_space", m.path) == "sigma";
+    const std::string space = field<std::string>(doc, "/transition/latent_space", m.path);
     t.prediction_type = field<std::string>(doc, "/transition/prediction_type", m.path);
     t.renoise = field<std::string>(doc, "/transition/renoise", m.path);
     t.clamp_x0 = field<double>(doc, "/transition/clamp_x0", m.path);
+    t.sigma_space = space == "sigma";
+    t.flow = t.prediction_type == "flow";
     if (t.low.size() != 2 || t.full.size() != 2 || t.switch_step < 1 || t.switch_step >= m.steps ||
         t.low[0] < 1 || t.low[1] < 1 || t.full[0] < 1 || t.full[1] < 1)
       throw Error("malformed manifest: /transition sizes or switch_step out of range", m.path);
-    const std::string space = field<std::string>(doc, "/transition/latent_space", m.path);
-    if (space != "vp" && space != "sigma") throw Error("malformed manifest: /transition/latent_space " + space, m.path);
-    if (t.prediction_type != "epsilon" && t.prediction_type != "v_prediction" && t.prediction_type != "sample")
-      throw Error("malformed manifest: /transition/prediction_type " + t.prediction_type, m.path);
+    if (space != "vp" && space != "sigma" && space != "flow")
+      throw Error("malformed manifest: /transition/latent_space " + space + " (vp, sigma or flow)", m.path);
+    if (t.prediction_type != "epsilon" && t.prediction_type != "v_prediction" && t.prediction_type != "sample" &&
+        !t.flow)
+      throw Error("malformed manifest: /transition/prediction_type " + t.prediction_type +
+                      " (epsilon, v_prediction, sample or flow)",
+                  m.path);
+    if (t.flow != (space == "flow"))
+      throw Error("malformed manifest: /transition/latent_space " + space + " with prediction_type " +
+                      t.prediction_type + " (flow goes with flow only)",
+                  m.path);
     if (t.renoise != "fresh" && t.renoise != "predicted")
       throw Error("malformed manifest: /transition/renoise " + t.renoise, m.path);
-    if (!(t.alpha_bar_t > 0 && t.alpha_bar_t < 1) || !(t.alpha_bar_next > 0 && t.alpha_bar_next <= 1) ||
-        !(t.clamp_x0 >= 0 && t.clamp_x0 < 1e300))
-      throw Error("malformed manifest: /transition alpha_bar_t must be in (0, 1), alpha_bar_next in (0, 1], "
-                  "clamp_x0 >= 0",
-                  m.path);
+    if (!(t.clamp_x0 >= 0 && t.clamp_x0 < 1e300))
+      throw Error("malformed manifest: /transition/clamp_x0 must be a finite number >= 0", m.path);
+    if (t.flow) {   // x0 = x - sigma_t out and eps = x + (1 - sigma_t) out divide by nothing: sigma_t = 1 is fine
+      t.sigma_t = field<double>(doc, "/transition/sigma_t", m.path);
+      t.sigma_next = field<double>(doc, "/transition/sigma_next", m.path);
+      if (!(t.sigma_t > 0 && t.sigma_t <= 1) || !(t.sigma_next >= 0 && t.sigma_next < t.sigma_t))
+        throw Error("malformed manifest: /transition sigma_t must be in (0, 1], sigma_next in [0, sigma_t)", m.path);
+    } else {
+      t.alpha_bar_t = field<double>(doc, "/transition/alpha_bar_t", m.path);
+      t.alpha_bar_next = field<double>(doc, "/transition/alpha_bar_next", m.path);
+      if (!(t.alpha_bar_t > 0 && t.alpha_bar_t < 1) || !(t.alpha_bar_next > 0 && t.alpha_bar_next <= 1))
+        throw Error("malformed manifest: /transition alpha_bar_t must be in (0, 1), alpha_bar_next in (0, 1]", m.path);
+    }
     m.transition = t;
   }
   int low = 0;
@@ -261,6 +291,25 @@ void read_fields(const json& doc, Manifest& m, const std::string& device, bool v
                                                                             : std::string("no table")),
                 m.path);
   m.init_noise_sigma = field<double>(doc, "/scheduler_table/init_noise_sigma", m.path);
+  // set_timesteps (flow matching): absent or {} for most; FLUX-dev's {"sigmas": [...], "mu": x}. The table rows
+  // already hold the shifted timesteps, so only the shape of what is there is checked.
+  if (doc.contains("set_timesteps")) {
+    if (!doc["set_timesteps"].is_object())
+      throw Error("malformed manifest: /set_timesteps is not an object", m.path);
+    if (doc["set_timesteps"].contains("sigmas")) {
+      m.sigmas = field<std::vector<double>>(doc, "/set_timesteps/sigmas", m.path);
+      if (static_cast<int>(m.sigmas.size()) != m.steps)
+        throw Error("malformed manifest: /set_timesteps/sigmas: " + std::to_string(m.sigmas.size()) +
+                        " sigmas for " + std::to_string(m.steps) + " steps",
+                    m.path);
+      for (double sigma : m.sigmas)
+        if (!(sigma >= 0 && sigma <= 1))
+          throw Error("malformed manifest: /set_timesteps/sigmas holds " + std::to_string(sigma) +
+                          ", outside [0, 1]",
+                      m.path);
+    }
+    if (doc["set_timesteps"].contains("mu")) field<double>(doc, "/set_timesteps/mu", m.path);
+  }
   const auto rows = field<json>(doc, "/scheduler_table/steps", m.path);
   for (size_t i = 0; i < rows.size(); ++i) {
     const std::string at = "/scheduler_table/steps/" + std::to_string(i);

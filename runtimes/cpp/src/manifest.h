@@ -44,8 +44,11 @@ struct TableRow {   // one step of the scheduler table (exporters/scheduler_tabl
 struct TransitionSpec {
   int switch_step = 0;
   std::vector<int64_t> low, full;   // latent sizes [h, w]
+  // The noise levels at steps switch_step - 1 and switch_step: alpha bars on the diffusion path; on the flow path
+  // (prediction_type "flow", latent_space "flow": SD3, FLUX) the flow sigmas of x = (1 - sigma) x0 + sigma noise.
   double alpha_bar_t = 0, alpha_bar_next = 0;
-  bool sigma_space = false;
+  double sigma_t = 0, sigma_next = 0;
+  bool sigma_space = false, flow = false;
   std::string prediction_type, renoise;
   double clamp_x0 = 0;
 };
@@ -60,6 +63,9 @@ struct Manifest {
   std::string weights;   // format 2: the weights file every package loads its constants from; empty for format 1
   double init_noise_sigma = 1;
   std::vector<TableRow> table;
+  // set_timesteps' sigmas (FLUX-dev; empty otherwise): checked against the step count only, since the table rows
+  // already hold each step's timestep.
+  std::vector<double> sigmas;
 };
 
 // Checks, in order, each failure one postdiff::Error naming the file: manifest.sha256 matches manifest.json;

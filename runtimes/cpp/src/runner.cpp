@@ -16,8 +16,32 @@
 namespace postdiff {
 namespace {
 
+// Per-image inputs beside the text (runtime/artifact.py ADDED_INPUTS): given by the caller, or filled in below.
 const std::vector<std::string> kAdded = {"text_embeds", "time_ids", "resolution", "aspect_ratio",
-                                         "encoder_attention_mask", "timestep_cond"};
+                                         "encoder_attention_mask", "timestep_cond", "pooled_projections",
+                                         "guidance"};
+
+// The family's pipeline default guidance scale (models/families.py FamilySpec.default_guidance).
+double default_guidance(const std::string& family, const std::string& path) {
+  static const std::map<std::string, double> scales = {
+      {"sd15", 7.5},     {"sd2", 7.5},      {"sdxl", 7.5}, {"pixart_alpha", 7.5}, {"scenes32", 7.5},
+      {"lcm_sd15", 8.5}, {"lcm_sdxl", 8.5}, {"sd3", 7.0},  {"flux", 3.5},         {"flux_schnell", 0.0}};
+  auto found = scales.find(family);
+  if (found == scales.end())
+    throw Error("no default guidance scale for family " + family + " (source.family); give one (--guidance-scale)",
+                path);
+  return found->second;
+}
+
+// FLUX's rotary positions for a latent h x w (capture.flux_position_ids): (0, row, column) per packed 2x2 patch.
+torch::Tensor flux_position_ids(int64_t h, int64_t w) {
+  const int64_t rows = h / 2, cols = w / 2;
+  auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  torch::Tensor ids = torch::zeros({rows, cols, 3}, f32);
+  ids.select(2, 1).copy_(torch::arange(rows, f32).unsqueeze(1).expand({rows, cols}));
+  ids.select(2, 2).copy_(torch::arange(cols, f32).unsqueeze(0).expand({rows, cols}));
+  return ids.reshape({rows * cols, 3});
+}
 
 torch::Dtype dtype_of(const std::string& name, const std::string& path) {
   if (name == "float32") return torch::kFloat32;
@@ -153,7 +177,8 @@ torch::Tensor Artifact::run(const TensorMap& inputs, const RunOptions& options) 
 torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& options) const {
   torch::NoGradGuard no_grad;
   const Manifest& m = manifest;
-  const double guidance = options.guidance_scale.value_or(cfg ? 7.5 : 8.5);
+  const double guidance =
+      options.guidance_scale ? *options.guidance_scale : default_guidance(m.family, m.path);
 
   torch::Tensor embeds = checked("prompt_embeds", inputs, "encoder_hidden_states");
   torch::Tensor negative = cfg ? checked("negative_prompt_embeds", inputs, "encoder_hidden_states") : embeds;
@@ -164,6 +189,8 @@ torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& optio
       {"resolution", torch::tensor({{static_cast<float>(m.height), static_cast<float>(m.width)}})},
       {"aspect_ratio", torch::tensor({{static_cast<float>(m.height) / static_cast<float>(m.width)}})}};
   if (has_input("timestep_cond")) given["timestep_cond"] = guidance_embedding(guidance, input_spec("timestep_cond").shape[1]);
+  if (has_input("guidance"))   // FLUX-dev's guidance embedding takes the scale itself
+    given["guidance"] = torch::full({1}, static_cast<float>(guidance), torch::TensorOptions().dtype(torch::kFloat32));
   std::set<std::string> shared;
   for (const auto& [name, value] : given) shared.insert(name);
   for (const auto& [name, value] : inputs) given[name] = value;
@@ -201,6 +228,9 @@ torch::Tensor ArtifactImpl::denoise(const torch::Tensor& embeds, const torch::Te
   latents = latents.to(device);
   SchedulerState scheduler;
   std::map<std::string, torch::Tensor> caches;
+  // Inputs that depend on the step's latent size only, made once per size (FLUX's txt_ids and img_ids; at low
+  // resolution the low grid's own positions, as runtime/artifact.py shared_inputs).
+  std::map<std::pair<int64_t, int64_t>, TensorMap> shared;
   for (size_t i = 0; i < m.plan.size(); ++i) {
     const auto began = std::chrono::steady_clock::now();
     const PlanStep& step = m.plan[i];
@@ -222,6 +252,15 @@ torch::Tensor ArtifactImpl::denoise(const torch::Tensor& embeds, const torch::Te
                         {"encoder_hidden_states", context}};
     for (const auto& [name, value] : *cond)
       values[name] = step.cfg ? torch::cat({negative_added.at(name), added.at(name)}) : value;
+    const std::pair<int64_t, int64_t> size{x.size(2), x.size(3)};
+    if (!shared.count(size)) {
+      TensorMap made;
+      if (has_input("txt_ids"))
+        made["txt_ids"] = torch::zeros({embeds.size(1), 3}, torch::TensorOptions().dtype(dtype).device(device));
+      if (has_input("img_ids")) made["img_ids"] = flux_position_ids(size.first, size.second).to(device, dtype);
+      shared[size] = made;
+    }
+    for (const auto& [name, value] : shared.at(size)) values[name] = value;
     for (const auto& [name, value] : caches) values[name] = value;
     std::vector<torch::Tensor> feed;
     for (const auto& spec : variant.entry.inputs) {

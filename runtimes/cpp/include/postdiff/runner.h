@@ -37,7 +37,7 @@ void write_safetensors(const std::string& path, const TensorMap& tensors);
 struct RunOptions {
   uint64_t seed = 0;   // a CPU generator, as the Python runner's torch.Generator("cpu").manual_seed(seed); on CUDA
                        // too (the Python runner then draws on the GPU, so the two differ there)
-  std::optional<double> guidance_scale;   // default: 7.5, LCM artifacts 8.5 (diffusers' defaults)
+  std::optional<double> guidance_scale;   // default: the family's pipeline default (7.5; LCM 8.5, SD3 7.0, FLUX 3.5)
   bool print_step_times = false;          // one line per step on stderr
 };
 
@@ -53,8 +53,10 @@ class Artifact {
   Artifact& operator=(Artifact&&) noexcept;
 
   // Inputs by name: prompt_embeds [1, L, D], negative_prompt_embeds (classifier-free guidance), added
-  // conditioning (SDXL text_embeds, PixArt encoder_attention_mask, ...) and negative_<name> for the negative
-  // half. Returns the final latents [1, C, H, W] in the artifact's dtype.
+  // conditioning (SDXL text_embeds, PixArt encoder_attention_mask, SD3/FLUX pooled_projections, ...) and
+  // negative_<name> for the negative half. What the pipelines derive is filled in (SDXL time_ids, PixArt
+  // resolution and aspect ratio, LCM's guidance embedding, FLUX's guidance and its txt_ids/img_ids per latent
+  // size). Returns the final latents [1, C, H, W] in the artifact's dtype.
   torch::Tensor run(const TensorMap& inputs, const RunOptions& options = {}) const;
 
   int steps() const;
