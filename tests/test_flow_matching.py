@@ -121,8 +121,10 @@ def eager_mixed_resolution(pipe, family, switch: int) -> torch.Tensor:
     return _pack(x) if family != "sd3" else x
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-@pytest.mark.parametrize("fraction", [0.34, 0.5])   # switch steps 2 and 3 of 6
+# Switch steps 2 and 3 of 6; the default tier runs one per family (about 12 s each here), the slow tier the others.
+@pytest.mark.parametrize("family, fraction", [("sd3", 0.34), ("flux", 0.5),
+                                              pytest.param("sd3", 0.5, marks=pytest.mark.slow),
+                                              pytest.param("flux", 0.34, marks=pytest.mark.slow)])
 def test_mixed_resolution_equals_the_eager_equations(family, fraction):
     pipe = tiny_pipeline(family)
     expected = eager_mixed_resolution(pipe, family, round(fraction * STEPS))
@@ -136,7 +138,7 @@ def test_mixed_resolution_equals_the_eager_equations(family, fraction):
     assert rel(got, run(pipe, family)) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux_schnell"])
+@pytest.mark.parametrize("family", ["sd3", "flux", pytest.param("flux_schnell", marks=pytest.mark.slow)])
 def test_presets_run_and_each_feature_changes_the_result(family):
     pipe = tiny_pipeline(family)
     steps = 4 if family == "flux_schnell" else STEPS
@@ -163,6 +165,7 @@ def test_flux_refuses_what_it_does_not_run():
     restore(pipe)
 
 
+@pytest.mark.slow   # about 30 s: SD3-medium captured on the meta device per variant
 def test_explain_counts_the_block_cache_and_the_low_resolution_steps():
     """SD3-medium at 1024 px on the meta device: quality's 14 of 28 steps at 96x96 latent (beta 3/4) and balanced's
     shallow steps each cost less than a full step; the counts are the graphs', not a formula's."""
