@@ -27,10 +27,13 @@ pytestmark = pytest.mark.slow
 
 SIZE = 128   # a 16x16 latent; quality's low-resolution steps run at 12x12 (tests/test_artifact_flow.py)
 STEPS = {"sd3": 6, "flux": 6}
-# none: one variant (SD3: the CFG batch); quality: both resolutions and the flow transition. balanced adds the
-# block cache, fast SD3's cross-attention cache (text keys/values kept across the switch) and FLUX's attention
-# broadcast: more AOTInductor compiles, the same C++ loop.
-PRESETS = ["none", "quality", "balanced", "fast"]
+# none: one variant (SD3: the CFG batch); quality: both resolutions and the flow transition (switch at step 3);
+# balanced adds the block cache; FLUX's fast the attention broadcast. SD3's fast gates CFG at step 14 of 28, which
+# 6 steps never reach (it would equal balanced): here at step 2, so the cross-attention cache of the joint blocks'
+# text stream is written on a low-resolution CFG step, kept across the switch and read without CFG.
+CASES = {f"{family}-{preset}": (family, preset, {}) for family in STEPS for preset in ("none", "quality", "balanced")}
+CASES["flux-fast"] = ("flux", "fast", {})
+CASES["sd3-fast-m2"] = ("sd3", "fast", {"cross_attn_cache_step": 2})
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +41,21 @@ def flow_artifact(tmp_path_factory):
     """artifact(family, preset) -> folder, compiled once per module with .pt2 programs and AOTInductor packages.
     Tests must copy a folder before changing it."""
     root = tmp_path_factory.mktemp("flow-artifacts")
-    built: dict[tuple[str, str], Path] = {}
+    built: dict[str, Path] = {}
 
-    def artifact(family: str, preset: str) -> Path:
-        if (family, preset) not in built:
-            built[family, preset] = compile_artifact(tiny_pipeline(family).transformer, ConfigRequest(preset),
-                                                     root / f"{family}_{preset}", resolution=(SIZE, SIZE),
-                                                     steps=STEPS[family], formats="pt2,aoti").out
-        return built[family, preset]
+    def artifact(family: str, preset: str, **overrides) -> Path:
+        name = "_".join([family, preset, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
+        if name not in built:
+            request = ConfigRequest(preset, overrides=overrides)
+            built[name] = compile_artifact(tiny_pipeline(family).transformer, request, root / name,
+                                           resolution=(SIZE, SIZE), steps=STEPS[family], formats="pt2,aoti").out
+        return built[name]
 
     return artifact
+
+
+def caches_written(manifest: dict, kind: str) -> set[str]:
+    return {o["name"] for v in manifest["variants"] for o in v["outputs"][1:] if o["name"].startswith(kind + ":")}
 
 
 def embeddings_for(runner, path: Path) -> tuple[Path, tuple]:
@@ -66,11 +74,10 @@ def cpp_latents(binary, artifact, embeddings, out, *extra) -> torch.Tensor:
     return load_file(str(out))["latents"]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("family", list(STEPS))
-def test_cpp_runner_equals_the_python_aoti_runner_on_flow_artifacts(runner_binary, flow_artifact, family, preset,
-                                                                   tmp_path):
-    folder = flow_artifact(family, preset)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpp_runner_equals_the_python_aoti_runner_on_flow_artifacts(runner_binary, flow_artifact, case, tmp_path):
+    family, preset, overrides = CASES[case]
+    folder = flow_artifact(family, preset, **overrides)
     python = postdiff_compile.load(folder, "aoti")
     manifest = python.manifest
     embeddings, (cond, uncond, added, negative_added) = embeddings_for(python, tmp_path / "embeddings.safetensors")
@@ -84,12 +91,16 @@ def test_cpp_runner_equals_the_python_aoti_runner_on_flow_artifacts(runner_binar
     transition = manifest["transition"]
     caches = sorted({name.partition(":")[0] for v in manifest["variants"] for name in
                      (o["name"] for o in v["outputs"][1:])})
-    print(f"{family} {preset}: C++ vs Python aoti rel L2 {err:.2e}, {len(manifest['variants'])} variants, "
+    print(f"{case}: C++ vs Python aoti rel L2 {err:.2e}, {len(manifest['variants'])} variants, "
           f"transition {transition and (transition['sigma_t'], transition['sigma_next'])}, caches {caches}")
     # The bound of tests/test_cpp_runner.py (docs/embedding.md: float32 artifacts agree to about 1e-6).
     assert err <= 1e-5
     if preset != "none":   # every preset but none switches resolution here
         assert transition["prediction_type"] == "flow" and transition["latent_space"] == "flow"
+    if overrides:   # SD3's text entries of the cross-attention cache cross the switch unresized
+        step = manifest["plan"][transition["switch_step"]]
+        assert "cross_attn" in step["reads"] and not step["cfg"]
+        assert any(not name.endswith(".attn2") for name in caches_written(manifest, "cross_attn"))
     if family == "flux":   # FLUX-dev: the guidance input reaches the C++ loop
         other = cpp_latents(runner_binary, folder, embeddings, tmp_path / "other.safetensors", "--seed", "9",
                             "--guidance-scale", "1.0")
