@@ -1,10 +1,11 @@
 """Procedural captioned scenes: the training data of the reference model (issue 8), unlimited and
 deterministic from a seed.
 
-A scene is 1 to 3 objects on a background, 32x32 RGB. Each object has a shape, a colour, a size and one cell
-of a 3x3 grid; the background has a pattern and a colour. Where things are and what colour they are is
-low-frequency structure; the shape of a small object and a striped or checked background are
-high-frequency detail, so both halves of the spectrum matter to a model that gets the caption right.
+A scene is 1 to 3 objects on a background, RGB at 32x32 (or any multiple of 8: `render(scene, 64)`). Each
+object has a shape, a colour, a size and one cell of a 3x3 grid; the background has a pattern and a colour.
+Where things are and what colour they are is low-frequency structure; the shape of a small object and a
+striped or checked background are high-frequency detail, so both halves of the spectrum matter to a model
+that gets the caption right.
 
 Captions use a small fixed vocabulary, objects in reading order (row by row):
     "small red circle top left, large blue square center, on striped grey"
@@ -95,32 +96,37 @@ def _mask(obj: SceneObject, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ((np.abs(dy) <= arm) & (np.abs(dx) <= 1.0)) | ((np.abs(dx) <= arm) & (np.abs(dy) <= 1.0))
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The scene as float32 [3, SIZE, SIZE] in [0, 1]."""
-    y, x = _grid(SIZE)
+def render(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """The scene as float32 [3, size, size] in [0, 1]. Patterns scale with `size` (stripes 2 pixels wide at 32,
+    4 at 64), so every size shows the same scene; `size` must be a multiple of 8 (the checks' period at 32 / 4)."""
+    if size % 8 or size <= 0:
+        raise ValueError(f"scene size must be a positive multiple of 8, got {size}")
+    unit = size // 16                    # 2 at 32: the pattern's length unit in pixels
+    y, x = _grid(size)
     base = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
-    if scene.pattern == "striped":       # 2-pixel diagonal stripes, half as bright
-        shade = np.where(((np.arange(SIZE)[:, None] + np.arange(SIZE)[None, :]) // 2) % 2 == 0, 1.0, 0.55)
-    elif scene.pattern == "checked":     # 4-pixel checks
-        shade = np.where(((np.arange(SIZE)[:, None] // 4 + np.arange(SIZE)[None, :] // 4) % 2) == 0, 1.0, 0.55)
+    index = np.arange(size)
+    if scene.pattern == "striped":       # diagonal stripes one unit wide, half as bright
+        shade = np.where(((index[:, None] + index[None, :]) // unit) % 2 == 0, 1.0, 0.55)
+    elif scene.pattern == "checked":     # checks two units wide
+        shade = np.where(((index[:, None] // (2 * unit) + index[None, :] // (2 * unit)) % 2) == 0, 1.0, 0.55)
     else:
-        shade = np.ones((SIZE, SIZE))
+        shade = np.ones((size, size))
     image = base[:, None, None] * shade[None].astype(np.float32)
-    ys, xs = _grid(SIZE * SUPERSAMPLE)
+    ys, xs = _grid(size * SUPERSAMPLE)
     for obj in scene.objects:
         cover = _mask(obj, ys, xs).astype(np.float32)
-        cover = cover.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+        cover = cover.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
         colour = np.array(COLOURS[obj.colour], dtype=np.float32)[:, None, None]
         image = image * (1 - cover) + colour * cover
     return image.astype(np.float32)
 
 
-def make_batch(seed: int, n: int) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """`n` scenes from `seed`: images float32 [n, 3, SIZE, SIZE] in [-1, 1], captions, scenes.
+def make_batch(seed: int, n: int, size: int = SIZE) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """`n` scenes from `seed`: images float32 [n, 3, size, size] in [-1, 1], captions, scenes.
 
     The same (seed, n) always gives the same batch, on any machine (numpy's PCG64 and float32 arithmetic).
     """
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(n)]
-    images = np.stack([render(s) for s in scenes]) * 2 - 1
+    images = np.stack([render(s, size) for s in scenes]) * 2 - 1
     return images.astype(np.float32), [s.caption for s in scenes], scenes
