@@ -3,8 +3,8 @@
 Each preset is compiled and run by `load(artifact, backend)`, and the torch runner is compared with
 optimize(pipe) on the family's own diffusers pipeline (same weights, embeddings and generator): that checks what
 the runner fills in as the pipelines do (FLUX's sigmas, shift mu, rotary positions and guidance; SD3's CFG batch
-with pooled embeddings) and the manifest's flow transition. onnxruntime and AOTInductor are compared with the
-torch runner. The default tier runs FLUX-dev `quality` on torch (the sigmas, mu, ids, guidance and the flow
+with pooled embeddings) and the manifest's flow transition. onnxruntime is compared with the torch runner here;
+AOTInductor and the C++ runner in tests/test_cpp_runner_flow.py, on every preset of SD3 and FLUX-dev. The default tier runs FLUX-dev `quality` on torch (the sigmas, mu, ids, guidance and the flow
 transition in one artifact); every other family, preset and backend is the slow tier's.
 """
 import json
@@ -87,12 +87,6 @@ def flow_cases():
 @pytest.mark.parametrize("family, preset", flow_cases())
 def test_every_flow_preset_equals_optimize_pipe(tmp_path, family, preset):
     check_flow_artifact(tmp_path, family, preset, () if (family, preset) in DEFAULT_CASES else ("onnxruntime",))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_flow_artifacts_run_on_aoti(tmp_path, family):
-    check_flow_artifact(tmp_path, family, "balanced", ("aoti",))
 
 
 def test_the_runner_needs_the_pooled_embeddings(tmp_path):

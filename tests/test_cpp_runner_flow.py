@@ -83,6 +83,12 @@ def test_cpp_runner_equals_the_python_aoti_runner_on_flow_artifacts(runner_binar
     embeddings, (cond, uncond, added, negative_added) = embeddings_for(python, tmp_path / "embeddings.safetensors")
     assert (uncond is not None) == (family == "sd3")   # SD3 has CFG steps; FLUX-dev's guidance is an input
     expected = python(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=9, guidance_scale=4.5)
+    # The Python aoti runner against the torch one on the .pt2 programs (which equals optimize(pipe) for every
+    # preset: tests/test_artifact_flow.py), so the chain reaches diffusers.
+    torch_runner = postdiff_compile.load(folder, "torch")
+    programs = torch_runner(cond, uncond, added_cond=added, negative_added_cond=negative_added, seed=9,
+                            guidance_scale=4.5)
+    assert rel_l2(expected, programs) <= 1e-4
     got = cpp_latents(runner_binary, folder, embeddings, tmp_path / "latents.safetensors", "--seed", "9",
                       "--guidance-scale", "4.5")
     assert got.shape == expected.shape == (1, python.latent_channels, SIZE // 8, SIZE // 8)
