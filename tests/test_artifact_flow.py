@@ -80,13 +80,15 @@ def check_flow_artifact(tmp_path, family: str, preset: str, backends: tuple[str,
 
 
 def flow_cases():
-    return [pytest.param(family, preset, marks=() if (family, preset) in DEFAULT_CASES else pytest.mark.slow,
-                         id=f"{family}-{preset}") for family in STEPS for preset in PRESETS]
+    """Every family and preset with onnxruntime (slow), and the default tier's cases on torch alone."""
+    cases = [pytest.param(family, preset, ("onnxruntime",), marks=pytest.mark.slow, id=f"{family}-{preset}")
+             for family in STEPS for preset in PRESETS]
+    return cases + [pytest.param(family, preset, (), id=f"{family}-{preset}-torch") for family, preset in DEFAULT_CASES]
 
 
-@pytest.mark.parametrize("family, preset", flow_cases())
-def test_every_flow_preset_equals_optimize_pipe(tmp_path, family, preset):
-    check_flow_artifact(tmp_path, family, preset, () if (family, preset) in DEFAULT_CASES else ("onnxruntime",))
+@pytest.mark.parametrize("family, preset, backends", flow_cases())
+def test_every_flow_preset_equals_optimize_pipe(tmp_path, family, preset, backends):
+    check_flow_artifact(tmp_path, family, preset, backends)
 
 
 def test_the_runner_needs_the_pooled_embeddings(tmp_path):
