@@ -235,6 +235,10 @@ _FLOW_FAST = {"sd3": dict(cross_attn_cache="cond", cross_attn_cache_step=14),
 # The reference model is pixel space and its DDIM clips x0 to [-1, 1] (clip_sample), as pixel-space DDIM does:
 # an epsilon model's x0 is 1 / sqrt(abar) times its error at high noise. The transition's x0 is clipped the same.
 _PIXEL = dict(clamp_x0=1.0)
+# Reference model 2 ("scenes64") denoises VAE latents, which are not bounded by [-1, 1] (its DDIM has no
+# clip_sample either): clamping its x0 would clip the latent, so its presets are scenes32's without _PIXEL,
+# spelled out beside them although they equal the defaults. Its 32x32 latent goes to 16x16 at beta 1/2, a
+# multiple of its U-Net's 4.
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -242,7 +246,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("quality", "mixed resolution: the first half of the steps at low resolution (beta 1/2, or 3/4 for "
            "SDXL, PixArt-alpha, SD3 and FLUX)", _MIX,
            {"sdxl": _MIX_3_4, "pixart_alpha": _MIX_3_4, "lcm_sdxl": _MIX_3_4, "scenes32": _MIX.replace(**_PIXEL),
-            **dict.fromkeys(_FLOW_FAMILIES, _MIX_3_4)}),
+            "scenes64": _MIX, **dict.fromkeys(_FLOW_FAMILIES, _MIX_3_4)}),
     # balanced = quality + DeepCache: for SD1.5 the paper's "Mix + Cache" row reading (a), 11.128 T of 11.129 T.
     # At interval 2 and 10 low-res steps the switch step is a full step anyway.
     Preset("balanced", "mixed resolution (as quality) + DeepCache, full step every 2nd step, branch 1 (transformers: "
@@ -251,6 +255,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                                         "pixart_alpha": _MIX_3_4.replace(**_BLOCK_CACHE),
                                         "lcm_sdxl": _MIX_3_4.replace(**_DEEPCACHE),
                                         "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL),
+                                        "scenes64": _MIX.replace(**_DEEPCACHE),
                                         **{f: _MIX_3_4.replace(**c) for f, c in _FLOW_BLOCK_CACHE.items()}}),
     # fast adds the cross-attention cache in the paper's adopted "Cond" mode. m counts steps, tuned for 20:
     # - SD1.x/2.x, m = 10: the paper's SD1.5 ablation (Table B) trades FID for text alignment as m grows;
@@ -279,6 +284,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             "lcm_sd15": _MIX.replace(**_DEEPCACHE, **_LCM_GATE),
             "lcm_sdxl": _MIX_3_4.replace(**_DEEPCACHE, **_LCM_GATE),
             "scenes32": _MIX.replace(**_DEEPCACHE, **_PIXEL, cross_attn_cache="cond", cross_attn_cache_step=10),
+            "scenes64": _MIX.replace(**_DEEPCACHE, cross_attn_cache="cond", cross_attn_cache_step=10),
             **{f: _MIX_3_4.replace(**_FLOW_BLOCK_CACHE[f], **_FLOW_FAST[f]) for f in _FLOW_FAMILIES}},
            alternatives=(dict(cross_attn_cache="off", cross_attn_cache_step=0, cache_interval=3),
                          dict(cross_attn_cache="off", cross_attn_cache_step=0, low_res_fraction=0.75))),

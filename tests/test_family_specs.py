@@ -100,6 +100,7 @@ EXPECTED_INPUTS = {
     "lcm_sd15": ["sample", "timestep", "encoder_hidden_states", "timestep_cond"],
     "lcm_sdxl": ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"],
     "scenes32": ["sample", "timestep", "encoder_hidden_states"],
+    "scenes64": ["sample", "timestep", "encoder_hidden_states"],
     "sd3": ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"],
     "flux": ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "txt_ids", "img_ids",
              "guidance"],

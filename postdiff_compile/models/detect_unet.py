@@ -1,5 +1,6 @@
 """Detect a U-Net: its block structure from LDM/SGM or diffusers tensor names, its family from the
-text-conditioning widths, and the diffusers config that builds it."""
+text-conditioning widths (and the input channels, where two families share them), and the diffusers config that
+builds it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,9 +8,13 @@ from dataclasses import dataclass
 from .families import consistency_distilled, get_family
 from .shape_evidence import CheckedShapes, Detection, NotMatched, Shapes, bounded, count_blocks
 
-# (cross-attention context width, linear transformer projections, added conditioning width) -> base family
-_SIGNATURES = {(768, False, None): "sd15", (1024, True, None): "sd2", (2048, True, 2816): "sdxl",
-               (128, False, None): "scenes32"}
+# (cross-attention context width, linear transformer projections, added conditioning width) -> base families.
+# The two reference models share their text encoder, so their conditioning is the same; what sets them apart is
+# the space they denoise: scenes32 takes 3-channel pixels, scenes64 4-channel VAE latents (families.py), and that
+# is what their settings depend on (VAE factor, prediction type, the pixel-space x0 clamp). Their block widths
+# (32/64/96, 32/64/128) are a size choice and are read from the weights like any other family's.
+_SIGNATURES = {(768, False, None): ("sd15",), (1024, True, None): ("sd2",), (2048, True, 2816): ("sdxl",),
+               (128, False, None): ("scenes32", "scenes64")}
 
 
 @dataclass
@@ -107,6 +112,19 @@ def _linear_projection(s: Shapes) -> bool:
     return any(k.endswith("proj_in.weight") and len(v) == 2 for k, v in s.items())
 
 
+def _by_input_channels(candidates: tuple[str, ...], view: UNetView, evidence: list[str]) -> str:
+    """The one candidate, or of several the one whose bundled U-Net takes the file's input channels. One
+    candidate takes any count (SD1.5 inpainting U-Nets take 9)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    takes = {name: get_family(name).config()["in_channels"] for name in candidates}
+    matching = [name for name, channels in takes.items() if channels == view.in_channels]
+    if len(matching) != 1:
+        shown = ", ".join(f"{name} takes {channels}" for name, channels in takes.items())
+        raise NotMatched(evidence + [f"{view.in_channels} input channels ({shown})"])
+    return matching[0]
+
+
 def detect_unet(view: UNetView, layout: str, prefix: str) -> Detection:
     evidence = [
         f"layout {layout}" + (f" (tensor prefix {prefix!r})" if prefix else ""),
@@ -120,9 +138,10 @@ def detect_unet(view: UNetView, layout: str, prefix: str) -> Detection:
             attention_depth=[lv.attention_depth for lv in view.levels], in_channels=view.in_channels,
             out_channels=view.out_channels, context_dim=view.context_dim, adm_channels=view.adm_channels,
             guidance_embedding=view.guidance_embedding)
-    family = _SIGNATURES.get((view.context_dim, view.linear_projection, view.adm_channels))
-    if family is None or not view.levels:
+    candidates = _SIGNATURES.get((view.context_dim, view.linear_projection, view.adm_channels))
+    if candidates is None or not view.levels:
         raise NotMatched(evidence)
+    family = _by_input_channels(candidates, view, evidence)
     spec = get_family(family)
     if view.guidance_embedding:   # an LCM: its base family's U-Net plus the guidance embedding
         spec = consistency_distilled(spec)
@@ -153,5 +172,6 @@ def detect_unet(view: UNetView, layout: str, prefix: str) -> Detection:
         config["transformer_layers_per_block"] = [max(1, lv.attention_depth) for lv in view.levels]
     if not view.mid_attention:
         config["mid_block_type"] = "UNetMidBlock2D"
-    evidence.append(f"family {spec.name}: matched by context width, projection kind and added conditioning")
+    evidence.append(f"family {spec.name}: matched by context width, projection kind and added conditioning"
+                    + (f", and {view.in_channels} input channels" if len(candidates) > 1 else ""))
     return Detection(spec.name, layout, prefix, config, spec.prediction_type, evidence)

@@ -215,6 +215,12 @@ FAMILIES: dict[str, FamilySpec] = {
         # The reference model trained here (postdiff_compile/lab/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
                    128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),
+        # Reference model 2 (postdiff_compile/lab/reference2, issue 25): model 1's text encoder on a latent U-Net
+        # (4 channels, VAE factor 2, 64x64 images); two downsamples, so latent sides are multiples of 4, and the
+        # same latent range as scenes32's U-Net of about the same size. Its scheduler is v-prediction with zero
+        # terminal SNR: a single file has no scheduler, so detection takes the prediction type from here.
+        FamilySpec("scenes64", "UNet2DConditionModel", "scenes64_unet.json", "scenes64_scheduler.json",
+                   "v_prediction", 128, 24, vae_scale_factor=2, latent_multiple=4, max_latent=128),
         # Flow-matching transformers. Text: SD3 joins 77 CLIP tokens and 256 T5 tokens (max_sequence_length 256);
         # FLUX-dev's pipeline pads T5 to 512, schnell's to 256. Both VAEs have 16 channels and factor 8; SD3
         # patchifies 2x2 and FLUX packs 2x2, so latent sides are even. SD3.5-medium and -large are the sd3 family

@@ -2,7 +2,7 @@
 
 The unknown-architecture error names the closest family and what is missing from it. Building every
 family's model on the meta device to find out took 10-27 s per error; the table is bundled instead
-(configs/reference_shapes.json.gz, 45 KB) and a slow test checks that it equals what `build_table` makes
+(configs/reference_shapes.json.gz, 64 KB) and a slow test checks that it equals what `build_table` makes
 from the bundled configs. Regenerate it after changing a family or a key map:
 
     python -m postdiff_compile.models.reference_shapes
