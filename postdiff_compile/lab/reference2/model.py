@@ -20,7 +20,7 @@ import torch
 
 from ..reference.model import TEXT_CONFIG, TEXT_LENGTH, make_tokenizer
 
-FAMILY = "scenes64"          # model_index.json's postdiff_family; not a registered family yet (issue 25)
+FAMILY = "scenes64"          # model_index.json's postdiff_family (models/families.py)
 IMAGE_SIZE = 64
 LATENT_SIZE = 32
 
