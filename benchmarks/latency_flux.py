@@ -105,20 +105,20 @@ def pipeline_factory(transformer, vae):
 def hook_config(name: str, pipe):
     """The config `name` runs with: its config class's documented defaults, plus what 0.42.1 requires of the caller
     (PAB and FasterCache read the timestep through current_timestep_callback, which has no default)."""
-    import diffusers
+    from diffusers import hooks   # the same classes as diffusers' top level exports
 
     timestep = dict(current_timestep_callback=lambda: pipe.current_timestep)
     if name == "FirstBlockCache":
-        return diffusers.FirstBlockCacheConfig()
+        return hooks.FirstBlockCacheConfig()
     if name == "PyramidAttentionBroadcast":   # skip range None for all three: the hook then uses spatial 2 (with a
         # warning); set here as the docs' example sets it, which is the same configuration
-        return diffusers.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, **timestep)
+        return hooks.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, **timestep)
     if name == "FasterCache":
-        return diffusers.FasterCacheConfig(**timestep)
+        return hooks.FasterCacheConfig(**timestep)
     if name == "FasterCache, guidance-distilled":   # the one change FLUX-dev needs: it has no unconditional batch
-        return diffusers.FasterCacheConfig(is_guidance_distilled=True, **timestep)
+        return hooks.FasterCacheConfig(is_guidance_distilled=True, **timestep)
     if name == "TaylorSeer":
-        return diffusers.TaylorSeerCacheConfig()
+        return hooks.TaylorSeerCacheConfig()
     raise ValueError(name)
 
 
@@ -334,7 +334,7 @@ def markdown(result: dict) -> list[str]:
                            and r["row"] != "diffusers" and r["flops_ideal_speedup"] <= 1.001) or "none") + ". "
               "FirstBlockCache decides per step from the first block's residual change (threshold 0.05), so what it "
               "skips depends on the weights; random weights change more from step to step than trained ones.",
-              "- Our mixed-resolution presets (quality, balanced) re-noise the model's x0 estimate at the switch; with "
+              "- Our presets other than none (all mixed resolution) re-noise the model's x0 estimate at the switch; with "
               "random weights that estimate carries no image structure, so their PSNR/SSIM here do not predict their "
               "agreement on trained FLUX weights. The hooks reuse features along the baseline's own trajectory and "
               "stay close to it whatever the weights.",

@@ -97,17 +97,26 @@ def latency_section(results: Path, images: str = "../benchmarks/results/") -> li
     for path in sorted(results.glob("latency_cpu_*.json")):
         data = _load(path)
         m = data["machine"]
+        fidelity = any("ssim" in r for r in data["rows"])   # the flux run: FLOPs and PSNR/SSIM per row
+        guidance = data.get("guidance", f"CFG {data['guidance_scale']}")
+        counted = ("FLOPs ideal from `explain` for our presets and from FlopCounterMode on the actual run for "
+                   "diffusers' hooks; PSNR/SSIM of the VAE-decoded image against plain diffusers' (random weights: "
+                   "agreement with the baseline, not image quality). " if fidelity else
+                   "FLOPs ideal from `explain` (blank where it cannot count the row). ")
         lines += [f"## CPU latency: {data['model']}", "",
                   f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}: `{data['command']}` "
-                  f"({data['steps']} {data['scheduler']} steps, CFG {data['guidance_scale']}, median of "
-                  f"{data['rounds']} interleaved rounds, denoising loop only). Speedup against plain diffusers; "
-                  "FLOPs ideal from `explain` (blank where it cannot count the row). "
-                  f"`{path.with_suffix('.md').name}` has every run and the first-call times.", "",
-                  "| row | median s | speedup | FLOPs ideal | speedup / ideal |", "|---|---|---|---|---|"]
+                  f"({data['steps']} {data['scheduler']} steps, {guidance}, "
+                  f"median of {data['rounds']} interleaved rounds, denoising loop only). Speedup against plain "
+                  f"diffusers; {counted}`{path.with_suffix('.md').name}` has every run"
+                  + (", the first-call times, the configurations as run and the machine's load during the run."
+                     if fidelity else " and the first-call times."), "",
+                  "| row | median s | speedup | FLOPs ideal | speedup / ideal |" + (" PSNR dB | SSIM |" if fidelity else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if fidelity else "")]
         for r in data["rows"]:
             ideal = f"{r['flops_ideal_speedup']:.2f}x" if "flops_ideal_speedup" in r else "-"
             ratio = f"{r['speedup_over_ideal']:.2f}" if "speedup_over_ideal" in r else "-"
-            lines.append(f"| {r['row']} | {r['median_s']:.3f} | {r['speedup']:.2f}x | {ideal} | {ratio} |")
+            extra = f" {_db(r.get('psnr_db'))} | {r['ssim']:.4f} |" if fidelity else ""
+            lines.append(f"| {r['row']} | {r['median_s']:.3f} | {r['speedup']:.2f}x | {ideal} | {ratio} |{extra}")
         for row, why in data.get("skipped", {}).items():
             lines.append(f"\n{row}: not run ({why})")
         png = path.with_suffix(".png")
@@ -115,6 +124,11 @@ def latency_section(results: Path, images: str = "../benchmarks/results/") -> li
             lines += ["", f"![latency]({images}{png.name})"]
         lines.append("")
     return lines or ["No `latency_cpu_*.json` yet: run `python benchmarks/latency_cpu.py --model reference`.", ""]
+
+
+def _db(db: float | None) -> str:
+    """A PSNR; None is identical images (+inf)."""
+    return "identical" if db is None else f"{db:.1f}"
 
 
 def _transition_cases(tr: dict) -> dict:
@@ -192,10 +206,11 @@ def _speedup_table_rows(model: str, machine: str, file: str, measured: list[tupl
     by_backend: dict[str, dict[str, str]] = {}
     for config, backend, speedup in measured:
         by_backend.setdefault(backend, {})[config] = _cell(speedup)
-    for key in skipped:
+    for key, why in skipped.items():
         config, _, backend = key.partition("/")
         if backend and (config in PRESETS or config == "diffusers"):   # peers and parts are not summarised
-            by_backend.setdefault(backend, {})[config] = "not run"
+            unavailable = isinstance(why, str) and why.startswith("not available")   # the preset, for this family
+            by_backend.setdefault(backend, {})[config] = "n/a" if unavailable else "not run"
     rows = [f"| {model} | {machine} | FLOPs ideal | 1.00x | " + " | ".join(_cell(ideal.get(p)) for p in PRESETS)
             + f" | `{file}` |"]
     for backend, cells in by_backend.items():
@@ -204,9 +219,33 @@ def _speedup_table_rows(model: str, machine: str, file: str, measured: list[tupl
     return rows
 
 
-def _model_label(text: str, family: str, resolution: int) -> str:
+def _model_label(text: str, family: str, resolution: int, reduced: bool = False) -> str:
     name = "reference model (scenes32)" if family == "scenes32" else family
-    return f"{name} {resolution}x{resolution}" + (", random weights" if "random weights" in text else "")
+    return (f"{name} {resolution}x{resolution}" + (" (reduced width and depth)" if reduced else "")
+            + (", random weights" if "random weights" in text else ""))
+
+
+def _fidelity_table(data: dict, file: str) -> list[str]:
+    """For a run that measured fidelity too (the flux run): its presets beside the peers (diffusers' cache hooks),
+    each with speedup, FLOPs ideal and PSNR/SSIM against plain diffusers; the rows that failed under it."""
+    rows = [r for r in data["rows"] if "ssim" in r and r["row"] != "diffusers"]
+    if not rows:
+        return []
+    m = data["machine"]
+    lines = [f"{_model_label(data['model'], data['family'], data['resolution'], 'architecture' in data)}, our presets "
+             f"and diffusers' cache hooks at their documented defaults ({m['cpu']} CPU, {m['threads']} threads, "
+             f"{data['rounds']} rounds, `{file}`; FLOPs of the hooks counted on their run; PSNR/SSIM of the decoded "
+             "image against plain diffusers')" + (f"; measured while other processes ran (load average "
+                                                   f"{m['load_average_start'][0]:.1f} on {m['threads']} cores), so the "
+                                                   "times are noisy" if m.get("load_average_start", [0])[0] >= 0.5 else "")
+             + ":", "", "| row | speedup | FLOPs ideal | PSNR dB | SSIM |", "|---|---|---|---|---|"]
+    for r in rows:
+        ideal = f"{r['flops_ideal_speedup']:.2f}x" if "flops_ideal_speedup" in r else "not counted"
+        lines.append(f"| {r['row']} | {r['speedup']:.2f}x | {ideal} | {_db(r.get('psnr_db'))} | {r['ssim']:.4f} |")
+    failed = [k for k in data.get("skipped", {}) if k.partition("/")[0] not in PRESETS]
+    if failed:
+        lines += ["", f"Failed at their defaults on this model: {', '.join(failed)} (the error is in docs/performance.md)."]
+    return lines + [""]
 
 
 def summary(results: Path = RESULTS) -> str:
@@ -214,10 +253,11 @@ def summary(results: Path = RESULTS) -> str:
     lines = [BEGIN, "",
              "Speedup of the denoising loop over plain diffusers (eager) on the same machine, median of interleaved "
              "rounds; FLOPs ideal is the baseline's true FLOPs over the preset's, from `explain`. Full tables, first-call "
-             "times and the peers (DeepCache, T-GATE, ToMe): [docs/performance.md](docs/performance.md).", "",
+             "times and the peers (DeepCache, T-GATE, ToMe; diffusers' cache hooks on FLUX): "
+             "[docs/performance.md](docs/performance.md).", "",
              "| model | machine | runs as | diffusers | " + " | ".join(PRESETS) + " | results file |",
              "|---|---|---|---|" + "---|" * len(PRESETS) + "---|"]
-    tables = 0
+    tables, peers = 0, []
     for path in sorted(results.glob("latency_cpu_*.json")):
         data = _load(path)
         measured, ideal = [], {}
@@ -230,9 +270,11 @@ def summary(results: Path = RESULTS) -> str:
             elif r["row"] == "diffusers":
                 measured.insert(0, ("diffusers", "eager", r["speedup"]))
         m = data["machine"]
-        lines += _speedup_table_rows(_model_label(data["model"], data["family"], data["resolution"]),
+        lines += _speedup_table_rows(_model_label(data["model"], data["family"], data["resolution"],
+                                                  "architecture" in data),
                                      f"{m['cpu']} CPU, {m['threads']} threads, {data['rounds']} rounds", path.name, measured, ideal,
                                      data.get("skipped", {}))
+        peers += _fidelity_table(data, path.name)
         tables += 1
     gpu_files = sorted(results.glob("gpu_suite_*.json"))
     for path in gpu_files:
@@ -251,6 +293,7 @@ def summary(results: Path = RESULTS) -> str:
     if not tables:
         lines = lines[:3] + ["No latency results yet: run `python benchmarks/latency_cpu.py --model reference`."]
     lines.append("")
+    lines += peers
     paper = results / "paper_tables.json"
     if paper.is_file():
         rows = [r for r in _load(paper)["rows"] if r["paper_T"]]

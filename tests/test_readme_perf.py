@@ -62,3 +62,32 @@ def test_a_row_off_the_paper_is_shown_as_such(tmp_path):
     assert "within 0.5% of the paper's for 0 of the 1 rows" in summary
     assert "No latency results yet" in summary and "No GPU results yet" in summary
     assert "TensorRT: no results file records an engine build or run." in summary
+
+
+def test_a_run_with_fidelity_and_hooks_shows_them(tmp_path):
+    """The flux run (latency_cpu.py --model flux): PSNR/SSIM columns, the hooks beside our presets in the README,
+    a preset the family does not have as n/a, and a hook that failed named in both pages."""
+    rows = [{"row": "diffusers", "median_s": 20.0, "speedup": 1.0, "flops_ideal_speedup": 1.0, "speedup_over_ideal": 1.0,
+             "psnr_db": None, "ssim": 1.0},
+            {"row": "balanced/eager", "median_s": 10.0, "speedup": 2.0, "flops_ideal_speedup": 2.5,
+             "speedup_over_ideal": 0.8, "psnr_db": 21.25, "ssim": 0.5},
+            {"row": "TaylorSeer", "median_s": 8.0, "speedup": 2.5, "flops_ideal_speedup": 3.0,
+             "speedup_over_ideal": 0.833, "psnr_db": 30.5, "ssim": 0.9}]
+    data = {"model": "FLUX.1-dev-architecture transformer reduced (random weights)", "family": "flux", "resolution": 512,
+            "steps": 20, "scheduler": "FlowMatchEulerDiscreteScheduler", "guidance_scale": 3.5,
+            "guidance": "embedded guidance 3.5, no CFG batch", "architecture": {"overrides": {}}, "rounds": 3,
+            "command": "python benchmarks/latency_cpu.py --model flux --rounds 3",
+            "machine": {"cpu": "AMD EPYC", "threads": 2, "torch": "2.13"}, "rows": rows,
+            "skipped": {"fast/eager": "not available: not built yet", "FasterCache": "failed: IndexError: x"}}
+    (tmp_path / "latency_cpu_flux.json").write_text(json.dumps(data))
+    page = readme_perf.render(tmp_path)
+    assert "embedded guidance 3.5, no CFG batch" in page and "CFG 3.5" not in page
+    assert "| balanced/eager | 10.000 | 2.00x | 2.50x | 0.80 | 21.2 | 0.5000 |" in page
+    assert "| diffusers | 20.000 | 1.00x | 1.00x | 1.00 | identical | 1.0000 |" in page
+    assert "FasterCache: not run (failed: IndexError: x)" in page
+    summary = readme_perf.summary(tmp_path)
+    assert "| flux 512x512 (reduced width and depth), random weights |" in summary
+    assert "| | | `optimize(pipe)` | 1.00x | - | - | 2.00x | n/a | |" in summary
+    assert "| TaylorSeer | 2.50x | 3.00x | 30.5 | 0.9000 |" in summary
+    assert "| balanced/eager | 2.00x | 2.50x | 21.2 | 0.5000 |" in summary
+    assert "Failed at their defaults on this model: FasterCache" in summary
