@@ -292,6 +292,12 @@ def run(args, parser) -> int:
     return 0
 
 
+def busy(machine: dict) -> bool:
+    """Whether other processes ran beside the timing: the one-minute load average at its end above what this run's
+    threads make. (At its start the average still holds the minute before, so it says little.)"""
+    return machine["load_average_end"][0] > machine["threads"] + 0.5
+
+
 def _finite(db: float) -> float | None:
     """PSNR for JSON: identical images (+inf) as None."""
     return None if math.isinf(db) else round(db, 2)
@@ -316,8 +322,8 @@ def markdown(result: dict) -> list[str]:
              f"Load average (1 min): {m['load_average_start'][0]:.2f} when the run began, "
              f"{m['load_average_end'][0]:.2f} when its timing ended (this run alone adds about {m['threads']})"
              + (": other processes were running during this run, so its times are noisy and slower than this "
-                "machine's; rerun it on a quiet machine with the command above." if m["load_average_start"][0] >= 0.5
-                else "."), "",
+                "machine's; rerun it on a quiet machine with the command above." if busy(m)
+                else ": nothing else ran."), "",
              "| row | median s | speedup | FLOPs (T) | FLOPs ideal | speedup / ideal | PSNR dB | SSIM | rel. L2 latents | "
              "first call s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -236,8 +236,8 @@ def _fidelity_table(data: dict, file: str) -> list[str]:
              f"and diffusers' cache hooks at their documented defaults ({m['cpu']} CPU, {m['threads']} threads, "
              f"{data['rounds']} rounds, `{file}`; FLOPs of the hooks counted on their run; PSNR/SSIM of the decoded "
              "image against plain diffusers')" + (f"; measured while other processes ran (load average "
-                                                   f"{m['load_average_start'][0]:.1f} on {m['threads']} cores), so the "
-                                                   "times are noisy" if m.get("load_average_start", [0])[0] >= 0.5 else "")
+                                                   f"{m['load_average_end'][0]:.1f} on {m['threads']} cores), so the "
+                                                   "times are noisy" if m.get("load_average_end", [0])[0] > m["threads"] + 0.5 else "")
              + ":", "", "| row | speedup | FLOPs ideal | PSNR dB | SSIM |", "|---|---|---|---|---|"]
     for r in rows:
         ideal = f"{r['flops_ideal_speedup']:.2f}x" if "flops_ideal_speedup" in r else "not counted"
