@@ -31,7 +31,10 @@ STEPS = {"sd3": 6, "flux": 6}
 # balanced adds the block cache; FLUX's fast the attention broadcast. SD3's fast gates CFG at step 14 of 28, which
 # 6 steps never reach (it would equal balanced): here at step 2, so the cross-attention cache of the joint blocks'
 # text stream is written on a low-resolution CFG step, kept across the switch and read without CFG.
-CASES = {f"{family}-{preset}": (family, preset, {}) for family in STEPS for preset in ("none", "quality", "balanced")}
+# balanced's block cache also runs in both fast cases (their caches include deepcache), so its two cases (C++ =
+# Python aoti at 0.0 for SD3 and FLUX-dev, run when this file was written) are left out to keep the slow tier's
+# AOTInductor compiles within CI's budget.
+CASES = {f"{family}-{preset}": (family, preset, {}) for family in STEPS for preset in ("none", "quality")}
 CASES["flux-fast"] = ("flux", "fast", {})
 CASES["sd3-fast-m2"] = ("sd3", "fast", {"cross_attn_cache_step": 2})
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..reference.model import TEXT_CONFIG, TEXT_LENGTH, make_tokenizer
+from ..reference.model import load_parts as load_model1_parts
 
 FAMILY = "scenes64"          # model_index.json's postdiff_family (models/families.py)
 IMAGE_SIZE = 64
@@ -158,16 +159,8 @@ def save_pipeline_folder(parts: Model2Parts, folder: Path, scheduler: dict, meta
 
 
 def load_parts(folder: Path, dtype: torch.dtype = torch.float32) -> Model2Parts:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True,
-                                                 torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True, torch_dtype=dtype,
-                                                low_cpu_mem_usage=False)
-    return Model2Parts(tokenizer, text_encoder.eval(), load_vae(folder / "vae", dtype), unet.eval())
+    base = load_model1_parts(folder, dtype)   # tokenizer, text encoder and U-Net folders as model 1 writes them
+    return Model2Parts(base.tokenizer, base.text_encoder, load_vae(Path(folder) / "vae", dtype), base.unet)
 
 
 __all__ = ["FAMILY", "IMAGE_SIZE", "LATENT_SIZE", "TEXT_LENGTH", "Model2Parts", "make_parts", "make_pipeline",
