@@ -128,12 +128,18 @@ def timestep_kwargs(config: dict, steps: int, image_tokens: int, linspace_sigmas
     if linspace_sigmas and not config.get("use_flow_sigmas"):
         kwargs["sigmas"] = [float(s) for s in np.linspace(1.0, 1 / steps, steps)]
     if config.get("use_dynamic_shifting"):
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        kwargs["mu"] = float(calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
-                                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                             config.get("max_shift", 1.15)))
+        kwargs["mu"] = shift_mu(config, image_tokens)
     return kwargs
+
+
+def shift_mu(config: Any, image_tokens: int) -> float:
+    """FLUX's (and SD3.5's dynamic-shift) mu: linear in the image's token count between the scheduler config's
+    bounds, as the pipelines compute it (diffusers' calculate_shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return float(calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15)))
 
 
 def scheduler_timesteps(config: dict, steps: int, timing: dict | None = None) -> list[float]:

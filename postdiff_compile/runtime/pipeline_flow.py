@@ -18,16 +18,8 @@ import torch
 
 from ..capture import flux_position_ids, pack_latent, unpack_latent
 from ..errors import PostDiffError
+from ..schedulers import shift_mu
 from .call_inputs import Conditioning, batch_size as _batch
-
-
-def _shift(pipe, image_seq_len: int) -> float:
-    """FLUX's (and SD3.5's dynamic-shift) mu: linear in the image's token count between the scheduler's bounds."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    config = pipe.scheduler.config
-    return calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
 
 def _decode(pipe, latents: torch.Tensor, output_type: str) -> Any:
@@ -60,7 +52,7 @@ def prepare_sd3(pipe, a) -> Conditioning:
     if pipe.scheduler.config.get("use_dynamic_shifting"):   # SD3.5 configs that shift by resolution
         patch = pipe.transformer.config.patch_size
         tokens = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
-        timestep_kwargs["mu"] = a.mu if a.mu is not None else _shift(pipe, tokens)
+        timestep_kwargs["mu"] = a.mu if a.mu is not None else shift_mu(pipe.scheduler.config, tokens)
     n = batch * a.num_images_per_prompt
     added = {"pooled_projections": pooled}
     negative_added = {"pooled_projections": negative_pooled if cfg else pooled}
@@ -99,7 +91,7 @@ def prepare_flux(pipe, a) -> Conditioning:
         a.sigmas = np.linspace(1.0, 1 / a.num_inference_steps, a.num_inference_steps)
     if pipe.scheduler.config.get("use_flow_sigmas"):
         a.sigmas = None
-    timestep_kwargs = {"mu": _shift(pipe, (latent_h // 2) * (latent_w // 2))}
+    timestep_kwargs = {"mu": shift_mu(pipe.scheduler.config, (latent_h // 2) * (latent_w // 2))}
     added = {"pooled_projections": pooled}
     if pipe.transformer.config.guidance_embeds:
         added["guidance"] = torch.full([1], a.guidance_scale, device=device, dtype=torch.float32).expand(n)

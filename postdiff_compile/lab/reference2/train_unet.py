@@ -15,7 +15,6 @@ after every sitting, DIR/model/: the EMA weights so far as a StableDiffusionPipe
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ import torch
 from ...errors import PostDiffError
 from .checkpoint import drive
 from .model import IMAGE_SIZE, TEXT_LENGTH, load_vae, make_parts, save_pipeline_folder, scheduler_config
-from .train_vae import add_config_arguments, common_arguments, cosine_lr, run_cli
+from .train_vae import cosine_lr, job_main
 
 
 @dataclass(frozen=True)
@@ -140,13 +139,8 @@ def train_unet(cfg: UnetTrainConfig, work: Path, minutes: float | None = None, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.lab.reference2.train_unet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser)
-    add_config_arguments(parser, UnetTrainConfig())
-    args = parser.parse_args(argv)
-    cfg = UnetTrainConfig(**{k: getattr(args, k) for k in asdict(UnetTrainConfig())})
-    return run_cli(lambda: train_unet(cfg, args.work, args.minutes, args.stop_at, args.threads))
+    return job_main(argv, "python -m postdiff_compile.lab.reference2.train_unet", __doc__, UnetTrainConfig(),
+                    train_unet)
 
 
 if __name__ == "__main__":

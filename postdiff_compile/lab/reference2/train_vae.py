@@ -160,13 +160,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.lab.reference2.train_vae", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return job_main(argv, "python -m postdiff_compile.lab.reference2.train_vae", __doc__, VaeTrainConfig(), train_vae)
+
+
+def job_main(argv: list[str] | None, prog: str, doc: str, defaults, train) -> int:
+    """A training job's command line: the common arguments, one flag per field of its config dataclass `defaults`,
+    then `train(config, work, minutes, stop_at, threads)` through run_cli."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser)
-    add_config_arguments(parser, VaeTrainConfig())
+    add_config_arguments(parser, defaults)
     args = parser.parse_args(argv)
-    cfg = VaeTrainConfig(**{k: getattr(args, k) for k in asdict(VaeTrainConfig())})
-    return run_cli(lambda: train_vae(cfg, args.work, args.minutes, args.stop_at, args.threads))
+    cfg = type(defaults)(**{k: getattr(args, k) for k in asdict(defaults)})
+    return run_cli(lambda: train(cfg, args.work, args.minutes, args.stop_at, args.threads))
 
 
 def run_cli(job) -> int:
