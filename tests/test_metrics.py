@@ -135,3 +135,26 @@ def test_equal_flops_interpolation_and_pareto_front():
     assert equal_flops_baseline(rows, 0.75) == pytest.approx(1.75)
     assert equal_flops_baseline(rows, 0.25) is None
     assert [r["name"] for r in pareto_front(rows)] == ["p10", "x", "b"]
+
+
+def test_classifier_per_image_size_reads_its_size_from_the_file(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from postdiff_compile.lab.classifier import FEATURES, AttributeClassifier, load_classifier
+
+    wide = AttributeClassifier(64).eval()
+    assert wide.features(torch.zeros(2, 3, 64, 64)).shape == (2, FEATURES)
+    with pytest.raises(ValueError, match="reads 64x64 images, got \\(32, 32\\)"):
+        wide.features(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="not 48"):
+        AttributeClassifier(48)
+    path = tmp_path / "c.safetensors"
+    save_file(wide.state_dict(), str(path), metadata={"train": json.dumps({"size": 64})})
+    loaded = load_classifier(path)
+    assert loaded.size == 64
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(loaded.features(x), wide.features(x))
+    assert load_classifier().size == 32          # the shipped 32 px classifier, unchanged

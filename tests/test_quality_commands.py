@@ -12,7 +12,7 @@ from postdiff_compile.lab.classifier import load_classifier
 from postdiff_compile.lab.evaluate import MAX_PSNR, PromptSet, Sampler, evaluate, generate, real_features
 from postdiff_compile.models.families import get_family
 from postdiff_compile.lab.reference import load_pipeline
-from postdiff_compile.lab.study import StudySettings, format_table, run_study, write_results
+from postdiff_compile.lab.study import StudySettings, format_table, load_result, run_study, write_results
 
 
 def _stage(name, total):
@@ -23,7 +23,7 @@ def test_study_writes_table_json_and_plot(tmp_path):
     pipe = load_pipeline()
     settings = StudySettings(prompts=6, seed_sets=2, real=64, steps=(4,))
     points = [Sampler("ddim-4", "ddim", 4), Sampler("dpmsolver++-4", "dpmsolver++", 4),
-              Sampler("dpmsolver++-20", "dpmsolver++", 20),
+              Sampler("dpmsolver++-20", "dpmsolver++", 20), Sampler("euler-4", "euler", 4),
               Sampler("mix", config=PRESETS["quality"].for_family("scenes32"))]
     result = run_study(pipe, get_family("scenes32"), settings, _stage, points)
     rows = {r["name"]: r for r in result.rows}
@@ -35,18 +35,30 @@ def test_study_writes_table_json_and_plot(tmp_path):
     assert rows["mix"]["flops_fraction"] == pytest.approx(mix / baseline)
     assert 0.55 < rows["mix"]["flops_fraction"] < 0.7
     assert rows["ddim-20 (baseline)"]["psnr"] == MAX_PSNR and rows["ddim-4"]["psnr"] < MAX_PSNR
-    # A row is what the metrics give for that sampler on the study's first prompt set, recomputed here from the
-    # public pieces (a study that mixed up rows, prompt sets or seeds would differ).
-    classifier, prompts = load_classifier(), PromptSet.make(0, 6)
-    direct = evaluate(generate(pipe, points[0], prompts, settings.guidance), prompts, classifier,
-                      real_features(classifier, 64))
+    # A row's per-set values are what the metrics give for that sampler on each prompt set, recomputed here from
+    # the public pieces (a study that mixed up rows, prompt sets or seeds would differ); its value is their mean
+    # and its interval Student's t at 1 degree of freedom (12.706) times the standard error.
+    classifier = load_classifier()
+    real = real_features(classifier, 64)
+    direct = [evaluate(generate(pipe, points[0], PromptSet.make(i, 6), settings.guidance), PromptSet.make(i, 6),
+                       classifier, real) for i in range(2)]
     for metric in ("caption_match", "attribute_accuracy", "frechet"):
-        assert rows["ddim-4"][metric] == pytest.approx(direct[metric], rel=1e-6), metric
+        assert rows["ddim-4"]["per_set"][metric] == pytest.approx([d[metric] for d in direct], rel=1e-6), metric
+        values = np.array([d[metric] for d in direct])
+        assert rows["ddim-4"][metric] == pytest.approx(values.mean(), rel=1e-6)
+        assert rows["ddim-4"]["ci95"][metric] == pytest.approx(12.706 * values.std(ddof=1) / np.sqrt(2), rel=1e-4)
+    assert rows["euler-4"]["frechet"] != pytest.approx(rows["ddim-4"]["frechet"], rel=1e-3)
+    # Paired verdicts: against the baseline for every point, against fewer steps at equal FLOPs for PostDiff ones.
+    assert set(rows["ddim-4"]["vs_baseline"]) == {"frechet", "caption_match", "acc_colour"}
+    assert "vs_fewer_steps" in rows["mix"] and "vs_fewer_steps" not in rows["ddim-4"]
+    frechet_vs_base = np.subtract(rows["ddim-4"]["per_set"]["frechet"], rows["ddim-20 (baseline)"]["per_set"]["frechet"])
+    assert rows["ddim-4"]["vs_baseline"]["frechet"]["delta"] == pytest.approx(frechet_vs_base.mean())
     assert rows["ddim-4"]["frechet"] != pytest.approx(rows["ddim-20 (baseline)"]["frechet"], rel=1e-3)
-    assert set(result.noise) == {"caption_match", "attribute_accuracy", "frechet"}
+    assert set(result.noise) == {"caption_match", "attribute_accuracy", "acc_colour", "acc_shape", "frechet"}
     paths = write_results(result, tmp_path, "s")
     assert json.loads(paths[0].read_text())["rows"][0]["kind"] == "baseline"
     assert "| mix | postdiff |" in paths[1].read_text() and "Noise floor" in format_table(result)
+    assert load_result(paths[0]).rows[1]["ci95"] == result.rows[1]["ci95"]
     assert Image.open(paths[2]).size[0] > 500
 
 

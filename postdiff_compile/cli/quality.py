@@ -33,12 +33,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "study":
         parser = Parser(
             prog="postdiff-compile study",
-            description="Fewer steps (DDIM, DPM-Solver++) against PostDiff configurations on the reference model: "
-                        "a FLOPs-versus-quality table (.md, .json) and a Pareto plot (.png).")
+            description="Fewer steps (DDIM, DPM-Solver++, Euler) against PostDiff configurations on the reference "
+                        "model, every point on the same prompt/noise sets: a FLOPs-versus-quality table with 95% "
+                        "intervals and paired verdicts (.md, .json) and a Pareto plot (.png).")
         _common(parser)
-        parser.add_argument("--prompts", type=int, default=192, help="images per point (default: 192)")
+        parser.add_argument("--prompts", type=int, default=192, help="images per point and set (default: 192)")
         parser.add_argument("--seed-sets", type=int, default=3,
-                            help="prompt/noise sets the baseline runs on, for the noise floor (default: 3)")
+                            help="prompt/noise sets every point runs on: its mean and 95%% interval (default: 3)")
         parser.add_argument("--steps", default="4,6,8,10,14", help="fewer-steps counts (default: 4,6,8,10,14)")
         parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
         parser.add_argument("--name", default="study_scenes32", help="file name stem (default: study_scenes32)")

@@ -2,9 +2,13 @@
 Frechet distance is computed on (the Inception-v3 of this project's FID analogue).
 
 It is trained on fresh scenes from the generator (seeds below `TEST_SEED_BASE`, never the seeds the
-metrics draw their prompts and real images from) and shipped inside the package:
+metrics draw their prompts and real images from) and shipped inside the package, one per image size the
+reference models work at (32 px: model 1, 64 px: model 2):
 
     python -m postdiff_compile.lab.classifier --out postdiff_compile/lab/weights/attribute_classifier.safetensors
+    python -m postdiff_compile.lab.classifier --size 64 --out postdiff_compile/lab/weights/attribute_classifier_64.safetensors
+
+At 64 px one more convolution block comes first (64 -> 32), so the features keep their meaning and width.
 """
 from __future__ import annotations
 
@@ -24,26 +28,33 @@ from .attributes import CELL_HEADS, CELLS, IMAGE_HEADS, targets
 
 FEATURES = 128
 TEST_SEED_BASE = 10_000_000      # metric prompts and real images use seeds from here up; training below
-WEIGHTS = "weights/attribute_classifier.safetensors"
+WEIGHTS = {32: "weights/attribute_classifier.safetensors", 64: "weights/attribute_classifier_64.safetensors"}
 
 
 class AttributeClassifier(nn.Module):
-    def __init__(self):
+    def __init__(self, size: int = 32):
         super().__init__()
+        if size not in WEIGHTS:
+            raise ValueError(f"the attribute classifier reads {sorted(WEIGHTS)} px images, not {size}")
+        self.size = size
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
                                  nn.MaxPool2d(2))
 
-        self.body = nn.Sequential(block(3, 16), block(16, 32), block(32, 64))        # 32 -> 4
+        first = [block(3, 16)] if size == 32 else [block(3, 8), block(8, 16)]     # -> 16
+        self.body = nn.Sequential(*first, block(16, 32), block(32, 64))               # -> 4
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, FEATURES), nn.ReLU())
         sizes = [n for _ in range(CELLS) for _, n in CELL_HEADS] + [n for _, n in IMAGE_HEADS]
         self.sizes = sizes
         self.heads = nn.Linear(FEATURES, sum(sizes))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features [n, FEATURES] of images in [-1, 1], [n, 3, 32, 32]."""
+        """Penultimate features [n, FEATURES] of images in [-1, 1], [n, 3, size, size]."""
+        if images.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"this attribute classifier reads {self.size}x{self.size} images, "
+                             f"got {tuple(images.shape[-2:])}")
         return self.embed(self.body(images))
 
     def logits(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -61,6 +72,7 @@ class ClassifierTrainConfig:
     batch: int = 64
     lr: float = 3e-3
     seed: int = 1
+    size: int = 32              # image side: 32 (model 1) or 64 (model 2)
     noise_std: float = 0.03     # a little pixel noise, so generated images' grain is not out of distribution
 
 
@@ -80,12 +92,12 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> AttributeClassifi
 
     check_training_seeds(cfg.seed, cfg.steps)
     torch.manual_seed(cfg.seed)
-    model = AttributeClassifier()
+    model = AttributeClassifier(cfg.size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.steps)
     start = time.perf_counter()
     for step in range(cfg.steps):
-        images, _, scenes = make_batch(cfg.seed * 1_000_003 + step, cfg.batch)
+        images, _, scenes = make_batch(cfg.seed * 1_000_003 + step, cfg.batch, cfg.size)
         x = torch.from_numpy(images)
         x = x + cfg.noise_std * torch.randn_like(x)
         y = torch.from_numpy(targets(scenes))
@@ -99,13 +111,19 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> AttributeClassifi
     return model.eval()
 
 
-def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
-    """The shipped classifier (or one at `path`), in eval mode."""
+def load_classifier(path: str | Path | None = None, size: int = 32) -> AttributeClassifier:
+    """The shipped classifier for `size` px images (or the one at `path`, whose file says its size), in eval
+    mode."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if path is None:
-        path = resources.files("postdiff_compile.lab") / WEIGHTS
-    model = AttributeClassifier()
+        if size not in WEIGHTS:
+            raise ValueError(f"no attribute classifier ships for {size} px images (sizes: {sorted(WEIGHTS)})")
+        path = resources.files("postdiff_compile.lab") / WEIGHTS[size]
+    with safe_open(str(path), "pt") as f:
+        size = json.loads((f.metadata() or {}).get("train", "{}")).get("size", 32)
+    model = AttributeClassifier(size)
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
 
@@ -127,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = ClassifierTrainConfig(**{k: getattr(args, k) for k in asdict(ClassifierTrainConfig())})
     model = train_classifier(cfg)
-    images, _, scenes = make_batch(TEST_SEED_BASE + 999, 2000)    # held out: metric seeds are never trained on
+    images, _, scenes = make_batch(TEST_SEED_BASE + 999, 2000, cfg.size)    # held out: metric seeds are never trained on
     scores = score(model.predict(torch.from_numpy(images)), targets(scenes))
     print(f"held-out real images: caption match {scores.caption_match:.4f}, "
           f"attribute accuracy {scores.attribute_accuracy:.4f}")

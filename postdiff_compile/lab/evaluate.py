@@ -19,7 +19,7 @@ from .classifier import TEST_SEED_BASE, AttributeClassifier
 from ..metrics.quality import frechet_distance, psnr, ssim
 
 CHUNK = 96
-SCHEDULERS = ("ddim", "dpmsolver++")
+SCHEDULERS = ("ddim", "dpmsolver++", "euler")
 REAL_SEED = TEST_SEED_BASE + 777       # the real images the Frechet distance compares against
 FRESH_REAL_SEED = TEST_SEED_BASE + 31_337   # other real images: the Frechet distance's own floor
 MAX_PSNR = 100.0                       # dB, for identical images
@@ -55,16 +55,18 @@ class PromptSet:
 def real_features(classifier: AttributeClassifier, n: int, seed: int = REAL_SEED) -> torch.Tensor:
     from .scenes import make_batch
 
-    images, _, _ = make_batch(seed, n)
+    images, _, _ = make_batch(seed, n, classifier.size)
     with torch.no_grad():
         return classifier.features(torch.from_numpy(images))
 
 
 def make_scheduler(name: str, base_config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     if name == "ddim":
         return DDIMScheduler.from_config(base_config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(base_config)
     # DDIM's clip_sample is, for DPM-Solver++, thresholding with a maximum of the clip range.
     clip = dict(thresholding=True, sample_max_value=base_config.get("clip_sample_range", 1.0)) \
         if base_config.get("clip_sample") else {}

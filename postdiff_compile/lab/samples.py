@@ -9,7 +9,7 @@ from ..config import PRESETS
 from .evaluate import PromptSet, Sampler, generate
 from .study import write_text_atomic
 
-SCALE = 4           # 32x32 images are shown at 128x128, nearest neighbour, so pixels stay pixels
+TILE = 128          # each image is shown at 128x128 (32x32 at 4x, 64x64 at 2x), nearest neighbour: pixels stay pixels
 LABEL_HEIGHT = 18
 
 
@@ -24,7 +24,7 @@ def sample_grid(pipe, family: str, prompts: PromptSet, steps: int, guidance: flo
 
     columns = grid_columns(family, steps)
     images = [generate(pipe, s, prompts, guidance, stage(f"{s.name}", len(prompts.captions))) for s in columns]
-    n, cell = len(prompts.captions), 32 * SCALE
+    n, cell = len(prompts.captions), TILE
     pad = 4
     width = len(columns) * (cell + pad) + 30
     sheet = Image.new("RGB", (width, LABEL_HEIGHT + n * (cell + pad)), "white")

@@ -2,9 +2,9 @@
 
 Every point is a `Sampler` (scheduler, steps, PostDiff config). Each is run on the same prompts and noise,
 scored by `evaluate.py` and costed with `explain` (true FLOPs: 2 x MACs, attention included, as a
-fraction of the 20-step DDIM baseline with CFG). The baseline is also run on further prompt sets: the spread
-of its numbers over those sets is the metric's noise floor, and a difference smaller than twice it is not
-a finding.
+fraction of the 20-step DDIM baseline with CFG). Every point runs on the same `seed_sets` prompt/noise sets:
+each number is a mean with its 95% interval, and two points are compared set by set (`intervals.py`); a
+difference whose interval includes zero is not a finding.
 """
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ import numpy as np
 
 from ..config import PRESETS, PostDiffConfig
 from .evaluate import (FRESH_REAL_SEED, MAX_PSNR, SCHEDULERS, PromptSet, Sampler, evaluate, generate,
-                               real_features)
+                       real_features)
+from .intervals import WITHIN, interval, verdict
 from ..metrics.quality import frechet_distance
 
 BASELINE = Sampler("ddim-20 (baseline)", "ddim", 20)
 METRICS = ("caption_match", "attribute_accuracy", "frechet", "psnr", "ssim")
+NOISE_METRICS = ("caption_match", "attribute_accuracy", "acc_colour", "acc_shape", "frechet")
+VERDICT_METRICS = ("frechet", "caption_match", "acc_colour")
 
 
 @dataclass(frozen=True)
@@ -78,60 +81,93 @@ def _true_flops(family, config: PostDiffConfig, steps: int, resolution: tuple[in
 @dataclass
 class StudyResult:
     settings: StudySettings
-    rows: list[dict]             # one per point: name, kind, scheduler, steps, config, flops_fraction, metrics
+    # One per point: name, kind, scheduler, steps, config, flops_fraction, each metric's mean over the prompt/noise
+    # sets, "ci95" (each metric's 95% half-width), "per_set" (each metric's values) and the paired verdicts
+    # "vs_baseline" and, for PostDiff points, "vs_fewer_steps" (`compare`)
+    rows: list[dict]
     noise: dict[str, float]      # std of each metric of the baseline over the seed sets
     real_floor: float            # Frechet distance of fresh real images at the same n: the metric's floor
     seconds: float
+    model: str = "scenes32"
 
     def to_json(self) -> dict:
-        return {"settings": asdict(self.settings), "rows": self.rows, "noise_std": self.noise,
+        return {"model": self.model, "settings": asdict(self.settings), "rows": self.rows, "noise_std": self.noise,
                 "frechet_real_floor": self.real_floor, "seconds": self.seconds}
 
 
 def run_study(pipe, family, settings: StudySettings, stage: Callable[[str, int], Callable[[int], None]],
               points: list[Sampler] | None = None) -> StudyResult:
+    """Every point on every prompt/noise set (the same sets, so settings compare set by set)."""
     from .classifier import load_classifier
 
     start = time.perf_counter()
-    classifier = load_classifier()
-    real = real_features(classifier, settings.real)
     resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    classifier = load_classifier(size=resolution[0])
+    real = real_features(classifier, settings.real)
     base_total = flops_fraction(family, BASELINE, resolution, None)
     prompt_sets = [PromptSet.make(seed, settings.prompts) for seed in range(settings.seed_sets)]
-    baselines = []
+    reference_images, per_set = [], []
     for i, prompts in enumerate(prompt_sets):
         images = generate(pipe, BASELINE, prompts, settings.guidance,
                           stage(f"{BASELINE.name}, prompt set {i}", settings.prompts))
-        baselines.append((images, evaluate(images, prompts, classifier, real)))
-    noise = {m: float(np.std([b[1][m] for b in baselines], ddof=1)) if len(baselines) > 1 else float("nan")
-             for m in ("caption_match", "attribute_accuracy", "frechet")}
+        reference_images.append(images)
+        per_set.append({**evaluate(images, prompts, classifier, real), "psnr": MAX_PSNR, "ssim": 1.0})
+    noise = {m: float(np.std([s[m] for s in per_set], ddof=1)) if len(per_set) > 1 else float("nan")
+             for m in NOISE_METRICS}
     real_floor = frechet_distance(real_features(classifier, settings.prompts, FRESH_REAL_SEED), real)
-    reference_images = baselines[0][0]
-    rows = [_row(BASELINE, "baseline", 1.0, {**baselines[0][1], "psnr": MAX_PSNR, "ssim": 1.0})]
+    rows = [_row(BASELINE, "baseline", 1.0, per_set)]
     for sampler in points if points is not None else fewer_step_points(settings) + postdiff_points(family.name):
         kind = "fewer steps" if sampler.config.is_identity else "postdiff"
         fraction = flops_fraction(family, sampler, resolution, base_total)
-        images = generate(pipe, sampler, prompt_sets[0], settings.guidance,
-                          stage(f"{sampler.name} ({fraction:.0%} FLOPs)", settings.prompts))
-        rows.append(_row(sampler, kind, fraction,
-                         evaluate(images, prompt_sets[0], classifier, real, reference_images)))
-    return StudyResult(settings, rows, noise, real_floor, time.perf_counter() - start)
+        per_set = []
+        for i, prompts in enumerate(prompt_sets):
+            images = generate(pipe, sampler, prompts, settings.guidance,
+                              stage(f"{sampler.name} ({fraction:.0%} FLOPs), prompt set {i}", settings.prompts))
+            per_set.append(evaluate(images, prompts, classifier, real, reference_images[i]))
+        rows.append(_row(sampler, kind, fraction, per_set))
+    compare(rows)
+    return StudyResult(settings, rows, noise, real_floor, time.perf_counter() - start, family.name)
 
 
-def _row(sampler: Sampler, kind: str, fraction: float, metrics: dict) -> dict:
-    return {"name": sampler.name, "kind": kind, "scheduler": sampler.scheduler, "steps": sampler.steps,
-            "config": {k: v for k, v in sampler.config.to_dict().items() if k != "config_version"},
-            "flops_fraction": fraction, **metrics}
+def _row(sampler: Sampler, kind: str, fraction: float, per_set: list[dict]) -> dict:
+    row = {"name": sampler.name, "kind": kind, "scheduler": sampler.scheduler, "steps": sampler.steps,
+           "config": {k: v for k, v in sampler.config.to_dict().items() if k != "config_version"},
+           "flops_fraction": fraction, "ci95": {}, "per_set": {}}
+    for metric in per_set[0]:
+        values = [s[metric] for s in per_set]
+        row[metric], row["ci95"][metric] = interval(values)
+        row["per_set"][metric] = values
+    return row
 
 
-def equal_flops_baseline(rows: list[dict], fraction: float, metric: str = "frechet") -> float | None:
+def compare(rows: list[dict]) -> None:
+    """Add each row's paired verdicts: against the baseline ("vs_baseline") and, for PostDiff points, against
+    the best fewer-steps curve at the same FLOPs ("vs_fewer_steps"), on each of `VERDICT_METRICS`."""
+    base = next(r for r in rows if r["kind"] == "baseline")
+    sets = len(base["per_set"]["frechet"])
+    for r in rows:
+        if r is base:
+            continue
+        r["vs_baseline"] = {m: verdict(np.subtract(r["per_set"][m], base["per_set"][m]), m == "frechet")
+                            for m in VERDICT_METRICS}
+        if r["kind"] != "postdiff":
+            continue
+        r["vs_fewer_steps"] = {}
+        for m in VERDICT_METRICS:
+            refs = [equal_flops_baseline(rows, r["flops_fraction"], m, i) for i in range(sets)]
+            if None not in refs:
+                r["vs_fewer_steps"][m] = verdict(np.subtract(r["per_set"][m], refs), m == "frechet")
+
+
+def equal_flops_baseline(rows: list[dict], fraction: float, metric: str = "frechet",
+                         prompt_set: int | None = None) -> float | None:
     """The best fewer-steps value of `metric` at `fraction` FLOPs, interpolating each scheduler's curve linearly
-    in FLOPs (None outside the range it covers)."""
+    in FLOPs (None outside the range it covers); on one prompt set's values if `prompt_set` is given."""
     lower_is_better = metric == "frechet"
     best = None
     for scheduler in SCHEDULERS:
-        curve = sorted((r["flops_fraction"], r[metric]) for r in rows if r["kind"] in ("fewer steps", "baseline")
-                       and r["scheduler"] == scheduler)
+        curve = sorted((r["flops_fraction"], r[metric] if prompt_set is None else r["per_set"][metric][prompt_set])
+                       for r in rows if r["kind"] in ("fewer steps", "baseline") and r["scheduler"] == scheduler)
         xs, ys = [c[0] for c in curve], [c[1] for c in curve]
         if len(xs) < 2 or not xs[0] <= fraction <= xs[-1]:
             continue
@@ -141,26 +177,45 @@ def equal_flops_baseline(rows: list[dict], fraction: float, metric: str = "frech
     return best
 
 
+def _pm(row: dict, metric: str, digits: int) -> str:
+    half = row.get("ci95", {}).get(metric, math.nan)
+    return f"{row[metric]:.{digits}f}" + (f" ± {half:.{digits}f}" if math.isfinite(half) else "")
+
+
+def _said(comparison: dict | None, digits: int) -> str:
+    if not comparison:
+        return ""
+    half = comparison["ci95"]
+    text = f"{comparison['delta']:+.{digits}f}" + (f" ± {half:.{digits}f}" if math.isfinite(half) else "")
+    return text + ("" if comparison["verdict"] == WITHIN else f" **{comparison['verdict']}**")
+
+
 def format_table(result: StudyResult) -> str:
-    noise = result.noise
+    noise, s = result.noise, result.settings
     lines = [
-        f"Reference model (scenes32), {result.settings.prompts} prompts per point, CFG {result.settings.guidance}, "
-        f"{result.settings.real} real images for the Frechet distance; {result.seconds / 60:.1f} min.",
+        f"Reference model ({result.model}), {s.prompts} prompts per point on each of {s.seed_sets} prompt/noise "
+        f"sets, CFG {s.guidance}, {s.real} real images for the Frechet distance; {result.seconds / 60:.1f} min.",
         "",
-        f"Noise floor: std over {result.settings.seed_sets} prompt/noise sets of the baseline: caption match "
+        f"Each value is the mean over the sets ± the half-width of its 95% interval (Student's t, {s.seed_sets - 1} "
+        "degrees of freedom). A difference (d) is paired set by set; it is called better or worse only where its "
+        "interval excludes zero. Colour and shape accuracy are over the captioned objects.",
+        "",
+        f"Noise floor: std over {s.seed_sets} prompt/noise sets of the baseline: caption match "
         f"{noise['caption_match']:.4f}, attribute accuracy {noise['attribute_accuracy']:.4f}, Frechet "
         f"{noise['frechet']:.3f}; fresh real images at the same n score Frechet {result.real_floor:.3f}.",
         "",
-        "| point | kind | FLOPs | caption match | attribute acc. | Frechet | d Frechet vs fewer steps at equal FLOPs "
-        "| PSNR vs baseline (dB) | SSIM vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| point | kind | FLOPs | caption match | colour acc. | shape acc. | Frechet | d Frechet vs baseline "
+        "| d Frechet vs fewer steps at equal FLOPs | d caption match vs fewer steps | PSNR vs baseline (dB) "
+        "| SSIM vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(result.rows, key=lambda r: (r["kind"] != "baseline", r["kind"], -r["flops_fraction"])):
-        ref = equal_flops_baseline(result.rows, r["flops_fraction"]) if r["kind"] == "postdiff" else None
-        delta = f"{r['frechet'] - ref:+.3f}" if ref is not None else ""
-        lines.append(f"| {r['name']} | {r['kind']} | {r['flops_fraction']:.1%} | {r['caption_match']:.3f} | "
-                     f"{r['attribute_accuracy']:.4f} | {r['frechet']:.3f} | {delta} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.4f} |")
+        versus = r.get("vs_fewer_steps", {})
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {r['flops_fraction']:.1%} | {_pm(r, 'caption_match', 3)} | "
+            f"{_pm(r, 'acc_colour', 3)} | {_pm(r, 'acc_shape', 3)} | {_pm(r, 'frechet', 2)} | "
+            f"{_said(r.get('vs_baseline', {}).get('frechet'), 2)} | {_said(versus.get('frechet'), 2)} | "
+            f"{_said(versus.get('caption_match'), 3)} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
     return "\n".join(lines)
 
 
@@ -171,33 +226,31 @@ def plot(result: StudyResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    # Text alignment: colour at the captioned cell where measured (strict caption match is 0 for this model).
-    second = "acc_colour" if all("acc_colour" in r for r in result.rows) else "attribute_accuracy"
     for ax, metric, label in ((axes[0], "frechet", "Frechet distance (lower is better)"),
-                              (axes[1], second, f"{second.replace('_', ' ')} (higher is better)")):
-        for scheduler, style in zip(SCHEDULERS, ("o-", "s--")):
-            pts = sorted((r["flops_fraction"], r[metric]) for r in result.rows
-                         if r["kind"] in ("fewer steps", "baseline") and r["scheduler"] == scheduler)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color="grey" if scheduler == "ddim" else "black",
-                    label=f"fewer steps, {scheduler}", alpha=0.8)
+                              (axes[1], "caption_match", "caption match (higher is better)")):
+        def bars(rows: list[dict]) -> list[float]:
+            return [r.get("ci95", {}).get(metric, 0.0) for r in rows]
+
+        for scheduler, style, colour in zip(SCHEDULERS, ("o-", "s--", "^:"), ("grey", "black", "tab:green")):
+            pts = sorted((r for r in result.rows if r["kind"] in ("fewer steps", "baseline")
+                          and r["scheduler"] == scheduler), key=lambda r: r["flops_fraction"])
+            ax.errorbar([r["flops_fraction"] for r in pts], [r[metric] for r in pts], yerr=bars(pts), fmt=style,
+                        color=colour, label=f"fewer steps, {scheduler}", alpha=0.8, capsize=2)
         post = [r for r in result.rows if r["kind"] == "postdiff"]
-        ax.scatter([r["flops_fraction"] for r in post], [r[metric] for r in post], color="tab:red", zorder=3,
-                   label="PostDiff configs (20 DDIM steps unless named)")
+        ax.errorbar([r["flops_fraction"] for r in post], [r[metric] for r in post], yerr=bars(post), fmt="o",
+                    color="tab:red", zorder=3, capsize=2, label="PostDiff configs (20 DDIM steps unless named)")
         for r in post:
             ax.annotate(r["name"], (r["flops_fraction"], r[metric]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         front = pareto_front(result.rows, metric)
         ax.step([r["flops_fraction"] for r in front], [r[metric] for r in front], where="post", color="tab:blue",
-                alpha=0.5, label="Pareto front")
-        sd = result.noise.get(metric, float("nan"))
-        base = next(r for r in result.rows if r["kind"] == "baseline")[metric]
-        if math.isfinite(sd):
-            ax.axhspan(base - 2 * sd, base + 2 * sd, color="grey", alpha=0.15, label="baseline +- 2 std (noise)")
+                alpha=0.5, label="Pareto front (means)")
         ax.set_xlabel("FLOPs, fraction of 20-step DDIM with CFG")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Fewer steps or cheaper steps: reference model, {result.settings.prompts} prompts per point")
+    fig.suptitle(f"Fewer steps or cheaper steps: {result.model}, {result.settings.prompts} prompts x "
+                 f"{result.settings.seed_sets} sets per point, 95% intervals")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -233,8 +286,11 @@ def load_result(path: Path) -> StudyResult:
     data = json.loads(Path(path).read_text())
     settings = StudySettings(**{**data["settings"], "steps": tuple(data["settings"]["steps"])})
     rows = [{k: (MAX_PSNR if k == "psnr" and v is None else v) for k, v in r.items()} for r in data["rows"]]
+    for r in rows:      # a single set's interval is NaN, written as null
+        r["ci95"] = {k: (math.nan if v is None else v) for k, v in r.get("ci95", {}).items()}
     noise = {k: (math.nan if v is None else v) for k, v in data["noise_std"].items()}
-    return StudyResult(settings, rows, noise, data["frechet_real_floor"], data["seconds"])
+    return StudyResult(settings, rows, noise, data["frechet_real_floor"], data["seconds"],
+                       data.get("model", "scenes32"))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

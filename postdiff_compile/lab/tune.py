@@ -165,7 +165,7 @@ def run_tune(pipe, family, settings: TuneSettings,
     start = time.perf_counter()
     resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     fits = [(r["config"], r) for r in ranking(family, settings, resolution, costs)]
-    classifier = load_classifier()
+    classifier = load_classifier(size=resolution[0])
     real = real_features(classifier, settings.real)
     # Prompt sets disjoint from each other and from the study's (seeds 0..): calibration 100, full 200.
     calibration = PromptSet.make(100, settings.calibration)
