@@ -129,6 +129,11 @@ def test_unet_training_resumes_bit_exactly_and_exports_a_pipeline(tmp_path):
     assert images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with pytest.raises(PostDiffError, match="not a reference-model-2 folder"):
         load_pipeline(tmp_path)
+    # study, tune and samples take this folder as their MODEL: family scenes64, this pipeline.
+    from postdiff_compile.cli.quality import lab_family, load_lab_pipeline
+
+    assert (lab_family(folder), lab_family(None), lab_family(tmp_path)) == ("scenes64", "scenes32", "scenes32")
+    assert load_lab_pipeline(folder).unet.config.in_channels == 4
 
 
 def test_unet_training_without_a_vae_says_what_to_run(tmp_path):

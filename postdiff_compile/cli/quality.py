@@ -5,9 +5,9 @@
     postdiff-compile tune    [MODEL] --objective latency --costs FILE (--latency-budget MS | --speedup X) [--rank-only]
     postdiff-compile samples [MODEL] [--prompts N] [--steps N] [--seed S] [--out FILE.png]
 
-MODEL is a reference-model folder (written by python -m postdiff_compile.lab.reference.train); the default is
-the one shipped in the package. The metrics' classifier knows this model's scenes only, so other models
-are refused.
+MODEL is a reference-model folder: model 1's (scenes32, written by python -m postdiff_compile.lab.reference.train)
+or model 2's (scenes64, train_unet's WORK/model); the default is model 1, shipped in the package. The metrics'
+classifiers know these models' scenes only (32 and 64 px), so other models are refused.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ RESULTS = Path("benchmarks/results")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", type=Path, help="reference-model folder (default: the shipped one)")
+    parser.add_argument("model", nargs="?", type=Path,
+                        help="reference-model folder: model 1's (scenes32) or model 2's (scenes64, train_unet's "
+                             "WORK/model) (default: the shipped model 1)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -42,7 +44,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="prompt/noise sets every point runs on: its mean and 95%% interval (default: 3)")
         parser.add_argument("--steps", default="4,6,8,10,14", help="fewer-steps counts (default: 4,6,8,10,14)")
         parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
-        parser.add_argument("--name", default="study_scenes32", help="file name stem (default: study_scenes32)")
+        parser.add_argument("--name", help="file name stem (default: study_<family>: study_scenes32, study_scenes64)")
     elif command == "tune":
         parser = Parser(
             prog="postdiff-compile tune",
@@ -66,7 +68,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="frechet, caption_match, attribute_accuracy, psnr or ssim (default: frechet)")
         parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
         parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
-        parser.add_argument("--name", help="file name stem (default: tune_scenes32_<budget>)")
+        parser.add_argument("--name", help="file name stem (default: tune_<family>_<budget>)")
     else:
         parser = Parser(prog="postdiff-compile samples",
                                          description="A grid of samples: the baseline beside each preset, "
@@ -75,18 +77,33 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--prompts", type=int, default=8, help="rows (default: 8)")
         parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
         parser.add_argument("--seed", type=int, default=0, help="prompt set seed (default: 0)")
-        parser.add_argument("--out", type=Path, default=RESULTS / "samples_scenes32.png",
-                            help="PNG to write (default: benchmarks/results/samples_scenes32.png)")
+        parser.add_argument("--out", type=Path,
+                            help="PNG to write (default: benchmarks/results/samples_<family>.png)")
     return parser
+
+
+def lab_family(folder: Path | None) -> str:
+    """scenes64 for a reference-model-2 folder (train_unet's WORK/model), else scenes32 (model 1, the default)."""
+    from ..lab.reference2 import is_model2_folder
+
+    return "scenes64" if folder is not None and is_model2_folder(folder) else "scenes32"
+
+
+def load_lab_pipeline(folder: Path | None):
+    if lab_family(folder) == "scenes64":
+        from ..lab.reference2 import load_pipeline
+    else:
+        from ..lab.reference import load_pipeline
+    return load_pipeline(folder)
 
 
 def run(command: str, args: argparse.Namespace) -> int:
     import torch
 
     from ..models.families import get_family
-    from ..lab.reference import load_pipeline
-    from ..lab.reference.model import FAMILY
     from .report import RichProgress
+
+    family_name = lab_family(args.model)
 
     # Every argument is checked before the model loads: a study runs for many minutes.
     minimum = {"prompts": 2 if command == "study" else 1, "seed_sets": 1, "threads": 1}
@@ -116,26 +133,26 @@ def run(command: str, args: argparse.Namespace) -> int:
                                      args.steps, objective=args.objective, latency_budget_ms=args.latency_budget,
                                      speedup=args.speedup)
         costs = CostTable.read(args.costs) if args.costs is not None else None
-        if costs is not None and costs.family != FAMILY:
-            raise PostDiffError(f"tune runs the reference model ({FAMILY}); the cost table is for {costs.family}",
+        if costs is not None and costs.family != family_name:
+            raise PostDiffError(f"tune runs the reference model ({family_name}); the cost table is for {costs.family}",
                                 args.costs)
         if args.rank_only:
             from ..lab.tune import format_ranking, ranking
 
-            family = get_family(FAMILY)
+            family = get_family(family_name)
             print(format_ranking(ranking(family, tune_settings, family.default_resolution, costs)))
             return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    family = get_family(FAMILY)
-    pipe = load_pipeline(args.model)
+    family = get_family(family_name)
+    pipe = load_lab_pipeline(args.model)
     if command == "study":
         from ..lab.study import StudySettings, format_table, run_study, write_results
 
         settings = StudySettings(args.prompts, args.seed_sets, args.guidance, steps=steps)
         with RichProgress() as progress:
             result = run_study(pipe, family, settings, progress.stage)
-        paths = write_results(result, args.out, args.name)
+        paths = write_results(result, args.out, args.name or f"study_{family_name}")
         print(format_table(result))
     elif command == "tune":
         from ..lab.tune import format_tune, run_tune, write_tune
@@ -144,7 +161,7 @@ def run(command: str, args: argparse.Namespace) -> int:
             result = run_tune(pipe, family, tune_settings, progress.stage, costs)
         stem = f"{args.flops_budget:g}" if args.objective == "flops" else \
             f"{args.latency_budget:g}ms" if args.latency_budget is not None else f"{args.speedup:g}x"
-        paths = write_tune(result, args.out, args.name or f"tune_scenes32_{stem}")
+        paths = write_tune(result, args.out, args.name or f"tune_{family_name}_{stem}")
         print(format_tune(result))
     else:
         from ..lab.evaluate import PromptSet
@@ -153,6 +170,6 @@ def run(command: str, args: argparse.Namespace) -> int:
         with RichProgress() as progress:
             sheet, captions = sample_grid(pipe, family.name, PromptSet.make(args.seed, args.prompts), args.steps,
                                           args.guidance, progress.stage)
-        paths = write_grid(sheet, captions, args.out)
+        paths = write_grid(sheet, captions, args.out or RESULTS / f"samples_{family_name}.png")
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
