@@ -13,11 +13,11 @@ from postdiff_compile.lab.reference2.checkpoint import load_checkpoint, save_ato
 from postdiff_compile.lab.reference2.model import (FAMILY, IMAGE_SIZE, make_parts, make_pipeline, make_vae,
                                                    save_module)
 from postdiff_compile.lab.reference2.train_unet import UnetTrainConfig, train_unet
-from postdiff_compile.lab.reference2.train_vae import VaeTrainConfig, train_vae
+from postdiff_compile.lab.reference2.train_vae import VaeTrainConfig, VaeTrainer, train_vae
 from postdiff_compile.lab.scenes import SIZE, make_batch
 
 VAE_CFG = VaeTrainConfig(steps=4, batch=2, warmup=1, log_every=1, checkpoint_every=1, scale_images=4,
-                         held_out_images=2)
+                         held_out_images=2, whole_steps=2)
 UNET_CFG = UnetTrainConfig(steps=4, batch=2, warmup=1, log_every=1, checkpoint_every=1, low_res_fraction=0.5)
 
 
@@ -109,7 +109,12 @@ def test_a_checkpoint_of_another_config_is_refused_but_a_run_can_be_extended(tmp
         train_vae(dataclasses.replace(VAE_CFG, lr=1e-4), tmp_path, threads=1)
     with pytest.raises(PostDiffError, match="past --steps"):
         train_vae(dataclasses.replace(VAE_CFG, steps=1), tmp_path, threads=1)
-    longer = train_vae(dataclasses.replace(VAE_CFG, steps=6), tmp_path, stop_at=3, threads=1)
+    # The whole-image phase may move only where it changes steps not yet run (the checkpoint is at step 2).
+    with pytest.raises(PostDiffError, match="would change steps already run"):
+        train_vae(dataclasses.replace(VAE_CFG, whole_steps=3), tmp_path, threads=1)
+    trainer = VaeTrainer(dataclasses.replace(VAE_CFG, steps=6, whole_steps=4))
+    assert trainer.batch(1).shape[-1] == 32 and trainer.batch(2).shape[-1] == 64     # crops, then whole images
+    longer = train_vae(dataclasses.replace(VAE_CFG, steps=6, whole_steps=4), tmp_path, stop_at=3, threads=1)
     assert longer["step"] == 3 and "run changed from 4 to 6 steps" in (tmp_path / "vae_log.txt").read_text()
 
 

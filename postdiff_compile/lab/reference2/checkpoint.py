@@ -102,8 +102,12 @@ def drive(trainer: Trainer, config: dict, steps: int, work: Path, *, log_every: 
     if ckpt_path.is_file():
         saved = load_checkpoint(ckpt_path)
         before = json.loads(saved["config"])
-        # Only the step count may change between sittings (to extend a run; the cosine schedule is recomputed).
-        if {k: v for k, v in before.items() if k != "steps"} != {k: v for k, v in config.items() if k != "steps"}:
+        # Only the step count may change between sittings (to extend a run; the cosine schedule is recomputed),
+        # and the keys a trainer names in `changeable`, which its `check_resume` allows only where they change
+        # steps not yet run.
+        changeable = {"steps", *getattr(trainer, "changeable", ())}
+        if {k: v for k, v in before.items() if k not in changeable} != \
+                {k: v for k, v in config.items() if k not in changeable}:
             raise PostDiffError(f"the checkpoint was written with another config ({saved['config']}); train with "
                                 "that config, or delete the checkpoint to start over", ckpt_path)
         if before["steps"] != config["steps"]:
@@ -112,6 +116,8 @@ def drive(trainer: Trainer, config: dict, steps: int, work: Path, *, log_every: 
                                     ckpt_path)
             extended = f" (run changed from {before['steps']} to {config['steps']} steps; learning rate from here on " \
                        "follows the new schedule)"
+        if hasattr(trainer, "check_resume"):
+            trainer.check_resume(before, saved["step"], ckpt_path)
         trainer.load(saved["state"])
         torch.set_rng_state(saved["torch_rng"])
         step, history = saved["step"], saved["history"]
