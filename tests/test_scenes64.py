@@ -140,3 +140,42 @@ def test_compiled_unet_runs_as_optimize(pipe, tmp_path):
         restore(pipe)
     assert got.shape == expected.shape == (1, 4, 32, 32)
     assert rel_l2(got, expected) <= 1e-5
+
+
+@pytest.mark.slow   # 21 s here; the default tier runs the same peers on model 1 (tests/test_reference_model.py)
+def test_peers_run_unchanged_on_model2(pipe):
+    """DeepCacheSDHelper and T-GATE on the latent-space model 2 (v-prediction, zero terminal SNR, trailing DDIM)
+    equal our runtime's deepcache and cross-attention cache, as on model 1 (tests/test_reference_model.py)."""
+    import DeepCache
+    import tgate
+
+    cond, uncond = _embeddings(pipe)
+    steps = 6
+    helper = DeepCache.DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=1)
+    helper.enable()
+    try:
+        theirs = _latents(pipe, steps, cond, uncond)
+    finally:
+        helper.disable()
+    try:
+        ours = _latents(postdiff_compile.optimize(pipe, preset="none", cache_interval=2, cache_branch=1), steps, cond,
+                        uncond)
+        plain = _latents(postdiff_compile.optimize(pipe, preset="none"), steps, cond, uncond)
+    finally:
+        restore(pipe)
+    assert rel_l2(ours, theirs) < 1e-5 and rel_l2(ours, plain) > 1e-4    # the cache changed the result
+
+    # T-GATE replaces the attention forwards for good: it gets a pipeline of its own, the same weights.
+    own = model2.make_pipeline(model2.make_parts(seed=0))      # the fixture's seed: the same weights
+    own.set_progress_bar_config(disable=True)
+    gated = tgate.TgateSDLoader(own).tgate(prompt_embeds=cond, negative_prompt_embeds=uncond, gate_step=3,
+                                           sp_interval=1, fi_interval=1, warm_up=0, num_inference_steps=steps,
+                                           guidance_scale=4.5, height=64, width=64,
+                                           generator=torch.Generator().manual_seed(7), output_type="latent").images
+    try:
+        ours = _latents(postdiff_compile.optimize(pipe, preset="none", cross_attn_cache="ave", cross_attn_cache_step=3),
+                        steps, cond, uncond)
+    finally:
+        restore(pipe)
+    assert rel_l2(ours, gated) < 1e-5 and rel_l2(ours, plain) > 1e-4
