@@ -20,6 +20,7 @@ from .parser import Parser
 from ..errors import PostDiffError
 
 RESULTS = Path("benchmarks/results")
+LOCAL = "local"     # --ray without an address: start a Ray instance on this machine
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def _ray_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const=LOCAL, metavar="ADDRESS",
+                        help="run each configuration as a Ray task: on a Ray instance started here (no ADDRESS; "
+                             "Ray opens its own listeners) or on the cluster at ADDRESS (auto, ray://HOST:PORT); "
+                             "the results equal the serial run's")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -59,6 +67,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--latency-budget", type=float, metavar="MS", help="objective latency: predicted ms")
         parser.add_argument("--speedup", type=float, metavar="X",
                             help="objective latency: at least X times the baseline's predicted latency")
+        _ray_argument(parser)
         parser.add_argument("--rank-only", action="store_true",
                             help="print the candidates that fit, cheapest first, and stop (no images generated)")
         parser.add_argument("--calibration", type=int, default=48, help="calibration prompts (default: 48)")
@@ -82,24 +91,23 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def lab_family(folder: Path | None) -> str:
-    """scenes64 for a reference-model-2 folder (train_unet's WORK/model), else scenes32 (model 1, the default)."""
-    from ..lab.reference2 import is_model2_folder
+def _sweep(args: argparse.Namespace):
+    """`--ray [ADDRESS]`: the sweep's jobs as Ray tasks (a local instance, or the cluster at ADDRESS); else serial."""
+    import contextlib
 
-    return "scenes64" if folder is not None and is_model2_folder(folder) else "scenes32"
+    if getattr(args, "ray", None) is None:
+        return contextlib.nullcontext(None)
+    if importlib.util.find_spec("ray") is None:
+        raise PostDiffError("--ray needs Ray: pip install 'postdiff-compile[serve]'")
+    from ..lab.sweep import RaySweep
 
-
-def load_lab_pipeline(folder: Path | None):
-    if lab_family(folder) == "scenes64":
-        from ..lab.reference2 import load_pipeline
-    else:
-        from ..lab.reference import load_pipeline
-    return load_pipeline(folder)
+    return RaySweep(None if args.ray == LOCAL else args.ray, threads=args.threads or 1)
 
 
 def run(command: str, args: argparse.Namespace) -> int:
     import torch
 
+    from ..lab.reference_models import lab_family, load_lab_pipeline
     from ..models.families import get_family
     from .report import RichProgress
 
@@ -157,8 +165,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     elif command == "tune":
         from ..lab.tune import format_tune, run_tune, write_tune
 
-        with RichProgress() as progress:
-            result = run_tune(pipe, family, tune_settings, progress.stage, costs)
+        with _sweep(args) as sweep, RichProgress() as progress:
+            result = run_tune(pipe, family, tune_settings, progress.stage, costs, sweep=sweep, model=args.model)
         stem = f"{args.flops_budget:g}" if args.objective == "flops" else \
             f"{args.latency_budget:g}ms" if args.latency_budget is not None else f"{args.speedup:g}x"
         paths = write_tune(result, args.out, args.name or f"tune_{family_name}_{stem}")

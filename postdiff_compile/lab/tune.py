@@ -158,39 +158,57 @@ def format_ranking(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_tune(pipe, family, settings: TuneSettings,
-             stage: Callable[[str, int], Callable[[int], None]], costs=None) -> TuneResult:
-    from .classifier import load_classifier
+@dataclass(frozen=True)
+class TuneJob:
+    """One candidate of the grid, scored on the calibration set and, unless settings.full is 0, the full set."""
+    model: str | None       # the reference-model folder (None: the shipped model 1)
+    name: str
+    config: PostDiffConfig
+    settings: TuneSettings
+
+
+def prompt_sets(settings: TuneSettings) -> list[tuple[str, PromptSet]]:
+    # Disjoint from each other and from the study's (seeds 0..): calibration 100, full 200.
+    sets = [("calibration", PromptSet.make(100, settings.calibration))]
+    return sets + ([("full", PromptSet.make(200, settings.full))] if settings.full else [])
+
+
+def score_candidate(job: TuneJob, pipe=None) -> dict[str, dict]:
+    """The candidate's metrics by prompt set: a sweep's job (sweep.py), the same numbers in any process."""
+    from .sweep import lab_state
+
+    s = job.settings
+    state = lab_state(job.model, pipe)
+    real = state.once(("real", s.real), lambda: real_features(state.classifier, s.real))
+    scores = {}
+    for label, prompts in prompt_sets(s):
+        reference = None
+        if s.metric in ("psnr", "ssim"):
+            reference = state.once(("baseline", label, len(prompts.captions), s.steps, s.guidance),
+                                   lambda: generate(state.pipe, Sampler("base", steps=s.steps), prompts, s.guidance))
+        images = generate(state.pipe, Sampler(job.name, steps=s.steps, config=job.config), prompts, s.guidance)
+        scores[label] = evaluate(images, prompts, state.classifier, real, reference)
+    return scores
+
+
+def run_tune(pipe, family, settings: TuneSettings, stage: Callable[[str, int], Callable[[int], None]], costs=None,
+             sweep=None, model: str | None = None) -> TuneResult:
+    """Score every candidate that fits, on `sweep` (sweep.py; default: serially on `pipe`); `model` is the folder
+    `pipe` was loaded from, for workers that load their own."""
+    from .sweep import SerialSweep
 
     start = time.perf_counter()
     resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    fits = [(r["config"], r) for r in ranking(family, settings, resolution, costs)]
-    classifier = load_classifier(size=resolution[0])
-    real = real_features(classifier, settings.real)
-    # Prompt sets disjoint from each other and from the study's (seeds 0..): calibration 100, full 200.
-    calibration = PromptSet.make(100, settings.calibration)
-    full = PromptSet.make(200, settings.full) if settings.full else None
-    reference = {}
-    for label, prompts in (("calibration", calibration), ("full", full)):
-        if prompts is not None and settings.metric in ("psnr", "ssim"):
-            reference[label] = generate(pipe, Sampler("base", steps=settings.steps), prompts, settings.guidance,
-                                        stage(f"baseline on the {label} set", len(prompts.captions)))
-    candidates = []
-    for config, ranked in fits:
-        fraction = ranked["flops_fraction"]
-        row = {**ranked, "config": {k: v for k, v in config.to_dict().items() if k != "config_version"}}
-        sampler = Sampler(row["name"], steps=settings.steps, config=config)
-        for label, prompts in (("calibration", calibration), ("full", full)):
-            if prompts is None:
-                continue
-            images = generate(pipe, sampler, prompts, settings.guidance,
-                              stage(f"{row['name']} ({fraction:.0%} FLOPs), {label}", len(prompts.captions)))
-            row[label] = evaluate(images, prompts, classifier, real, reference.get(label))
-        candidates.append(row)
+    fits = ranking(family, settings, resolution, costs)
+    jobs = [TuneJob(None if model is None else str(model), r["name"], r["config"], settings) for r in fits]
+    sweep = sweep if sweep is not None else SerialSweep(pipe)
+    scores = sweep.map(score_candidate, jobs, stage(f"{len(jobs)} candidates", len(jobs)))
+    candidates = [{**ranked, "config": {k: v for k, v in ranked["config"].to_dict().items() if k != "config_version"},
+                   **score} for ranked, score in zip(fits, scores)]
     sign = 1 if LOWER_IS_BETTER[settings.metric] else -1
     best = min(candidates, key=lambda r: sign * r["calibration"][settings.metric])
     rho = best_full = None
-    if full is not None:
+    if settings.full:
         best_full = min(candidates, key=lambda r: sign * r["full"][settings.metric])
         if len(candidates) > 1:
             rho = spearman([r["calibration"][settings.metric] for r in candidates],
