@@ -43,6 +43,24 @@ def test_tune_on_ray_equals_the_serial_run(ray_sweep):   # noqa: F811
         assert parallel.spearman == pytest.approx(serial.spearman, abs=1e-9)
 
 
+def test_study_on_ray_equals_the_serial_run(ray_sweep):   # noqa: F811
+    from postdiff_compile.config import PRESETS
+    from postdiff_compile.lab.evaluate import Sampler
+    from postdiff_compile.lab.study import StudySettings, run_study
+
+    settings = StudySettings(prompts=3, seed_sets=2, real=32, steps=(4,))
+    points = [Sampler("ddim-4", "ddim", 4), Sampler("mix", config=PRESETS["quality"].for_family("scenes32"))]
+    pipe, family = load_pipeline(), get_family("scenes32")
+    serial = run_study(pipe, family, settings, _stage, points)
+    parallel = run_study(pipe, family, settings, _stage, points, sweep=ray_sweep)
+    assert [r["name"] for r in parallel.rows] == [r["name"] for r in serial.rows]
+    for a, b in zip(serial.rows, parallel.rows):
+        for metric, values in a["per_set"].items():
+            assert b["per_set"][metric] == pytest.approx(values, rel=1e-6, abs=1e-9), (a["name"], metric)
+    mine, theirs = serial.rows[2]["vs_fewer_steps"]["frechet"], parallel.rows[2]["vs_fewer_steps"]["frechet"]
+    assert theirs["verdict"] == mine["verdict"] and theirs["delta"] == pytest.approx(mine["delta"], rel=1e-6)
+
+
 @dataclass(frozen=True)
 class _DieOnce:
     marker: str

@@ -51,6 +51,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--seed-sets", type=int, default=3,
                             help="prompt/noise sets every point runs on: its mean and 95%% interval (default: 3)")
         parser.add_argument("--steps", default="4,6,8,10,14", help="fewer-steps counts (default: 4,6,8,10,14)")
+        _ray_argument(parser)
         parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default: {RESULTS})")
         parser.add_argument("--name", help="file name stem (default: study_<family>: study_scenes32, study_scenes64)")
     elif command == "tune":
@@ -158,8 +159,8 @@ def run(command: str, args: argparse.Namespace) -> int:
         from ..lab.study import StudySettings, format_table, run_study, write_results
 
         settings = StudySettings(args.prompts, args.seed_sets, args.guidance, steps=steps)
-        with RichProgress() as progress:
-            result = run_study(pipe, family, settings, progress.stage)
+        with _sweep(args) as sweep, RichProgress() as progress:
+            result = run_study(pipe, family, settings, progress.stage, sweep=sweep, model=args.model)
         paths = write_results(result, args.out, args.name or f"study_{family_name}")
         print(format_table(result))
     elif command == "tune":

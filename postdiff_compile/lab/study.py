@@ -95,36 +95,57 @@ class StudyResult:
                 "frechet_real_floor": self.real_floor, "seconds": self.seconds}
 
 
+@dataclass(frozen=True)
+class StudyJob:
+    """One point on one prompt/noise set: a sweep's job (sweep.py)."""
+    model: str | None       # the reference-model folder (None: the shipped model 1)
+    sampler: Sampler
+    prompt_set: int
+    settings: StudySettings
+
+
+def score_point(job: StudyJob, pipe=None) -> dict:
+    """The point's metrics on its prompt set, fidelity against the baseline on the same set (which the process
+    draws once): the same numbers in any process."""
+    from .sweep import lab_state
+
+    s = job.settings
+    state = lab_state(job.model, pipe)
+    real = state.once(("real", s.real), lambda: real_features(state.classifier, s.real))
+    prompts = PromptSet.make(job.prompt_set, s.prompts)
+    baseline = state.once(("study baseline", job.prompt_set, s.prompts, s.guidance),
+                          lambda: generate(state.pipe, BASELINE, prompts, s.guidance))
+    if job.sampler == BASELINE:
+        return {**evaluate(baseline, prompts, state.classifier, real), "psnr": MAX_PSNR, "ssim": 1.0}
+    images = generate(state.pipe, job.sampler, prompts, s.guidance)
+    return evaluate(images, prompts, state.classifier, real, baseline)
+
+
 def run_study(pipe, family, settings: StudySettings, stage: Callable[[str, int], Callable[[int], None]],
-              points: list[Sampler] | None = None) -> StudyResult:
-    """Every point on every prompt/noise set (the same sets, so settings compare set by set)."""
-    from .classifier import load_classifier
+              points: list[Sampler] | None = None, sweep=None, model: str | None = None) -> StudyResult:
+    """Every point on every prompt/noise set (the same sets, so settings compare set by set), on `sweep` (default:
+    serially on `pipe`); `model` is the folder `pipe` was loaded from, for workers that load their own."""
+    from .sweep import SerialSweep, lab_state
 
     start = time.perf_counter()
     resolution = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    classifier = load_classifier(size=resolution[0])
-    real = real_features(classifier, settings.real)
     base_total = flops_fraction(family, BASELINE, resolution, None)
-    prompt_sets = [PromptSet.make(seed, settings.prompts) for seed in range(settings.seed_sets)]
-    reference_images, per_set = [], []
-    for i, prompts in enumerate(prompt_sets):
-        images = generate(pipe, BASELINE, prompts, settings.guidance,
-                          stage(f"{BASELINE.name}, prompt set {i}", settings.prompts))
-        reference_images.append(images)
-        per_set.append({**evaluate(images, prompts, classifier, real), "psnr": MAX_PSNR, "ssim": 1.0})
-    noise = {m: float(np.std([s[m] for s in per_set], ddof=1)) if len(per_set) > 1 else float("nan")
-             for m in NOISE_METRICS}
-    real_floor = frechet_distance(real_features(classifier, settings.prompts, FRESH_REAL_SEED), real)
-    rows = [_row(BASELINE, "baseline", 1.0, per_set)]
-    for sampler in points if points is not None else fewer_step_points(settings) + postdiff_points(family.name):
-        kind = "fewer steps" if sampler.config.is_identity else "postdiff"
-        fraction = flops_fraction(family, sampler, resolution, base_total)
-        per_set = []
-        for i, prompts in enumerate(prompt_sets):
-            images = generate(pipe, sampler, prompts, settings.guidance,
-                              stage(f"{sampler.name} ({fraction:.0%} FLOPs), prompt set {i}", settings.prompts))
-            per_set.append(evaluate(images, prompts, classifier, real, reference_images[i]))
-        rows.append(_row(sampler, kind, fraction, per_set))
+    samplers = [BASELINE, *(points if points is not None else fewer_step_points(settings) + postdiff_points(family.name))]
+    model = None if model is None else str(model)
+    jobs = [StudyJob(model, sampler, i, settings) for sampler in samplers for i in range(settings.seed_sets)]
+    sweep = sweep if sweep is not None else SerialSweep(pipe)
+    results = sweep.map(score_point, jobs, stage(f"{len(samplers)} points x {settings.seed_sets} prompt/noise sets "
+                                                 f"of {settings.prompts}", len(jobs)))
+    rows = []
+    for k, sampler in enumerate(samplers):
+        per_set = results[k * settings.seed_sets:(k + 1) * settings.seed_sets]
+        kind = "baseline" if sampler == BASELINE else "fewer steps" if sampler.config.is_identity else "postdiff"
+        rows.append(_row(sampler, kind, flops_fraction(family, sampler, resolution, base_total), per_set))
+    base = rows[0]["per_set"]
+    noise = {m: float(np.std(base[m], ddof=1)) if settings.seed_sets > 1 else float("nan") for m in NOISE_METRICS}
+    state = lab_state(model, pipe)
+    real = state.once(("real", settings.real), lambda: real_features(state.classifier, settings.real))
+    real_floor = frechet_distance(real_features(state.classifier, settings.prompts, FRESH_REAL_SEED), real)
     compare(rows)
     return StudyResult(settings, rows, noise, real_floor, time.perf_counter() - start, family.name)
 
