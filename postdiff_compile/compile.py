@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigRequest, PostDiffConfig
-from .errors import PostDiffError
+from .errors import naming
 from .exporters.atomic_dir import atomic_dir
 from .exporters.formats import DEFAULT_FORMATS, Build, check_available, parse_formats
 from .exporters.manifest import sha256_file, toolchain, write_manifest
@@ -23,7 +23,7 @@ from .models.load import load_denoiser
 from .plan import make_plan
 from .schedulers import scheduler_timesteps, timestep_kwargs
 from .transition_spec import transition_spec
-from .variant_build import VariantBuilder, reference_of, step_ids, variant_ids, variant_key
+from .variant_build import VariantBuilder, batch_buckets, plan_ids, reference_of, variant_ids
 from .variants import check_cache_branch
 from .version import __version__
 
@@ -52,18 +52,18 @@ class CompileResult:
 def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: str | Path, *,
                      resolution: tuple[int, int] | None = None, steps: int | None = None, force: bool = False,
                      dtype: str | None = None, prediction_type: str | None = None, progress: Progress | None = None,
-                     formats: str | tuple[str, ...] = DEFAULT_FORMATS) -> CompileResult:
+                     formats: str | tuple[str, ...] = DEFAULT_FORMATS, max_batch: int = 1) -> CompileResult:
     """Compile `source` (a checkpoint path, a diffusers folder or a denoiser module) with `config` into the
-    artifact folder `out`, written in a temporary folder beside it and moved into place when complete."""
-    out = Path(out)
-    formats = parse_formats(formats)
+    artifact folder `out`, written in a temporary folder beside it and moved into place when complete; with
+    `max_batch` > 1 every variant also for calls of up to that many images (variant_build.batch_buckets)."""
+    out, formats, batches = Path(out), parse_formats(formats), batch_buckets(max_batch)
     # The target's lock and a writable temporary folder beside it before any slow work: a second compile into
     # the same folder, or an unusable location, fails now with one error.
     with atomic_dir(out, force) as tmp:
         start = time.perf_counter()
         stages: dict[str, float] = {}
         manifest = _compile_into(tmp, source, config, resolution=resolution, steps=steps, dtype=dtype,
-                                 prediction_type=prediction_type, formats=formats,
+                                 prediction_type=prediction_type, formats=formats, batches=batches,
                                  timed=timer(progress or Progress(), stages), stages=stages)
         return CompileResult(out, manifest, time.perf_counter() - start, stages)
 
@@ -78,21 +78,9 @@ def timer(progress: Progress, stages: dict[str, float]):
     return timed
 
 
-def _source_error(source: str):
-    """Errors of the checks below name the source checkpoint."""
-    @contextlib.contextmanager
-    def named():
-        try:
-            yield
-        except PostDiffError as err:
-            if err.path is not None:
-                raise
-            raise PostDiffError(str(err), source) from None
-    return named()
-
-
 def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest, *, resolution, steps, dtype,
-                  prediction_type, formats: tuple[str, ...], timed, stages: dict[str, float]) -> dict:
+                  prediction_type, formats: tuple[str, ...], batches: tuple[int, ...], timed,
+                  stages: dict[str, float]) -> dict:
     check_available(formats)
     with timed("load"):
         loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type)
@@ -105,7 +93,7 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
                              denoiser_config=loaded.detection.config)
     timing = timestep_kwargs(scheduler, steps, full_latent[0] * full_latent[1] // family.latent_multiple ** 2,
                              family.kind.linspace_sigmas)   # what the pipeline gives set_timesteps (FLUX, SD3.5)
-    with _source_error(loaded.source):   # before any slow work: a plan or a transition that cannot run
+    with naming(loaded.source):   # before any slow work: a plan or a transition that cannot run
         plan = make_plan(config, steps, family=family, full_latent=full_latent, cfg=family.classifier_free_guidance,
                          prediction_type=loaded.detection.prediction_type,
                          timesteps=scheduler_timesteps(scheduler, steps, timing))
@@ -123,8 +111,9 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
     builder = VariantBuilder(loaded.module, family, build, config.cache_branch)
     with build:
         build.write_weights(loaded.module)
-        variants = [builder.entry(key, tag) for key, tag in variant_ids(plan, full_latent, loaded.dtype).items()]
-    ids = step_ids(plan, full_latent, loaded.dtype)
+        variants = [builder.entry(key, tag) for key, tag in variant_ids(plan, full_latent, loaded.dtype,
+                                                                        batches).items()]
+    ids = plan_ids(plan, full_latent, loaded.dtype, batches)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tool": {"name": "postdiff-compile", "version": __version__},
@@ -136,7 +125,8 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
         "resolution": {"height": height, "width": width, "latent_height": full_latent[0], "latent_width": full_latent[1]},
         "steps": steps,
         "formats": list(formats),
-        "plan": [{**step.to_json(), "variant_id": ids[variant_key(step, plan, full_latent)]} for step in plan],
+        "plan": [{**step.to_json(), "variant_id": ids[1][step.index]} for step in plan],
+        **({"batches": {str(b): ids[b] for b in batches[1:]}} if len(batches) > 1 else {}),
         "transition": transition,
         "variants": variants,
         "weights": build.entries.get("weights"),

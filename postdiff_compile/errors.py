@@ -6,6 +6,7 @@ propagate (it is a ValueError, so callers that catch bad-argument errors keep wo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -17,3 +18,14 @@ class PostDiffError(ValueError):
     def __init__(self, message: str, path: str | os.PathLike | None = None):
         self.path = None if path is None else os.fspath(path)
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """Errors raised inside that name no file are re-raised naming `path` (the source a check concerns)."""
+    try:
+        yield
+    except PostDiffError as err:
+        if err.path is not None:
+            raise
+        raise PostDiffError(str(err), path) from None

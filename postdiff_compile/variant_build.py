@@ -22,17 +22,27 @@ from .variants import VariantStore, check_variant, variant_input_specs, variant_
 VariantKey = tuple[str, int, tuple[int, int]]   # (variant name, batch, latent size)
 
 
-def variant_key(step: Step, plan: Plan, full_latent: tuple[int, int]) -> VariantKey:
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Images per call the variants are built for (`compile --max-batch`): the powers of two below `max_batch`, and
+    `max_batch`; a runner pads a call to the next bucket. One static shape per bucket, as every backend runs it."""
+    if not 1 <= max_batch <= 64:
+        raise PostDiffError(f"--max-batch must be between 1 and 64 images per call, got {max_batch}")
+    return tuple(sorted({2 ** k for k in range(max_batch.bit_length()) if 2 ** k < max_batch} | {max_batch}))
+
+
+def variant_key(step: Step, plan: Plan, full_latent: tuple[int, int], images: int = 1) -> VariantKey:
+    """The variant a step runs for a call of `images` images (CFG steps: twice as many rows)."""
     low = plan.transition.low_latent if plan.transition else full_latent
-    return step.variant, 2 if step.cfg else 1, low if step.low_res else full_latent
+    return step.variant, images * (2 if step.cfg else 1), low if step.low_res else full_latent
 
 
-def served_keys(plan: Plan, full_latent: tuple[int, int]) -> dict[VariantKey, VariantKey]:
-    """Each step's variant -> the variant built to run it. Variants of one bucket that compute the same thing (deep
-    mode and caches read) and differ only in the caches they also return are one variant returning the union: a
-    returned cache that the step does not write costs an output buffer, not compute (the loop drops it)."""
+def served_keys(plan: Plan, full_latent: tuple[int, int], batches: tuple[int, ...] = (1,)) -> dict[VariantKey, VariantKey]:
+    """Each step's variant, at each bucket, -> the variant built to run it. Variants of one bucket that compute the
+    same thing (deep mode and caches read) and differ only in the caches they also return are one variant returning
+    the union: a returned cache that the step does not write costs an output buffer, not compute (the loop drops
+    it)."""
     groups: dict[tuple, list[VariantSpec]] = {}
-    for name, batch, size in {variant_key(step, plan, full_latent) for step in plan}:
+    for name, batch, size in {variant_key(step, plan, full_latent, b) for step in plan for b in batches}:
         spec = VariantSpec.parse(name)
         groups.setdefault((batch, size, spec.deep, spec.reads), []).append(spec)
     served = {}
@@ -42,16 +52,26 @@ def served_keys(plan: Plan, full_latent: tuple[int, int]) -> dict[VariantKey, Va
     return served
 
 
-def variant_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype) -> dict[VariantKey, str]:
+def variant_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype,
+                batches: tuple[int, ...] = (1,)) -> dict[VariantKey, str]:
     """The variants to build, largest batch and latent first, with their ids ("full+write_dc@b2_8x8")."""
-    wanted = sorted(set(served_keys(plan, full_latent).values()), key=lambda v: (-v[1], -v[2][0] * v[2][1], v[0]))
+    wanted = sorted(set(served_keys(plan, full_latent, batches).values()),
+                    key=lambda v: (-v[1], -v[2][0] * v[2][1], v[0]))
     return {key: f"{key[0]}@{Bucket(key[1], *key[2], 0, dtype).tag}" for key in wanted}
 
 
-def step_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype) -> dict[VariantKey, str]:
-    """Each step's variant (its variant_key) -> the id of the variant that runs it."""
-    ids = variant_ids(plan, full_latent, dtype)
-    return {key: ids[served] for key, served in served_keys(plan, full_latent).items()}
+def step_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype,
+             batches: tuple[int, ...] = (1,)) -> dict[VariantKey, str]:
+    """Each step's variant at each bucket (its variant_key) -> the id of the variant that runs it."""
+    ids = variant_ids(plan, full_latent, dtype, batches)
+    return {key: ids[served] for key, served in served_keys(plan, full_latent, batches).items()}
+
+
+def plan_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype,
+             batches: tuple[int, ...] = (1,)) -> dict[int, list[str]]:
+    """Images per call -> the id of the variant each step runs (the manifest's plan holds 1's, "batches" the rest)."""
+    ids = step_ids(plan, full_latent, dtype, batches)
+    return {b: [ids[variant_key(step, plan, full_latent, b)] for step in plan] for b in batches}
 
 
 def uses_twin(dtype: torch.dtype, device: torch.device) -> bool:

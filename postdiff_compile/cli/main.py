@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "file, checked with onnxruntime), tensorrt (an engine per variant; needs a GPU and "
                              "tensorrt; brings onnx along), aoti (AOTInductor packages, for the aoti backend and the "
                              "C++ runner; slow to build). Default: pt2")
+    parser.add_argument("--max-batch", type=int, default=1, metavar="N",
+                        help="also build every variant for calls of up to N images (buckets: the powers of two "
+                             "below N, and N; a call is padded to the next), for a server that batches requests. "
+                             "Default: 1")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     add_config_flags(parser)
@@ -131,6 +135,7 @@ def _terminate(signum, frame) -> None:
 def _compile(args: argparse.Namespace) -> int:
     from ..compile import compile_artifact
     from ..exporters.formats import parse_formats
+    from ..variant_build import batch_buckets
     from .default_model import DESCRIPTION, embedded_default_path
     from ..lab.reference import is_reference_folder
     from .report import RichProgress, print_summary
@@ -139,6 +144,7 @@ def _compile(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     if args.steps is not None and args.steps < 1:
         raise PostDiffError(f"--steps must be at least 1, got {args.steps}")
+    batch_buckets(args.max_batch)      # a bad --max-batch fails before the model loads
     source = args.source
     if source is None:
         source = str(embedded_default_path())
@@ -149,7 +155,7 @@ def _compile(args: argparse.Namespace) -> int:
     with RichProgress() as progress:
         result = compile_artifact(source, config, out, resolution=args.resolution, steps=args.steps,
                                   force=args.force, dtype=args.dtype, prediction_type=args.prediction_type,
-                                  progress=progress, formats=formats)
+                                  progress=progress, formats=formats, max_batch=args.max_batch)
     print_summary(result)
     if args.source is None:   # said after the work, so that an error is the only line a failed run prints
         print(f"no SOURCE given: compiled {DESCRIPTION} from {source}", file=sys.stderr)

@@ -58,6 +58,7 @@ def check_consistency(m: dict, path: Path) -> None:
         if not _serves(variant["name"], step["variant"]):
             raise bad(f"plan/{i}/variant", f"{step['variant']!r}, but variant {variant['id']!r} is a "
                       f"{variant['name']!r} variant, which does not run it")
+    _check_batches(m, variants, bad)
     _check_weights(m, bad)
     low = sum(step["resolution"] == "low" for step in plan)
     if low == steps:
@@ -111,3 +112,22 @@ def _check_scheduler(config: dict, steps: int, bad) -> None:
     train = config.get("num_train_timesteps", 1000)
     if steps > train:
         raise bad("steps", f"{steps}, more than the scheduler's {train} training timesteps")
+
+
+def _check_batches(m: dict, variants: dict, bad) -> None:
+    """Each bucket's ids: one per step, each a variant that runs the step at that many images (CFG: twice)."""
+    plan = m["plan"]
+    for images, ids in m.get("batches", {}).items():
+        if int(images) < 2:
+            raise bad(f"batches/{images}", "buckets above 1 image only (the plan's variant_id is the 1-image one)")
+        if len(ids) != len(plan):
+            raise bad(f"batches/{images}", f"{len(ids)} variant ids for {len(plan)} steps")
+        for i, (step, vid) in enumerate(zip(plan, ids)):
+            variant, single = variants.get(vid), variants.get(step["variant_id"])
+            if variant is None:
+                raise bad(f"batches/{images}/{i}", f"{vid[:100]!r} names no variant")
+            rows = int(images) * (2 if step["cfg"] else 1)
+            if variant["batch"] != rows or variant["latent_size"] != single["latent_size"] or \
+                    not _serves(variant["name"], step["variant"]):
+                raise bad(f"batches/{images}/{i}", f"variant {vid[:100]!r} does not run step {i} ({step['variant']!r}) "
+                          f"for {images} images: it needs batch {rows} at latent {single['latent_size']}")

@@ -62,9 +62,11 @@ def _open_variants(folder: Path, manifest: dict, backend: str, device: torch.dev
     weights = artifact_weights(folder, manifest)
     opened = {i: open_variant(backend, folder, v, device, weights) for i, v in entries.items()}
     by_key = {}
-    for step in manifest["plan"]:
-        v = entries[step["variant_id"]]
-        by_key[(step["variant"], v["batch"], *v["latent_size"])] = opened[v["id"]]
+    buckets = [[step["variant_id"] for step in manifest["plan"]], *manifest.get("batches", {}).values()]
+    for ids in buckets:
+        for step, vid in zip(manifest["plan"], ids):
+            v = entries[vid]
+            by_key[(step["variant"], v["batch"], *v["latent_size"])] = opened[vid]
     return _Variants(by_key)
 
 
@@ -94,6 +96,11 @@ class ArtifactRunner:
     def steps(self) -> int:
         return self.manifest["steps"]
 
+    @property
+    def batches(self) -> list[int]:
+        """Images per call the variants were built for (compile --max-batch); a call is padded to the next one."""
+        return [1, *sorted(int(b) for b in self.manifest.get("batches", {}))]
+
     def _check_scheduler(self) -> None:
         """The transition's numbers come from the scheduler; a diffusers that computes others must not run it."""
         try:   # every scheduler setting and step count the manifest holds passed its rules; diffusers has its own
@@ -119,13 +126,54 @@ class ArtifactRunner:
                                 f"switch, the manifest {want} and ({want_levels[0]:.6g}, {want_levels[1]:.6g})",
                                 self.folder / MANIFEST)
 
-    def _check_embeds(self, name: str, tensor: torch.Tensor | None, shape: list[int]) -> torch.Tensor:
+    def _check_embeds(self, name: str, tensor: torch.Tensor | None, shape: list[int], rows: int = 1) -> torch.Tensor:
         if tensor is None:
-            raise PostDiffError(f"the artifact needs {name} of shape {[1, *shape[1:]]}")
-        if list(tensor.shape) != [1, *shape[1:]]:
-            raise PostDiffError(f"{name} must have shape {[1, *shape[1:]]} (one image per call; the artifact was "
+            raise PostDiffError(f"the artifact needs {name} of shape {[rows, *shape[1:]]}")
+        if list(tensor.shape) != [rows, *shape[1:]]:
+            per_call = "one image per call" if rows == 1 else f"{rows} images in this call"
+            raise PostDiffError(f"{name} must have shape {[rows, *shape[1:]]} ({per_call}; the artifact was "
                                 f"compiled for text length {shape[1]}), got {list(tensor.shape)}")
         return tensor.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def run_batch(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None, *,
+                  seeds: list[int], guidance_scales: list[float] | None = None, on_step=None) -> torch.Tensor:
+        """Latents [n, C, H, W] of n = len(seeds) images in one walk of the plan, each variant called on the
+        smallest bucket of `batches` that holds n (padded with copies of the last image, dropped after). Image i
+        equals `self(prompt_embeds[i:i+1], negative_prompt_embeds[i:i+1], seed=seeds[i],
+        guidance_scale=guidance_scales[i])` up to float noise (another batch size, other kernels): its noise comes
+        from its own seed and its guidance is its own. Artifacts whose denoiser takes added inputs (SDXL, PixArt,
+        SD3, FLUX, LCM) run one image per call."""
+        n = len(seeds)
+        if n < 1:
+            raise PostDiffError("run_batch needs at least one seed (one per image)")
+        if self.added_inputs:
+            raise PostDiffError(f"this artifact's denoiser takes {', '.join(self.added_inputs)}: call it one image "
+                                "at a time (batched calls cover denoisers that take the text embeddings alone)")
+        fits = [b for b in self.batches if b >= n]
+        if not fits:
+            raise PostDiffError(f"{n} images in one call, but the artifact was compiled for at most "
+                                f"{self.batches[-1]} (compile --max-batch)", self.folder / MANIFEST)
+        pad = fits[0] - n
+        scales = list(guidance_scales) if guidance_scales is not None else [self.default_guidance_scale] * n
+        if len(scales) != n:
+            raise PostDiffError(f"{len(scales)} guidance scales for {n} images")
+        shape = self.text["shape"]
+        embeds = self._check_embeds("prompt_embeds", prompt_embeds, shape, n)
+        negative = self._check_embeds("negative_prompt_embeds", negative_prompt_embeds, shape, n) if self.cfg else None
+
+        def padded(rows: torch.Tensor | None):
+            return rows if rows is None or not pad else torch.cat([rows, rows[-1:].expand(pad, *rows.shape[1:])])
+
+        generators = [torch.Generator(self.device).manual_seed(s) for s in [*seeds, *[seeds[-1]] * pad]]
+        resolution = self.manifest["resolution"]
+        latents = sample(self.variants, self.scheduler, self.plan, self.steps, channels=self.latent_channels,
+                         full_latent=(resolution["latent_height"], resolution["latent_width"]), device=self.device,
+                         dtype=self.dtype, generator=generators, latent_input=self.latent_input, on_step=on_step,
+                         prompt_embeds=padded(embeds), negative_prompt_embeds=padded(negative),
+                         guidance_scale=torch.tensor([*scales, *[scales[-1]] * pad], dtype=torch.float32),
+                         timestep_kwargs=self.timing)
+        return latents[:n]
 
     def default_added_cond(self, guidance_scale: float) -> dict[str, torch.Tensor]:
         """Added inputs the runner fills in as the diffusers pipelines do for a full-size request: SDXL's

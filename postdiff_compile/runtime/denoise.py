@@ -36,7 +36,7 @@ class DenoiseRequest:
     timesteps: torch.Tensor
     prompt_embeds: torch.Tensor           # [B, L, D]
     negative_prompt_embeds: torch.Tensor | None
-    guidance_scale: float
+    guidance_scale: float | torch.Tensor   # a tensor [B]: one scale per image (a server's batch of requests)
     guidance_rescale: float = 0.0
     extra_step_kwargs: dict | None = None
     added_cond: dict[str, torch.Tensor] | None = None           # SDXL text_embeds/time_ids, PixArt resolution/...
@@ -49,9 +49,17 @@ class DenoiseRequest:
     shared_inputs: Callable[[tuple[int, int]], dict[str, torch.Tensor]] | None = None
 
 
-def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float) -> torch.Tensor:
+def per_image(guidance_scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A scale per image broadcast over the rest of `like`'s dimensions, in its dtype; a float as it is."""
+    if not isinstance(guidance_scale, torch.Tensor):
+        return guidance_scale
+    return guidance_scale.to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+
+def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float | torch.Tensor) -> torch.Tensor:
     """One attn2 output of a CFG batch -> the cached tensor for the batch-1 steps that follow."""
     uncond, cond = value.chunk(2)
+    guidance_scale = per_image(guidance_scale, cond)
     if mode == "cond":
         return cond
     if mode == "ave":
@@ -118,7 +126,7 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
             caches[name] = value
         if step.cfg:
             uncond, text = noise_pred.chunk(2)
-            noise_pred = uncond + req.guidance_scale * (text - uncond)
+            noise_pred = uncond + per_image(req.guidance_scale, text) * (text - uncond)
             if req.guidance_rescale > 0:
                 noise_pred = rescale_noise_cfg(noise_pred, text, req.guidance_rescale)
         else:
@@ -143,9 +151,9 @@ def sample(variants: VariantSource, scheduler, plan: Plan, steps: int, *, channe
            device: torch.device, dtype: torch.dtype, generator, latent_input: str,
            on_step: Callable[[int], None] | None = None, timestep_kwargs: dict | None = None,
            **conditioning) -> torch.Tensor:
-    """One image: the initial latent drawn as diffusers' prepare_latents draws it for the plan's first latent size,
-    then the plan walked. `timestep_kwargs` are set_timesteps' other arguments (FLUX's sigmas and mu);
-    `conditioning` holds DenoiseRequest's embeddings, guidance, added and shared inputs."""
+    """One image (or one per generator of a list): the initial latent drawn as diffusers' prepare_latents draws it
+    for the plan's first latent size, then the plan walked. `timestep_kwargs` are set_timesteps' other arguments
+    (FLUX's sigmas and mu); `conditioning` holds DenoiseRequest's embeddings, guidance, added and shared inputs."""
     from diffusers.utils.torch_utils import randn_tensor
 
     # On a GPU the scheduler's timesteps stay on the host: its table lookups then read host memory instead of
@@ -154,7 +162,8 @@ def sample(variants: VariantSource, scheduler, plan: Plan, steps: int, *, channe
     timestep_kwargs = timestep_kwargs or {}
     scheduler.set_timesteps(steps, device=timestep_device, **timestep_kwargs)
     start = plan.transition.low_latent if plan.transition else full_latent
-    latents = randn_tensor((1, channels, *start), generator=generator, device=device, dtype=dtype) \
+    images = len(generator) if isinstance(generator, list) else 1
+    latents = randn_tensor((images, channels, *start), generator=generator, device=device, dtype=dtype) \
         * getattr(scheduler, "init_noise_sigma", 1.0)
     request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, latent_input=latent_input,
                              extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
