@@ -14,16 +14,21 @@ from postdiff_compile.exporters.manifest_rules import check_consistency
 from postdiff_compile.variant_build import batch_buckets
 from postdiff_compile.verification import rel_l2
 
-STEPS = 8
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def batched(tmp_path_factory):
     """The tiny SD1.5 U-Net's `fast` artifact (mixed resolution, the block cache, CFG steps then cross-attention
-    cache steps without CFG from step 6) for calls of up to 4 images: buckets 1, 2 and 4."""
-    request = ConfigRequest("fast", overrides={"cross_attn_cache_step": 6})
+    cache steps without CFG from step 4) for calls of up to 4 images: buckets 1, 2 and 4."""
+    request = ConfigRequest("fast", overrides={"cross_attn_cache_step": 4})
     return compile_artifact(tiny_sd_pipeline("sd15").unet, request, tmp_path_factory.mktemp("batched") / "a",
                             resolution=(128, 128), steps=STEPS, max_batch=4).out
+
+
+@pytest.fixture(scope="module")
+def runner(batched):
+    return postdiff_compile.load(batched, "torch")
 
 
 def test_buckets_are_powers_of_two_and_the_maximum():
@@ -33,11 +38,10 @@ def test_buckets_are_powers_of_two_and_the_maximum():
             batch_buckets(bad)
 
 
-def test_each_image_of_a_batch_equals_its_own_call(batched):
+def test_each_image_of_a_batch_equals_its_own_call(batched, runner):
     manifest = json.loads((batched / "manifest.json").read_text())
     assert sorted(manifest["batches"]) == ["2", "4"]
     assert {v["batch"] for v in manifest["variants"]} == {1, 2, 4, 8}       # CFG steps run twice the images
-    runner = postdiff_compile.load(batched, "torch")
     assert runner.batches == [1, 2, 4]
     cond, uncond = text_embeddings(3, 77, 768, seed=5)
     seeds, scales = [11, 12, 13], [7.5, 3.0, 5.0]
@@ -55,8 +59,7 @@ def test_each_image_of_a_batch_equals_its_own_call(batched):
     assert torch.equal(one, alone[:1])
 
 
-def test_batched_calls_refuse_what_they_cannot_run(batched):
-    runner = postdiff_compile.load(batched, "torch")
+def test_batched_calls_refuse_what_they_cannot_run(runner):
     cond, uncond = text_embeddings(5, 77, 768, seed=5)
     with pytest.raises(PostDiffError, match="5 images in one call, but the artifact was compiled for at most 4"):
         runner.run_batch(cond, uncond, seeds=[1, 2, 3, 4, 5])

@@ -21,7 +21,7 @@ def _stage(name, total):
 
 def test_study_writes_table_json_and_plot(tmp_path):
     pipe = load_pipeline()
-    settings = StudySettings(prompts=6, seed_sets=2, real=64, steps=(4,))
+    settings = StudySettings(prompts=4, seed_sets=2, real=64, steps=(4,))
     points = [Sampler("ddim-4", "ddim", 4), Sampler("dpmsolver++-4", "dpmsolver++", 4),
               Sampler("dpmsolver++-8", "dpmsolver++", 8), Sampler("euler-4", "euler", 4),
               Sampler("mix", config=PRESETS["quality"].for_family("scenes32"))]
@@ -40,7 +40,7 @@ def test_study_writes_table_json_and_plot(tmp_path):
     # and its interval Student's t at 1 degree of freedom (12.706) times the standard error.
     classifier = load_classifier()
     real = real_features(classifier, 64)
-    direct = [evaluate(generate(pipe, points[0], PromptSet.make(i, 6), settings.guidance), PromptSet.make(i, 6),
+    direct = [evaluate(generate(pipe, points[0], PromptSet.make(i, 4), settings.guidance), PromptSet.make(i, 4),
                        classifier, real) for i in range(2)]
     for metric in ("caption_match", "attribute_accuracy", "frechet"):
         assert rows["ddim-4"]["per_set"][metric] == pytest.approx([d[metric] for d in direct], rel=1e-6), metric

@@ -8,6 +8,7 @@
     postdiff-compile profile (DIR | SOURCE) [--backend B] [--device D]   (a cost table for this device: cli/profile.py)
     postdiff-compile refit DIR --out NEW (--weights F | --lora F [--lora-scale S])   (new weights: cli/refit.py)
     postdiff-compile study | tune | samples [MODEL] ...   (quality on the reference model: cli/quality.py)
+    postdiff-compile serve DIR [--backend B] [--replicas R] [--port P] ...  (HTTP with Ray Serve: cli/serve.py)
 
 Every PostDiffConfig field is a kebab-case flag that overrides the preset; --config FILE.json gives a whole
 config. Bad input prints one `error:` line naming the problem and the file, and exits with status 2.
@@ -82,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from . import artifact, quality
 
-    command = argv[0] if argv and argv[0] in ("explain", "profile", "refit", *QUALITY_COMMANDS,
+    command = argv[0] if argv and argv[0] in ("explain", "profile", "refit", "serve", *QUALITY_COMMANDS,
                                               *artifact.ARTIFACT_COMMANDS) else None
-    if command in ("profile", "refit"):
+    if command in ("profile", "refit", "serve"):
         import importlib
         tool = importlib.import_module(f".{command}", __package__)
         parser = tool.build_parser()
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()   # signal handlers live in the main thread
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        if command in ("profile", "refit"):
+        if command in ("profile", "refit", "serve"):
             return tool.run(args)
         if command in artifact.ARTIFACT_COMMANDS:
             return artifact.run(command, args)
