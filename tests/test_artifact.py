@@ -17,14 +17,13 @@ from tiny_models import text_embeddings, tiny_sd_pipeline
 import postdiff_compile
 from postdiff_compile.verification import rel_l2
 from postdiff_compile.compile import compile_artifact
-from postdiff_compile.config import PRESETS, ConfigRequest
+from postdiff_compile.config import ConfigRequest
 from postdiff_compile.errors import PostDiffError
 from postdiff_compile.exporters.manifest import SCHEMA, read_manifest, validate
 from postdiff_compile.exporters.scheduler_table import evaluate
 from postdiff_compile.schedulers import make_scheduler
 from postdiff_compile.variant_spec import VariantSpec
 
-PRESET_NAMES = list(PRESETS)          # none, quality, balanced, fast
 RESOLUTION = (128, 128)               # latent 16x16, low resolution 8x8
 
 
@@ -35,7 +34,7 @@ def pipe():
 
 # What the default tier builds of each preset (ONNX export is the costly part: about 10 s a variant here). `fast`
 # has every kind of variant, so the ONNX tests use it; `none` also carries the one AOTInductor package.
-DEFAULT_FORMATS = {"none": "pt2,onnx,aoti", "quality": "pt2", "balanced": "pt2", "fast": "pt2,onnx"}
+DEFAULT_FORMATS = {"none": "pt2,onnx,aoti", "fast": "pt2,onnx"}
 
 
 class _Artifacts:
@@ -52,8 +51,9 @@ def artifacts(tiny_artifact):
     return _Artifacts(tiny_artifact)
 
 
-@pytest.mark.parametrize("preset", [p if p in ("none", "fast") else pytest.param(p, marks=pytest.mark.slow)
-                                    for p in PRESET_NAMES])
+# `fast` has every kind of variant quality and balanced have; their cases (slow, passing) were dropped for CI's
+# budget on 7 Dec.
+@pytest.mark.parametrize("preset", ["none", "fast"])
 def test_onnxruntime_runner_equals_torch_runner(tiny_artifact, preset):
     folder = tiny_artifact(preset, "pt2,onnx")
     cond, uncond = text_embeddings(1, 77, 768, seed=5)
@@ -155,8 +155,7 @@ def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
         validate(broken, Path("manifest.json"))
 
 
-@pytest.mark.parametrize("preset", [p if p in ("none", "fast") else pytest.param(p, marks=pytest.mark.slow)
-                                    for p in PRESET_NAMES])
+@pytest.mark.parametrize("preset", ["none", "fast"])
 def test_saved_programs_equal_the_eager_model(tiny_artifact, pipe, preset):
     """Every saved program, shallow and cache-reading variants included, run outside the compiler against the
     plain diffusers U-Net (tests/artifact_checks.py). `fast` has every kind of variant the others have."""

@@ -17,13 +17,16 @@ from postdiff_compile.verification import rel_l2
 STEPS = 6
 
 
+def compile_batched(folder, preset: str, **overrides):
+    return compile_artifact(tiny_sd_pipeline("sd15").unet, ConfigRequest(preset, overrides=overrides), folder,
+                            resolution=(128, 128), steps=STEPS, max_batch=4).out
+
+
 @pytest.fixture(scope="module")
 def batched(tmp_path_factory):
-    """The tiny SD1.5 U-Net's `fast` artifact (mixed resolution, the block cache, CFG steps then cross-attention
-    cache steps without CFG from step 4) for calls of up to 4 images: buckets 1, 2 and 4."""
-    request = ConfigRequest("fast", overrides={"cross_attn_cache_step": 4})
-    return compile_artifact(tiny_sd_pipeline("sd15").unet, request, tmp_path_factory.mktemp("batched") / "a",
-                            resolution=(128, 128), steps=STEPS, max_batch=4).out
+    """The tiny SD1.5 U-Net's `quality` artifact (CFG steps at two resolutions, the transition's fresh noise drawn
+    per image) for calls of up to 4 images: buckets 1, 2 and 4. The slow tier's test below runs `fast`."""
+    return compile_batched(tmp_path_factory.mktemp("batched") / "a", "quality")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,20 @@ def test_buckets_are_powers_of_two_and_the_maximum():
 def test_each_image_of_a_batch_equals_its_own_call(batched, runner):
     manifest = json.loads((batched / "manifest.json").read_text())
     assert sorted(manifest["batches"]) == ["2", "4"]
-    assert {v["batch"] for v in manifest["variants"]} == {1, 2, 4, 8}       # CFG steps run twice the images
+    assert {v["batch"] for v in manifest["variants"]} == {2, 4, 8}          # every step CFG: twice the images
     assert runner.batches == [1, 2, 4]
+    check_rows(runner)
+
+
+@pytest.mark.slow   # 40-80 s of compiling; the default tier runs quality (above) and the server's tests fast
+def test_fast_batches_equal_their_own_calls(tmp_path):
+    """`fast`: the block cache, and after step 4 steps without CFG that read the cross-attention cache."""
+    out = compile_batched(tmp_path / "fast", "fast", cross_attn_cache_step=4)
+    assert {v["batch"] for v in json.loads((out / "manifest.json").read_text())["variants"]} == {1, 2, 4, 8}
+    check_rows(postdiff_compile.load(out, "torch"))
+
+
+def check_rows(runner):
     cond, uncond = text_embeddings(3, 77, 768, seed=5)
     seeds, scales = [11, 12, 13], [7.5, 3.0, 5.0]
     alone = torch.cat([runner(cond[i:i + 1], uncond[i:i + 1], seed=s, guidance_scale=g)

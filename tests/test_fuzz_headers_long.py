@@ -1,4 +1,5 @@
-"""The slow tier's header fuzz: 20,000 cases from another seed than the default tier's (test_fuzz_headers.py)."""
+"""The slow tier's header fuzz: 10,000 cases from another seed than the default tier's (test_fuzz_headers.py).
+20,000 until 7 Dec (208 s of one core, 0 findings in every run so far); halved for CI's 45 minutes."""
 import pytest
 from header_fuzz import run
 from test_fuzz_headers import check
@@ -6,4 +7,4 @@ from test_fuzz_headers import check
 
 @pytest.mark.slow
 def test_fuzzed_headers_long(tmp_path):
-    check(run(20000, seed=1, folder=tmp_path))
+    check(run(10000, seed=1, folder=tmp_path))
