@@ -54,8 +54,8 @@ def artifacts(tiny_artifact):
 # `fast` has every kind of variant quality and balanced have; their cases (slow, passing) were dropped for CI's
 # budget on 7 Dec.
 @pytest.mark.parametrize("preset", ["none", "fast"])
-def test_onnxruntime_runner_equals_torch_runner(tiny_artifact, preset):
-    folder = tiny_artifact(preset, "pt2,onnx")
+def test_onnxruntime_runner_equals_torch_runner(artifacts, preset):
+    folder = artifacts[preset]   # none with its AOTInductor package: asking for pt2,onnx first built none twice
     cond, uncond = text_embeddings(1, 77, 768, seed=5)
     by_torch = postdiff_compile.load(folder, "torch")(cond, uncond, seed=3, guidance_scale=7.5)
     by_ort = postdiff_compile.load(folder, "onnxruntime")(cond, uncond, seed=3, guidance_scale=7.5)

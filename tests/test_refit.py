@@ -39,9 +39,10 @@ def loras(adapted, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def from_scratch(adapted, tmp_path_factory):
-    """The LoRA-merged U-Net compiled like the tiny_artifact fixture's `fast`."""
+    """The LoRA-merged U-Net compiled like the tiny_artifact fixture's `fast`, .pt2 programs only: ONNX export is
+    most of a compile's time here (28 s with it), and the refit ONNX files are held to the torch programs instead."""
     out = tmp_path_factory.mktemp("merged") / "fast"
-    compile_artifact(merged(adapted), ConfigRequest("fast"), out, resolution=RESOLUTION, steps=STEPS, formats="pt2,onnx")
+    compile_artifact(merged(adapted), ConfigRequest("fast"), out, resolution=RESOLUTION, steps=STEPS, formats="pt2")
     return out
 
 
@@ -68,9 +69,10 @@ def test_refit_with_a_lora_equals_compiling_the_merged_model(tiny_artifact, lora
     assert changed == {"weights.safetensors", "manifest.json", "manifest.sha256"}, changed   # no graph file changed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["refit"]["lora"]["scale"] == 1.0 and manifest["weights"]["sha256"] == after["weights.safetensors"]
-    for backend in ("torch", "onnxruntime"):
-        got, expected = generate(out, backend), generate(from_scratch, backend)
-        assert rel_l2(got, expected) <= 1e-5, backend
+    expected = generate(from_scratch, "torch")
+    # onnxruntime against the merged model's torch programs: the bound of test_artifact's onnxruntime-vs-torch test.
+    for backend, bound in (("torch", 1e-5), ("onnxruntime", 1e-4)):
+        assert rel_l2(generate(out, backend), expected) <= bound, backend
         assert rel_l2(generate(base, backend), expected) > 1e-3     # the LoRA changed the image
     # Every file verified again, on the new weights. The shared fixture may hold more formats than asked for (it
     # adds a format a test in the same worker needed: test_artifact's aoti), so the base's formats are the yardstick.
