@@ -47,6 +47,10 @@ class DenoiseRequest:
     # Inputs shared by every image of the batch that depend on the step's latent size at most: FLUX's rotary
     # positions (txt_ids, img_ids), given the latent (h, w).
     shared_inputs: Callable[[tuple[int, int]], dict[str, torch.Tensor]] | None = None
+    # diffusers' callback_on_step_end, (step index, timestep, latents) -> latents, and pipe.interrupt's reader: a
+    # step that starts interrupted is skipped (step_callbacks.py)
+    after_step: Callable[[int, Any, torch.Tensor], torch.Tensor] | None = None
+    interrupted: Callable[[], bool] | None = None
 
 
 def per_image(guidance_scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
@@ -91,11 +95,12 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
     kwargs = req.extra_step_kwargs or {}
     caches: dict[str, torch.Tensor] = {}
     last_low = plan.switch_step - 1 if plan.transition is not None else None
-    # Every step's timestep input on the denoiser's device in one copy, not one per step: on a GPU a per-step
-    # host-to-device copy waits for the queue.
+    # The timestep inputs on the device in one copy: on a GPU a per-step host-to-device copy waits for the queue.
     timestep_inputs = req.timesteps.to(latents.device, torch.float32)
     shared: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for step, t, t_input in zip(plan, req.timesteps, timestep_inputs):
+        if req.interrupted is not None and req.interrupted():
+            continue
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         if hasattr(scheduler, "scale_model_input"):   # flow-matching schedulers scale nothing and have none
             model_input = scheduler.scale_model_input(model_input, t)
@@ -142,6 +147,8 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
                 req.restart_scheduler(plan.switch_step)
         else:
             latents = scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
+        if req.after_step is not None:
+            latents = req.after_step(step.index, t, latents)
         if on_step is not None:
             on_step(step.index)
     return latents

@@ -22,11 +22,11 @@ from ..variants import VariantStore, check_cache_branch
 from .adapters import adapter_state
 from .denoise import DenoiseRequest, denoise
 from .pipeline_inputs import KINDS, pipeline_kind
+from .step_callbacks import start_call, step_callback
 
 # Arguments of StableDiffusionPipeline.__call__ that this runtime does not implement; passing a non-default
 # value is an error rather than silently ignored.
-_UNSUPPORTED = ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback_on_step_end",
-                "callback", "callback_steps")
+_UNSUPPORTED = ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback", "callback_steps")
 
 
 @dataclass
@@ -174,6 +174,11 @@ def _call(self, *args, **kwargs):
         latents = self.prepare_latents(cond.batch, denoiser.config.in_channels, start_latent[0] * scale,
                                        start_latent[1] * scale, cond.prompt_embeds.dtype, device, a.generator, a.latents)
     set_begin(self.scheduler, 0)   # as the SDXL and PixArt pipelines do; a no-op for a fresh schedule
+    interrupted = start_call(self, a.guidance_scale, len(timesteps))
+    after_step = None
+    if getattr(a, "callback_on_step_end", None) is not None:
+        after_step = step_callback(self, a.callback_on_step_end, a.callback_on_step_end_tensor_inputs, cond.cfg,
+                                   cond.prompt_embeds, cond.negative_prompt_embeds)
     request = DenoiseRequest(latents=latents, timesteps=timesteps, prompt_embeds=cond.prompt_embeds,
                              negative_prompt_embeds=cond.negative_prompt_embeds, guidance_scale=a.guidance_scale,
                              guidance_rescale=a.guidance_rescale,
@@ -181,7 +186,8 @@ def _call(self, *args, **kwargs):
                              if cond.step_kwargs is None else cond.step_kwargs,
                              added_cond=cond.added, negative_added_cond=cond.negative_added,
                              latent_input=runtime.store.latent_input, generator=a.generator,
-                             restart_scheduler=restart_scheduler, shared_inputs=cond.shared_inputs)
+                             restart_scheduler=restart_scheduler, shared_inputs=cond.shared_inputs,
+                             after_step=after_step, interrupted=interrupted)
     with self.progress_bar(total=len(timesteps)) as bar:
         latents = denoise(runtime.source, self.scheduler, plan, request, on_step=lambda _: bar.update())
     return cond.finish(latents)
