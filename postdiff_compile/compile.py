@@ -52,10 +52,12 @@ class CompileResult:
 def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: str | Path, *,
                      resolution: tuple[int, int] | None = None, steps: int | None = None, force: bool = False,
                      dtype: str | None = None, prediction_type: str | None = None, progress: Progress | None = None,
-                     formats: str | tuple[str, ...] = DEFAULT_FORMATS, max_batch: int = 1) -> CompileResult:
+                     formats: str | tuple[str, ...] = DEFAULT_FORMATS, max_batch: int = 1,
+                     family: str | None = None) -> CompileResult:
     """Compile `source` (a checkpoint path, a diffusers folder or a denoiser module) with `config` into the
     artifact folder `out`, written in a temporary folder beside it and moved into place when complete; with
-    `max_batch` > 1 every variant also for calls of up to that many images (variant_build.batch_buckets)."""
+    `max_batch` > 1 every variant also for calls of up to that many images (variant_build.batch_buckets);
+    `family` overrides detection (load_denoiser)."""
     out, formats, batches = Path(out), parse_formats(formats), batch_buckets(max_batch)
     # The target's lock and a writable temporary folder beside it before any slow work: a second compile into
     # the same folder, or an unusable location, fails now with one error.
@@ -63,7 +65,7 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         start = time.perf_counter()
         stages: dict[str, float] = {}
         manifest = _compile_into(tmp, source, config, resolution=resolution, steps=steps, dtype=dtype,
-                                 prediction_type=prediction_type, formats=formats, batches=batches,
+                                 prediction_type=prediction_type, family=family, formats=formats, batches=batches,
                                  timed=timer(progress or Progress(), stages), stages=stages)
         return CompileResult(out, manifest, time.perf_counter() - start, stages)
 
@@ -79,11 +81,11 @@ def timer(progress: Progress, stages: dict[str, float]):
 
 
 def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest, *, resolution, steps, dtype,
-                  prediction_type, formats: tuple[str, ...], batches: tuple[int, ...], timed,
+                  prediction_type, family, formats: tuple[str, ...], batches: tuple[int, ...], timed,
                   stages: dict[str, float]) -> dict:
     check_available(formats)
     with timed("load"):
-        loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type)
+        loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type, family=family)
     family = loaded.family
     height, width = resolution or family.default_resolution
     full_latent = family.check_resolution(height, width, loaded.source)

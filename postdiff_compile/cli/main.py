@@ -30,6 +30,8 @@ QUALITY_COMMANDS = ("study", "tune", "samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..models.families import FAMILIES
+
     parser = Parser(
         prog="postdiff-compile",
         description="Compile a diffusion checkpoint (SD1.x, SD2.x, SDXL, PixArt-alpha) into an artifact folder: "
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
                         help="override the detected prediction type")
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="override the detected family: a custom U-Net "
+                        "whose widths match no released family then takes this family's presets")
     parser.add_argument("--format", default="pt2", metavar="FORMATS",
                         help="comma-separated: pt2 (torch.export programs), onnx (ONNX graphs, one shared weights "
                              "file, checked with onnxruntime), tensorrt (an engine per variant; needs a GPU and "
@@ -156,7 +160,7 @@ def _compile(args: argparse.Namespace) -> int:
     with RichProgress() as progress:
         result = compile_artifact(source, config, out, resolution=args.resolution, steps=args.steps,
                                   force=args.force, dtype=args.dtype, prediction_type=args.prediction_type,
-                                  progress=progress, formats=formats, max_batch=args.max_batch)
+                                  progress=progress, formats=formats, max_batch=args.max_batch, family=args.family)
     print_summary(result)
     if args.source is None:   # said after the work, so that an error is the only line a failed run prints
         print(f"no SOURCE given: compiled {DESCRIPTION} from {source}", file=sys.stderr)

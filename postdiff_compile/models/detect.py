@@ -27,14 +27,16 @@ if TYPE_CHECKING:
 
 
 def detect(shapes: Shapes, source: str | None = None, metadata: dict[str, str] | None = None,
-           read_tensor: Callable[[str], "torch.Tensor"] | None = None) -> Detection:
+           read_tensor: Callable[[str], "torch.Tensor"] | None = None, allow_custom: bool = False) -> Detection:
     """Family, layout and config of the denoiser in `shapes`, or a PostDiffError saying what came closest.
 
     `read_tensor(name)` may read one small tensor: SD2's epsilon and v-prediction checkpoints have the same
-    shapes, and without metadata the only tell is a weight statistic (ComfyUI's rule).
+    shapes, and without metadata the only tell is a weight statistic (ComfyUI's rule). `allow_custom`: a U-Net
+    whose widths match no family is taken as its closest family (detect_unet.py); for sources whose own config
+    builds the model (folders, in-memory modules).
     """
     try:
-        detection = _match(shapes)
+        detection = _match(shapes, allow_custom)
     except NotMatched as err:
         raise unknown_architecture(shapes, source, "the tensor shapes match no known family", err.evidence) from None
     if detection is None:
@@ -50,17 +52,17 @@ def detect(shapes: Shapes, source: str | None = None, metadata: dict[str, str] |
     return detection
 
 
-def _match(shapes: Shapes) -> Detection | None:
+def _match(shapes: Shapes, allow_custom: bool = False) -> Detection | None:
     shapes = CheckedShapes(shapes)
     for prefix in (LDM_PREFIX, ""):   # SD3 and FLUX files saved by ComfyUI also carry the LDM prefix
         if f"{prefix}input_blocks.0.0.weight" in shapes:
-            return detect_unet(ldm_view(shapes, prefix), "ldm", prefix)
+            return detect_unet(ldm_view(shapes, prefix), "ldm", prefix, allow_custom)
         if f"{prefix}x_embedder.proj.weight" in shapes and f"{prefix}context_embedder.weight" in shapes:
             return detect_sd3(shapes, "sd3_original", prefix)   # PixArt's original names have no context embedder
         if f"{prefix}img_in.weight" in shapes and f"{prefix}txt_in.weight" in shapes:
             return detect_flux(shapes, "flux_original", prefix)
     if "conv_in.weight" in shapes and "down_blocks.0.resnets.0.conv1.weight" in shapes:
-        return detect_unet(diffusers_view(shapes), "diffusers", "")
+        return detect_unet(diffusers_view(shapes), "diffusers", "", allow_custom)
     if "t_block.1.weight" in shapes and "x_embedder.proj.weight" in shapes:
         return detect_pixart(shapes, "pixart_original")
     if "adaln_single.linear.weight" in shapes and "pos_embed.proj.weight" in shapes:

@@ -125,7 +125,19 @@ def _by_input_channels(candidates: tuple[str, ...], view: UNetView, evidence: li
     return matching[0]
 
 
-def detect_unet(view: UNetView, layout: str, prefix: str) -> Detection:
+def _closest(view: UNetView) -> tuple[tuple[str, ...], list[str]]:
+    """A custom U-Net's closest family by its kind of conditioning (added or not; linear or convolutional
+    projections, as SD2 and SD1.x), and what differs from that family's widths."""
+    family = "sdxl" if view.adm_channels else ("sd2" if view.linear_projection else "sd15")
+    config = get_family(family).config()
+    differs = [f"context width {view.context_dim} ({family}: {config['cross_attention_dim']})"]
+    if view.adm_channels and view.adm_channels != config.get("projection_class_embeddings_input_dim"):
+        differs.append(f"added conditioning width {view.adm_channels} ({family}: "
+                       f"{config.get('projection_class_embeddings_input_dim')})")
+    return (family,), differs
+
+
+def detect_unet(view: UNetView, layout: str, prefix: str, allow_custom: bool = False) -> Detection:
     evidence = [
         f"layout {layout}" + (f" (tensor prefix {prefix!r})" if prefix else ""),
         f"cross-attention context width {view.context_dim}",
@@ -139,6 +151,9 @@ def detect_unet(view: UNetView, layout: str, prefix: str) -> Detection:
             out_channels=view.out_channels, context_dim=view.context_dim, adm_channels=view.adm_channels,
             guidance_embedding=view.guidance_embedding)
     candidates = _SIGNATURES.get((view.context_dim, view.linear_projection, view.adm_channels))
+    differs: list[str] = []
+    if candidates is None and allow_custom and view.levels and view.context_dim:
+        candidates, differs = _closest(view)
     if candidates is None or not view.levels:
         raise NotMatched(evidence)
     family = _by_input_channels(candidates, view, evidence)
@@ -172,6 +187,12 @@ def detect_unet(view: UNetView, layout: str, prefix: str) -> Detection:
         config["transformer_layers_per_block"] = [max(1, lv.attention_depth) for lv in view.levels]
     if not view.mid_attention:
         config["mid_block_type"] = "UNetMidBlock2D"
-    evidence.append(f"family {spec.name}: matched by context width, projection kind and added conditioning"
-                    + (f", and {view.in_channels} input channels" if len(candidates) > 1 else ""))
-    return Detection(spec.name, layout, prefix, config, spec.prediction_type, evidence)
+    if differs:
+        config["cross_attention_dim"] = view.context_dim
+        if view.adm_channels:
+            config["projection_class_embeddings_input_dim"] = view.adm_channels
+        evidence.append(f"custom U-Net, closest family {spec.name}: {'; '.join(differs)}")
+    else:
+        evidence.append(f"family {spec.name}: matched by context width, projection kind and added conditioning"
+                        + (f", and {view.in_channels} input channels" if len(candidates) > 1 else ""))
+    return Detection(spec.name, layout, prefix, config, spec.prediction_type, evidence, differs)

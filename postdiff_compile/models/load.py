@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from .. import safe_json
 from ..errors import PostDiffError
 from .build import build_denoiser
 from .detect import detect
-from .families import DENOISER_KINDS, FamilySpec, get_family
+from .families import DENOISER_KINDS, FAMILIES, FamilySpec, get_family
 from .key_maps import original_source
 from .safetensors_header import SafetensorsHeader, read_header
 from .shape_evidence import Detection
@@ -36,7 +37,10 @@ class LoadedDenoiser:
 
     @property
     def family(self) -> FamilySpec:
-        return get_family(self.detection.family)
+        """The detected family, with the VAE factor of the pipeline the denoiser came with (never assumed)."""
+        spec = get_family(self.detection.family)
+        factor = self.detection.vae_scale_factor
+        return replace(spec, vae_scale_factor=factor) if factor and factor != spec.vae_scale_factor else spec
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,19 +56,22 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_denoiser(source: Any, dtype: str | torch.dtype | None = None,
-                  prediction_type: str | None = None) -> LoadedDenoiser:
+                  prediction_type: str | None = None, family: str | None = None) -> LoadedDenoiser:
     """The denoiser in `source`: a .safetensors file, a diffusers model or pipeline folder, or a diffusers object.
 
-    Weights keep the checkpoint's dtype unless `dtype` is given. Nothing is downloaded.
+    Weights keep the checkpoint's dtype unless `dtype` is given. `family` overrides detection (a custom U-Net,
+    even in a single file, then takes that family's presets). Nothing is downloaded.
     """
     dtype = parse_dtype(dtype)
+    if family is not None and family not in FAMILIES:
+        raise PostDiffError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
             raise PostDiffError("file or folder not found", path)
-        loaded = _load_folder(path, dtype) if path.is_dir() else _load_file(path, dtype)
+        loaded = _load_folder(path, dtype, family) if path.is_dir() else _load_file(path, dtype, family)
     else:
-        loaded = _load_object(source, dtype)
+        loaded = _load_object(source, dtype, family)
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise PostDiffError(f"unknown prediction type {prediction_type!r}; use epsilon, v_prediction or sample")
@@ -104,10 +111,23 @@ class _WeightFiles:
             raise PostDiffError(f"could not read tensor {name!r} ({err})", header.path) from None
 
 
-def _load_file(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
+def _load_file(path: Path, dtype: torch.dtype | None, family: str | None) -> LoadedDenoiser:
     files = _WeightFiles([read_header(path)])
-    detection = detect(files.shapes, str(path), files.metadata, files.read)
+    # Without a config a custom width is built from the weights only when the caller named the family.
+    detection = detect(files.shapes, str(path), files.metadata, files.read, allow_custom=family is not None)
+    _given_family(detection, family, str(path))
     return _assemble(files, detection, dtype, str(path))
+
+
+def _given_family(detection: Detection, family: str | None, source: str) -> None:
+    if family is None or family == detection.family:
+        return
+    kind, given = get_family(detection.family).denoiser_class, get_family(family).denoiser_class
+    if kind != given:
+        raise PostDiffError(f"--family {family} takes a {given}, but this is a {kind} (detected as "
+                            f"{detection.family})", source)
+    detection.evidence.append(f"family {family}: given by the caller (detected as {detection.family})")
+    detection.family = family
 
 
 def _assemble(files: _WeightFiles, detection: Detection, dtype: torch.dtype | None, source: str) -> LoadedDenoiser:
@@ -155,7 +175,7 @@ def _checkpoint_dtype(files: _WeightFiles, names: set[str], source: str) -> torc
 
 # --- folders -----------------------------------------------------------------------------------------------
 
-def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
+def _load_folder(path: Path, dtype: torch.dtype | None, family: str | None) -> LoadedDenoiser:
     prediction_type = None
     model_dir = path
     if (path / "model_index.json").is_file():
@@ -176,7 +196,10 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
                             "with diffusion_pytorch_model.safetensors (a diffusers model)", path)
     weights = _folder_weights(model_dir)
     files = _WeightFiles([read_header(w) for w in weights])
-    detection = detect(files.shapes, str(model_dir), files.metadata, files.read)
+    detection = detect(files.shapes, str(model_dir), files.metadata, files.read, allow_custom=True)
+    vae_config = path / "vae" / "config.json"
+    if model_dir != path and vae_config.is_file():
+        _set_vae_factor(detection, _vae_factor(_read_json(vae_config).get("block_out_channels"), vae_config))
     config = _read_json(config_path)
     # The folder's config decides the architecture, but the weights decide the sizes: a config that disagrees
     # with them cannot load (and one claiming a million blocks would take forever to build).
@@ -189,7 +212,30 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> LoadedDenoiser:
     if prediction_type:
         detection.prediction_type = prediction_type
         detection.evidence.append(f"prediction type {prediction_type} from scheduler/scheduler_config.json")
+    _given_family(detection, family, str(path))
+    if family is None:
+        _warn_custom(detection, str(path))
     return _assemble(files, detection, dtype, str(path))
+
+
+def _vae_factor(block_out_channels: Any, source: Path) -> int:
+    if not isinstance(block_out_channels, list) or not 1 <= len(block_out_channels) <= 8:
+        raise PostDiffError("the VAE config's block_out_channels should be a list of 1 to 8 widths", source)
+    return 2 ** (len(block_out_channels) - 1)   # one downsampling between levels, as diffusers' pipelines count
+
+
+def _set_vae_factor(detection: Detection, factor: int) -> None:
+    detection.vae_scale_factor = factor
+    family_factor = get_family(detection.family).vae_scale_factor
+    if factor != family_factor:
+        detection.differs.append(f"VAE factor {factor} ({detection.family}: {family_factor})")
+        detection.evidence.append(f"VAE factor {factor} from the pipeline's VAE")
+
+
+def _warn_custom(detection: Detection, source: str) -> None:
+    if detection.differs:
+        warnings.warn(f"{source}: {'; '.join(detection.differs)} match no released family; {detection.family}'s "
+                      f"presets and settings apply", UserWarning, stacklevel=4)
 
 
 def _folder_weights(model_dir: Path) -> list[Path]:
@@ -247,17 +293,24 @@ def _base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if ".lora_" not in k and ".lora_magnitude_vector" not in k}
 
 
-def _load_object(obj: Any, dtype: torch.dtype | None) -> LoadedDenoiser:
+def _load_object(obj: Any, dtype: torch.dtype | None, family: str | None = None) -> LoadedDenoiser:
     module = denoiser_of(obj)
     state = _base_state(module)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    detection = detect(shapes, f"<{type(module).__name__}>", None, lambda name: state[name])
+    detection = detect(shapes, f"<{type(module).__name__}>", None, lambda name: state[name],
+                       allow_custom=hasattr(module, "config"))
+    if module is not obj and getattr(obj, "vae", None) is not None and hasattr(obj, "vae_scale_factor"):
+        _set_vae_factor(detection, int(obj.vae_scale_factor))
     if hasattr(module, "config"):
         detection.config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
     scheduler = getattr(obj, "scheduler", None)
     if scheduler is not None and "prediction_type" in scheduler.config:
         detection.prediction_type = scheduler.config["prediction_type"]
         detection.evidence.append(f"prediction type {detection.prediction_type} from the pipeline's scheduler")
+    name = f"<{getattr(type(obj), '_postdiff_base', type(obj)).__name__}>"   # an optimized pipeline: its class
+    _given_family(detection, family, name)
+    if family is None:
+        _warn_custom(detection, name)
     if dtype is not None and dtype != next(module.parameters()).dtype:
         # A cast copy: the caller's model is theirs and keeps its dtype.
         module = copy.deepcopy(module).to(dtype)

@@ -16,6 +16,10 @@ class Detection:
     config: dict                # diffusers config of the denoiser, inferred from the shapes
     prediction_type: str
     evidence: list[str] = field(default_factory=list)
+    # A custom model (a folder's or an in-memory one) matched to its closest family: what differs from it.
+    differs: list[str] = field(default_factory=list)
+    # The VAE factor of the pipeline the denoiser came with, where one came with it (None: the family's).
+    vae_scale_factor: int | None = None
 
 
 class NotMatched(Exception):
