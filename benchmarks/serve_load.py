@@ -7,8 +7,9 @@ Starts Ray: run it only in a network namespace with loopback alone, with nothing
     unshare -n sh -c 'ip link set lo up && . .venv/bin/activate && RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \\
         RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 python benchmarks/serve_load.py'
 
-Bounded: REQUESTS requests per level, each with a timeout, each level stopped after LEVEL_SECONDS.
-Writes benchmarks/results/serve_cpu_reference.{json,md}.
+Bounded: REQUESTS requests per level, each with a timeout, each level stopped after LEVEL_SECONDS. Also measures
+the ceiling batching can reach on this machine: the offline runner's images/s at batch 16 against batch 1.
+Writes benchmarks/results/serve_cpu_reference.{json,md} (onnxruntime) or serve_cpu_reference_BACKEND.{json,md}.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     only_loopback()
@@ -100,13 +102,14 @@ def main() -> int:
     artifact = compile_artifact(str(embedded_default_path()), ConfigRequest("fast"), work / "fast16", steps=args.steps,
                                 dtype="float32", formats="pt2,onnx", max_batch=16).out
     jobs = [(PROMPTS[i % len(PROMPTS)], 1000 + i, 4.0) for i in range(args.requests)]
-    pipe, runner = load_pipeline(), postdiff_compile.load(artifact, "onnxruntime", threads=1)
+    pipe, runner = load_pipeline(), postdiff_compile.load(artifact, args.backend, threads=1)
     expected, start = {}, time.perf_counter()
     for job in jobs:
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(job[0], torch.device("cpu"), 1, True, "")
         expected[job] = runner(cond, uncond, seed=job[1], guidance_scale=job[2])
-    offline = {"images_per_s": round(len(jobs) / (time.perf_counter() - start), 3)}
+    offline = {"images_per_s": round(len(jobs) / (time.perf_counter() - start), 3),
+               **batch_ceiling(runner, pipe)}
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -116,28 +119,47 @@ def main() -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for max_batch in (16, 1):
-            serve.run(build_app(artifact, "onnxruntime", 1, max_batch, 20.0, threads=1), name="postdiff",
+            serve.run(build_app(artifact, args.backend, 1, max_batch, 20.0, threads=1), name="postdiff",
                       route_prefix="/")
             for concurrency in ((1, 4, 16) if max_batch > 1 else (16,)):
                 rows.append({"batching": max_batch > 1, **level(url, jobs, concurrency, expected)})
                 print(rows[-1], flush=True)
-        serve.run(build_app(artifact, "onnxruntime", 1, 16, 20.0, threads=1), name="postdiff", route_prefix="/")
+        serve.run(build_app(artifact, args.backend, 1, 16, 20.0, threads=1), name="postdiff", route_prefix="/")
         fault = kill_during_run(url, jobs, expected)
     finally:
         serve.shutdown()
         ray.shutdown()
     record = {**provenance(), "machine": cpu_name(), "steps": args.steps, "offline": offline, "rows": rows,
               "fault": fault}
-    lines = [f"Reference model `fast` artifact ({args.steps} steps, onnxruntime, --max-batch 16), {args.requests} "
-             f"requests per level, one replica, {cpu_name()}; offline runner one image at a time: "
-             f"{offline['images_per_s']} images/s.", "",
+    lines = [f"Reference model `fast` artifact ({args.steps} steps, {args.backend}, --max-batch 16), {args.requests} "
+             f"requests per level, one replica (1 thread), {cpu_name()}; offline runner one image at a time: "
+             f"{offline['images_per_s']} images/s. The ceiling for batching here: the offline runner's "
+             f"run_batch gives {offline['batch16_images_per_s']} images/s at 16 images against "
+             f"{offline['batch1_images_per_s']} at 1 ({offline['batch_gain']}x).", "",
              "| batching | concurrency | ok | errors | wrong images | images/s | p50 (s) | p95 (s) |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['ok']} | {r['errors']} | "
               f"{r['wrong_images']} | {r['images_per_s']} | {r['p50_s']} | {r['p95_s']} |" for r in rows]
     lines += ["", f"Replica killed during a concurrency-16 run: {json.dumps(fault)}"]
-    print(write_results(args.out, "serve_cpu_reference", record, lines))
+    name = "serve_cpu_reference" + ("" if args.backend == "onnxruntime" else f"_{args.backend}")
+    print(write_results(args.out, name, record, lines))
     return 0
+
+
+def batch_ceiling(runner, pipe) -> dict:
+    """images/s of one run_batch call at 1 and 16 images (warmed up): what batching can gain on this machine."""
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(PROMPTS[0], torch.device("cpu"), 1, True, "")
+    rates = {}
+    for n in (1, 16):
+        c, u = cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
+        runner.run_batch(c, u, seeds=list(range(n)), guidance_scales=[4.0] * n)
+        start, calls = time.perf_counter(), 16 // n
+        for _ in range(calls):
+            runner.run_batch(c, u, seeds=list(range(n)), guidance_scales=[4.0] * n)
+        rates[n] = 16 / (time.perf_counter() - start)
+    return {"batch1_images_per_s": round(rates[1], 3), "batch16_images_per_s": round(rates[16], 3),
+            "batch_gain": round(rates[16] / rates[1], 2)}
 
 
 def kill_during_run(url: str, jobs: list[tuple], expected: dict) -> dict:

@@ -74,3 +74,13 @@ def test_a_prompt_without_a_text_encoder_and_an_oversized_body():
     with pytest.raises(BadRequest, match="over the limit") as caught:
         parse_generate(b" " * (MAX_BODY + 1), OTHER)
     assert caught.value.status == 413
+
+
+@pytest.mark.parametrize("n, chunks", [(1, [1]), (3, [2, 1]), (4, [4]), (5, [4, 1]), (6, [4, 2]), (9, [8, 1]),
+                                       (12, [8, 4]), (13, [13]), (16, [16])])
+def test_queued_requests_are_split_rather_than_padded_far(n, chunks):
+    """Buckets 1, 2, 4, 8, 16: at most a quarter of padding, else the largest bucket that fits and the rest."""
+    from postdiff_compile.serve.app import bucket_chunks
+
+    assert bucket_chunks(n, [1, 2, 4, 8, 16]) == chunks
+    assert sum(chunks) == n
