@@ -55,8 +55,25 @@ def generate(folder: Path, backend: str) -> torch.Tensor:
     return postdiff_compile.load(folder, backend)(cond, uncond, seed=3, guidance_scale=7.5)
 
 
-# Both layouts are slow-tier (57 s and 45 s here): the default tier keeps refit itself (--weights, below) and the
-# LoRA files' checks (the refusals further down read both layouts' keys).
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_each_lora_layout_merges_to_peft_s_own_merge(adapted, loras, layout):
+    """What refit does to the weights, without compiling: each file layout fused by merge_lora equals PEFT's merge
+    of the same adapter (the end-to-end refit of both layouts is slow-tier, below)."""
+    from postdiff_compile.models.families import get_family
+    from postdiff_compile.models.lora import merge_lora
+
+    unet = tiny_sd_pipeline("sd15").unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    merge_lora(unet, get_family("sd15"), loras[layout])
+    expected = merged(adapted).state_dict()
+    got = unet.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(rel_l2(got[k], expected[k]) <= 1e-6 for k in got)
+    assert any(rel_l2(got[k], before[k]) > 1e-3 for k in got)   # the LoRA changed some weights
+
+
+# Both layouts end to end are slow-tier (57 s and 45 s here): the default tier keeps refit itself (--weights,
+# below), each layout's merge (above) and the LoRA refusals.
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_refit_with_a_lora_equals_compiling_the_merged_model(tiny_artifact, loras, from_scratch, layout, tmp_path,

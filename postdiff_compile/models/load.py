@@ -124,7 +124,7 @@ def _given_family(detection: Detection, family: str | None, source: str) -> None
         return
     kind, given = get_family(detection.family).denoiser_class, get_family(family).denoiser_class
     if kind != given:
-        raise PostDiffError(f"--family {family} takes a {given}, but this is a {kind} (detected as "
+        raise PostDiffError(f"family {family} takes a {given}, but this is a {kind} (detected as "
                             f"{detection.family})", source)
     detection.evidence.append(f"family {family}: given by the caller (detected as {detection.family})")
     detection.family = family

@@ -213,6 +213,8 @@ def _prepare_pixart(pipe, a) -> Conditioning:
 _COMMON = dict(prompt=None, height=None, width=None, timesteps=None, sigmas=None, num_images_per_prompt=1,
                generator=None, latents=None, prompt_embeds=None, output_type="pil", return_dict=True,
                callback_on_step_end=None, callback_on_step_end_tensor_inputs=None)
+# PixArtAlphaPipeline has the old callback/callback_steps arguments only (refused), no callback_on_step_end.
+_NO_STEP_CALLBACKS = {k: v for k, v in _COMMON.items() if not k.startswith("callback")}
 KINDS = {kind.name: kind for kind in (
     PipelineKind("StableDiffusionPipeline", dict(_COMMON, num_inference_steps=50, guidance_scale=7.5,
                                                  negative_prompt=None, eta=0.0, negative_prompt_embeds=None,
@@ -226,10 +228,9 @@ KINDS = {kind.name: kind for kind in (
         negative_pooled_prompt_embeds=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
         target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
         negative_target_size=None, clip_skip=None), _prepare_sdxl),
-    # PixArtAlphaPipeline has the old callback/callback_steps arguments only (refused), no callback_on_step_end.
     PipelineKind("PixArtAlphaPipeline", dict(
-        {k: v for k, v in _COMMON.items() if not k.startswith("callback")}, negative_prompt="", num_inference_steps=20, guidance_scale=4.5, eta=0.0, prompt_attention_mask=None,
-        negative_prompt_embeds=None, negative_prompt_attention_mask=None, clean_caption=True,
+        _NO_STEP_CALLBACKS, negative_prompt="", num_inference_steps=20, guidance_scale=4.5, eta=0.0,
+        prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None, clean_caption=True,
         use_resolution_binning=True, max_sequence_length=120, guidance_rescale=0.0), _prepare_pixart),
     PipelineKind("StableDiffusion3Pipeline", dict(
         _COMMON, prompt_2=None, prompt_3=None, num_inference_steps=28, guidance_scale=7.0, negative_prompt=None,
