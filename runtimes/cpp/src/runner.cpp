@@ -175,7 +175,7 @@ torch::Tensor Artifact::run(const TensorMap& inputs, const RunOptions& options) 
 }
 
 torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& options) const {
-  torch::NoGradGuard no_grad;
+  at::NoGradGuard no_grad;
   const Manifest& m = manifest;
   const double guidance =
       options.guidance_scale ? *options.guidance_scale : default_guidance(m.family, m.path);

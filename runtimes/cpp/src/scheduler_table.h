@@ -2,7 +2,7 @@
 // segment (exporters/scheduler_table.py writes the table and says why that is exact).
 #pragma once
 
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <vector>
 

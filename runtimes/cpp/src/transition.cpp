@@ -8,9 +8,8 @@ namespace postdiff {
 namespace {
 
 torch::Tensor upsample(const torch::Tensor& x, int64_t h, int64_t w) {
-  namespace F = torch::nn::functional;
-  return F::interpolate(x, F::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kBilinear)
-                               .align_corners(false));
+  // What torch.nn.functional.interpolate(mode="bilinear", align_corners=False, size=...) calls.
+  return at::upsample_bilinear2d(x, {h, w}, /*align_corners=*/false);
 }
 
 }  // namespace

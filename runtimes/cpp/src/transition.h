@@ -1,7 +1,7 @@
 // The switch from low to full resolution (docs/manifest.md "The transition"; kernels/transition_ref.py).
 #pragma once
 
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <map>
 #include <string>
