@@ -123,10 +123,11 @@ class Plan:
 
 
 def make_plan(config: PostDiffConfig, num_steps: int, *, family: FamilySpec, full_latent: tuple[int, int],
-              prediction_type: str, cfg: bool = True, timesteps: Sequence[float] | None = None) -> Plan:
+              prediction_type: str, cfg: bool = True, timesteps: Sequence[float] | None = None,
+              window: tuple[int, int] | None = None) -> Plan:
     """`build_plan` with the settings that run it and, with mixed resolution, the transition. `timesteps`, the
-    scheduler's, are needed only by an attention broadcast that reads at some step."""
-    steps = tuple(build_plan(config, num_steps, cfg=cfg, timesteps=timesteps))
+    scheduler's, are needed only by an attention broadcast that reads at some step; `window` as in build_plan."""
+    steps = tuple(build_plan(config, num_steps, cfg=cfg, timesteps=timesteps, window=window))
     switch = switch_step_of(steps)
     transition = Transition(switch_step=switch, full_latent=tuple(full_latent),
                             low_latent=low_res_latent(family, full_latent, config.low_res_scale),
@@ -137,29 +138,45 @@ def make_plan(config: PostDiffConfig, num_steps: int, *, family: FamilySpec, ful
 
 
 def build_plan(config: PostDiffConfig, num_steps: int, cfg: bool = True,
-               timesteps: Sequence[float] | None = None) -> list[Step]:
+               timesteps: Sequence[float] | None = None, window: tuple[int, int] | None = None) -> list[Step]:
     """The plan for `num_steps` steps; `cfg` says whether the pipeline uses classifier-free guidance; `timesteps`
-    are the scheduler's (the attention broadcast's window is in timesteps)."""
+    are the scheduler's (the attention broadcast's window is in timesteps).
+
+    `window` = (start, stop): only steps start..stop-1 of the `num_steps`-step schedule run, numbered from 0 (an
+    image-to-image strength, an SDXL base that stops at denoising_end or a refiner that starts at denoising_start).
+    They are the steps the whole schedule's plan has there, with step `start` a restart: nothing before it ran, so
+    it is full and computes every attention, and a cross-attention cache gate at or before it moves to start + 1 (step
+    `start` writes the cache). The resolution switch stays where the whole schedule has it: a window that starts
+    after it has no low-resolution steps."""
     if num_steps < 1:
         raise PostDiffError(f"the number of steps must be at least 1, got {num_steps}")
+    start, stop = window or (0, num_steps)
+    if not 0 <= start < stop <= num_steps:
+        raise PostDiffError(f"the steps to run, {start} to {stop - 1}, must lie within the {num_steps}-step schedule")
     switch = switch_step(config.low_res_scale, config.low_res_fraction, num_steps)
+    if start < switch and stop <= switch:
+        raise PostDiffError(f"these steps ({start} to {stop - 1} of {num_steps}) all run at low resolution: the switch "
+                            f"to full resolution is at step {switch}; stop later or lower low_res_fraction")
     gate = config.cross_attn_cache_step if config.cross_attn_cache != "off" else None
-    if gate is not None and gate >= num_steps:
-        warnings.warn(f"cross_attn_cache_step {gate} >= {num_steps} steps: the cross-attention cache would never "
-                      "be read, so it is off for this call", stacklevel=2)
+    if gate is not None and gate <= start:
+        gate = start + 1
+    if gate is not None and gate >= stop:
+        if window is None:
+            warnings.warn(f"cross_attn_cache_step {gate} >= {num_steps} steps: the cross-attention cache would "
+                          "never be read, so it is off for this call", stacklevel=2)
         gate = None
-    full = full_steps(config, num_steps, gate, switch, cfg)
-    restarts = {0, switch, *((gate - 1, gate) if gate is not None else ())}
+    full = full_steps(config, num_steps, gate, switch, cfg, start)
+    restarts = {0, start, switch, *((gate - 1, gate) if gate is not None else ())}
     broadcast = broadcast_roles(config, num_steps, full, restarts, timesteps)
 
     specs = []
     for i in range(num_steps):
         ca = "compute" if gate is None else "write" if i == gate - 1 else "read" if i >= gate else "compute"
         deep = "full" if i in full else "shallow"
-        write_dc = deep == "full" and i + 1 < num_steps and (i + 1) not in full
+        write_dc = deep == "full" and i + 1 < stop and (i + 1) not in full
         specs.append(VariantSpec(deep, write_dc, ca, broadcast[i]))
-    plan = [Step(i, s.name, cfg and (gate is None or i < gate), s.reads, s.writes, i < switch)
-            for i, s in enumerate(specs)]
+    plan = [Step(i - start, s.name, cfg and (gate is None or i < gate), s.reads, s.writes, i < switch)
+            for i, s in enumerate(specs) if start <= i < stop]
     check_plan(plan)
     return plan
 
@@ -211,15 +228,16 @@ def switch_step_of(plan: list[Step] | tuple[Step, ...]) -> int:
 
 
 def full_steps(config: PostDiffConfig, num_steps: int, gate: int | None = None, switch: int = 0,
-               cfg: bool = True) -> set[int]:
-    """The steps that run the whole denoiser (all of them when DeepCache is off)."""
+               cfg: bool = True, start: int = 0) -> set[int]:
+    """The steps that run the whole denoiser (all of them when DeepCache is off); `start`, the first step run,
+    restarts the schedule."""
     k = config.cache_interval
     if k <= 1:
         return set(range(num_steps))
     # Step m - 1 computes every attn2 for the cache. With CFG, step m also starts afresh: the batch halves
     # there, so no deep feature from before can feed it. Without CFG (LCM) the batch never changes.
     gated = (({gate - 1, gate} if cfg else {gate - 1}) if gate is not None else set())
-    forced = gated | ({switch} if switch else set())
+    forced = gated | ({switch} if switch else set()) | ({start} if start else set())
     if config.cache_schedule == "quad_center":
         steps = set(quad_center_steps(num_steps, math.ceil(num_steps / k), config.cache_center, config.cache_pow))
         return steps | forced

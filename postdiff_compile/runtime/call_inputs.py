@@ -26,8 +26,11 @@ class Conditioning:
     step_kwargs: dict[str, Any] | None = None    # scheduler.step's extra arguments; None: prepare_extra_step_kwargs
     # Inputs shared by the batch per latent size (FLUX's rotary positions; DenoiseRequest.shared_inputs).
     shared_inputs: Callable[[tuple[int, int]], dict[str, torch.Tensor]] | None = None
-    # The initial latent for a latent size, [B, C, h, w]; None: the pipeline's prepare_latents as SD draws it.
-    prepare_latents: Callable[[tuple[int, int]], torch.Tensor] | None = None
+    # The initial latent for a latent size and the timesteps the loop runs, [B, C, h, w]; None: the pipeline's
+    # prepare_latents as SD draws it.
+    prepare_latents: Callable[[tuple[int, int], torch.Tensor], torch.Tensor] | None = None
+    # The steps to run of the scheduler's timesteps, (start, stop), given them (img2img's strength); None: all.
+    window: Callable[[torch.Tensor], tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool 
              **overrides: Any) -> Any:
     """Make `pipe` denoise through postdiff-compile; returns `pipe`.
 
-    `pipe` is a diffusers StableDiffusionPipeline (SD1.x, SD2.x, LCM U-Nets), LatentConsistencyModelPipeline,
+    `pipe` is a diffusers StableDiffusionPipeline (SD1.x, SD2.x, LCM U-Nets), StableDiffusionImg2ImgPipeline,
+    LatentConsistencyModelPipeline,
     StableDiffusionXLPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline or FluxPipeline, or a subclass of one.
 
     `preset` is a preset name or a whole PostDiffConfig; `overrides` set PostDiffConfig fields by name
@@ -116,11 +117,55 @@ def _optimized_class(base: type) -> type:
     return _CLASSES[base]
 
 
+@dataclass
+class _Schedule:
+    """The steps one call runs: the scheduler's timesteps in its window, the plan over them and the first step."""
+    timesteps: torch.Tensor
+    plan: Any
+    start: int
+    full_latent: tuple[int, int]
+    start_latent: tuple[int, int]
+    restart_scheduler: Any = None
+
+
+def _schedule(pipe, runtime: PostDiffRuntime, cond, a) -> _Schedule:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    device = pipe._execution_device
+    timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, a.num_inference_steps, device, a.timesteps,
+                                                        a.sigmas, **cond.timestep_kwargs)
+    if getattr(pipe.scheduler, "order", 1) > 1 and not runtime.config.is_identity:
+        # Second-order schedulers call the denoiser twice per step with repeated timesteps; a plan that
+        # counts calls would split a step's two halves between cached and uncached work.
+        raise PostDiffError(f"{type(pipe.scheduler).__name__} is a second-order scheduler (two denoiser calls per "
+                            "step); the caches support first-order schedulers (DDIM, Euler, DPM-Solver++, ...)")
+    window = cond.window(timesteps) if cond.window is not None else None
+    start, stop = window or (0, len(timesteps))
+    scale = pipe.vae_scale_factor
+    full_latent = (cond.height // scale, cond.width // scale)
+    plan = make_plan(runtime.config, len(timesteps), family=runtime.family, full_latent=full_latent,
+                     prediction_type=prediction_type(pipe.scheduler), cfg=cond.cfg, timesteps=timesteps.tolist(),
+                     window=window)
+    schedule = _Schedule(timesteps[start:stop], plan, start, full_latent,
+                         plan.transition.low_latent if plan.transition else full_latent)
+    if plan.transition:
+        check_scheduler(pipe.scheduler)
+        requested_timesteps = a.timesteps
+
+        def restart_scheduler(begin: int) -> None:
+            # set_timesteps clears a multistep scheduler's history; the timesteps come out the same.
+            again, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, requested_timesteps, a.sigmas,
+                                          **cond.timestep_kwargs)
+            if not torch.equal(again.cpu(), timesteps.cpu()):
+                raise PostDiffError("the scheduler gave other timesteps when restarted at the resolution switch")
+            set_begin(pipe.scheduler, start + begin)
+        schedule.restart_scheduler = restart_scheduler
+    return schedule
+
+
 @torch.no_grad()
 def _call(self, *args, **kwargs):
     from types import SimpleNamespace
-
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
     kind = pipeline_kind(self)
     if len(args) > 1:
@@ -135,59 +180,37 @@ def _call(self, *args, **kwargs):
     runtime.follow_adapters()   # set_adapters / fuse_lora since the last call take effect
     cond = kind.prepare(self, a)
     runtime.family.check_resolution(cond.height, cond.width)
-    device = self._execution_device
-    requested_timesteps = a.timesteps
-    timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, a.num_inference_steps, device, a.timesteps,
-                                                        a.sigmas, **cond.timestep_kwargs)
-    if getattr(self.scheduler, "order", 1) > 1 and not runtime.config.is_identity:
-        # Second-order schedulers call the denoiser twice per step with repeated timesteps; a plan that
-        # counts calls would split a step's two halves between cached and uncached work.
-        raise PostDiffError(f"{type(self.scheduler).__name__} is a second-order scheduler (two denoiser calls per "
-                            "step); the caches support first-order schedulers (DDIM, Euler, DPM-Solver++, ...)")
-    scale = self.vae_scale_factor
-    full_latent = (cond.height // scale, cond.width // scale)
-    plan = make_plan(runtime.config, len(timesteps), family=runtime.family, full_latent=full_latent,
-                     prediction_type=prediction_type(self.scheduler), cfg=cond.cfg, timesteps=timesteps.tolist())
-    runtime.last_plan = list(plan)
-    start_latent = plan.transition.low_latent if plan.transition else full_latent
-    restart_scheduler = None
-    if plan.transition:
-        check_scheduler(self.scheduler)
-
-        def restart_scheduler(begin: int) -> None:
-            # set_timesteps clears a multistep scheduler's history; the timesteps come out the same.
-            again, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, requested_timesteps, a.sigmas,
-                                          **cond.timestep_kwargs)
-            if not torch.equal(again.cpu(), timesteps.cpu()):
-                raise PostDiffError("the scheduler gave other timesteps when restarted at the resolution switch")
-            set_begin(self.scheduler, begin)
-
-    if a.latents is not None and cond.prepare_latents is None and tuple(a.latents.shape[2:]) != start_latent:
-        which = "low-resolution " if plan.transition else ""
-        raise PostDiffError(f"the initial latents must be {which}{start_latent[0]}x{start_latent[1]}; got "
-                            f"{tuple(a.latents.shape[2:])}")
+    s = _schedule(self, runtime, cond, a)
+    runtime.last_plan = list(s.plan)
+    given = getattr(a, "latents", None)
+    if given is not None and cond.prepare_latents is None and tuple(given.shape[2:]) != s.start_latent:
+        which = "low-resolution " if s.plan.transition else ""
+        raise PostDiffError(f"the initial latents must be {which}{s.start_latent[0]}x{s.start_latent[1]}; got "
+                            f"{tuple(given.shape[2:])}")
     denoiser = runtime.store.denoiser
     # With mixed resolution, drawn exactly as diffusers would draw them for an image of the low-resolution size.
     if cond.prepare_latents is not None:
-        latents = cond.prepare_latents(start_latent)
+        latents = cond.prepare_latents(s.start_latent, s.timesteps)
     else:
-        latents = self.prepare_latents(cond.batch, denoiser.config.in_channels, start_latent[0] * scale,
-                                       start_latent[1] * scale, cond.prompt_embeds.dtype, device, a.generator, a.latents)
-    set_begin(self.scheduler, 0)   # as the SDXL and PixArt pipelines do; a no-op for a fresh schedule
-    interrupted = start_call(self, a.guidance_scale, len(timesteps))
+        scale = self.vae_scale_factor
+        latents = self.prepare_latents(cond.batch, denoiser.config.in_channels, s.start_latent[0] * scale,
+                                       s.start_latent[1] * scale, cond.prompt_embeds.dtype, self._execution_device,
+                                       a.generator, given)
+    set_begin(self.scheduler, s.start)   # as the SDXL, PixArt and img2img pipelines do
+    interrupted = start_call(self, a.guidance_scale, len(s.timesteps))
     after_step = None
     if getattr(a, "callback_on_step_end", None) is not None:
         after_step = step_callback(self, a.callback_on_step_end, a.callback_on_step_end_tensor_inputs, cond.cfg,
                                    cond.prompt_embeds, cond.negative_prompt_embeds)
-    request = DenoiseRequest(latents=latents, timesteps=timesteps, prompt_embeds=cond.prompt_embeds,
+    request = DenoiseRequest(latents=latents, timesteps=s.timesteps, prompt_embeds=cond.prompt_embeds,
                              negative_prompt_embeds=cond.negative_prompt_embeds, guidance_scale=a.guidance_scale,
                              guidance_rescale=a.guidance_rescale,
                              extra_step_kwargs=self.prepare_extra_step_kwargs(a.generator, a.eta)
                              if cond.step_kwargs is None else cond.step_kwargs,
                              added_cond=cond.added, negative_added_cond=cond.negative_added,
                              latent_input=runtime.store.latent_input, generator=a.generator,
-                             restart_scheduler=restart_scheduler, shared_inputs=cond.shared_inputs,
+                             restart_scheduler=s.restart_scheduler, shared_inputs=cond.shared_inputs,
                              after_step=after_step, interrupted=interrupted)
-    with self.progress_bar(total=len(timesteps)) as bar:
-        latents = denoise(runtime.source, self.scheduler, plan, request, on_step=lambda _: bar.update())
+    with self.progress_bar(total=len(s.timesteps)) as bar:
+        latents = denoise(runtime.source, self.scheduler, s.plan, request, on_step=lambda _: bar.update())
     return cond.finish(latents)

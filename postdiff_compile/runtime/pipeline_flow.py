@@ -100,7 +100,7 @@ def prepare_flux(pipe, a) -> Conditioning:
     def shared_inputs(latent: tuple[int, int]) -> dict[str, torch.Tensor]:
         return {"txt_ids": text_ids, "img_ids": flux_position_ids(latent, dtype=dtype, device=device)}
 
-    def prepare_latents(start: tuple[int, int]) -> torch.Tensor:
+    def prepare_latents(start: tuple[int, int], timesteps: torch.Tensor) -> torch.Tensor:
         if a.latents is not None:   # packed, as FluxPipeline takes them
             if a.latents.dim() != 3 or a.latents.shape[1] != (start[0] // 2) * (start[1] // 2):
                 raise PostDiffError(f"the initial latents must be packed for a {start[0]}x{start[1]} latent: "

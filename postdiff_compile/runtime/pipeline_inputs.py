@@ -17,6 +17,7 @@ model. The values are inputs of every variant, so a caller can pass others.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from ..errors import PostDiffError
 from .call_inputs import Conditioning, PipelineKind, batch_size as _batch
 from .conditioning import guidance_embedding
 from .pipeline_flow import prepare_flux, prepare_sd3
+from .pipeline_img2img import prepare_img2img
 
 
 def _timestep_cond(pipe, guidance_scale: float, batch: int, dtype, device) -> dict[str, torch.Tensor]:
@@ -51,7 +53,7 @@ def _sd_finish(pipe, a, dtype) -> Callable[[torch.Tensor], Any]:
     return finish
 
 
-def _prepare_sd(pipe, a) -> Conditioning:
+def prepare_sd(pipe, a) -> Conditioning:
     """StableDiffusionPipeline (SD1.x, SD2.x; LCM U-Nets too: the w-embedding replaces CFG, as diffusers does)."""
     unet = pipe.unet
     height = a.height or unet.config.sample_size * pipe.vae_scale_factor
@@ -218,7 +220,12 @@ _NO_STEP_CALLBACKS = {k: v for k, v in _COMMON.items() if not k.startswith("call
 KINDS = {kind.name: kind for kind in (
     PipelineKind("StableDiffusionPipeline", dict(_COMMON, num_inference_steps=50, guidance_scale=7.5,
                                                  negative_prompt=None, eta=0.0, negative_prompt_embeds=None,
-                                                 guidance_rescale=0.0, clip_skip=None), _prepare_sd),
+                                                 guidance_rescale=0.0, clip_skip=None), prepare_sd),
+    # No height, width or latents: the image gives the size and the strength the start (pipeline_img2img.py).
+    PipelineKind("StableDiffusionImg2ImgPipeline", dict(
+        {k: v for k, v in _COMMON.items() if k not in ("height", "width", "latents")}, image=None, strength=0.8,
+        num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, eta=0.0, negative_prompt_embeds=None,
+        clip_skip=None), partial(prepare_img2img, prepare_text=prepare_sd)),
     PipelineKind("LatentConsistencyModelPipeline", dict(_COMMON, num_inference_steps=4, guidance_scale=8.5,
                                                         original_inference_steps=None, clip_skip=None, eta=None,
                                                         guidance_rescale=0.0), _prepare_lcm),
