@@ -140,6 +140,7 @@ def _schedule(pipe, runtime: PostDiffRuntime, cond, a) -> _Schedule:
         raise PostDiffError(f"{type(pipe.scheduler).__name__} is a second-order scheduler (two denoiser calls per "
                             "step); the caches support first-order schedulers (DDIM, Euler, DPM-Solver++, ...)")
     window = cond.window(timesteps) if cond.window is not None else None
+    window = None if window == (0, len(timesteps)) else window
     start, stop = window or (0, len(timesteps))
     scale = pipe.vae_scale_factor
     full_latent = (cond.height // scale, cond.width // scale)

@@ -16,17 +16,9 @@ from typing import Any
 
 import torch
 
+from ..errors import PostDiffError
 from .call_inputs import Conditioning, batch_size as _batch
-
-
-def strength_window(scheduler: Any, strength: float) -> Any:
-    """(full timesteps) -> (start, stop): diffusers' get_timesteps for `strength` (set_begin_index included)."""
-    def window(timesteps: torch.Tensor) -> tuple[int, int]:
-        order = getattr(scheduler, "order", 1)
-        steps = len(timesteps) // order
-        start = max(steps - min(int(steps * strength), steps), 0) * order
-        return start, len(timesteps)
-    return window
+from .schedule_windows import strength_window, valid_fraction
 
 
 def encode_image(pipe, image: torch.Tensor, batch: int, generator) -> torch.Tensor:
@@ -74,4 +66,49 @@ def prepare_img2img(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]) -
     cond = prepare_text(pipe, a)
     cond.window = strength_window(pipe.scheduler, a.strength)
     cond.prepare_latents = noised_image_latents(pipe, a, cond.batch, cond.prompt_embeds.dtype)
+    return cond
+
+
+def sdxl_img2img_time_ids(pipe, a, size: tuple[int, int], n: int, dtype, projection: int):
+    """StableDiffusionXLImg2ImgPipeline's time ids: the negative sizes default to the positive ones, and a refiner
+    (requires_aesthetics_score) conditions on the aesthetic scores instead of the target size."""
+    original, target = a.original_size or size, a.target_size or size
+    ids, negative_ids = pipe._get_add_time_ids(
+        original, a.crops_coords_top_left, target, a.aesthetic_score, a.negative_aesthetic_score,
+        a.negative_original_size or original, a.negative_crops_coords_top_left, a.negative_target_size or target,
+        dtype=dtype, text_encoder_projection_dim=projection)
+    device = pipe._execution_device
+    return ids.to(device).repeat(n, 1), negative_ids.to(device).repeat(n, 1)
+
+
+def prepare_sdxl_img2img(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]) -> Conditioning:
+    """StableDiffusionXLImg2ImgPipeline (the refiner among others): an image, or the base's latents with
+    `denoising_start`, which are already noised and are used as they are."""
+    a.image = pipe.image_processor.preprocess(a.image)
+    latent_image = a.image.shape[1] == pipe.vae.config.latent_channels
+    scale = pipe.vae_scale_factor if latent_image else 1
+    a.height, a.width = int(a.image.shape[2]) * scale, int(a.image.shape[3]) * scale
+    cond = prepare_text(pipe, a)
+    add_noise = not valid_fraction(a.denoising_start)
+    device, dtype = pipe._execution_device, cond.prompt_embeds.dtype
+
+    def prepare(size: tuple[int, int], timesteps: torch.Tensor) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        first = timesteps[:1].repeat(cond.batch)
+        full = (a.height // pipe.vae_scale_factor, a.width // pipe.vae_scale_factor)
+        if a.latents is not None or tuple(size) == full:
+            return a.latents if a.latents is not None else pipe.prepare_latents(
+                a.image, first, _batch(a.prompt, a.prompt_embeds), a.num_images_per_prompt, dtype, device,
+                a.generator, add_noise)
+        if not add_noise:
+            raise PostDiffError(f"denoising_start {a.denoising_start} starts before the switch to full resolution: "
+                                "the latents it takes are noised at full resolution already; start later or use a "
+                                "config without mixed resolution")
+        clean = pipe.prepare_latents(a.image, first, _batch(a.prompt, a.prompt_embeds), a.num_images_per_prompt,
+                                     dtype, device, a.generator, False)
+        clean = torch.nn.functional.interpolate(clean, size=size, mode="area")
+        noise = randn_tensor(clean.shape, generator=a.generator, device=device, dtype=dtype)
+        return pipe.scheduler.add_noise(clean, noise, first)
+    cond.prepare_latents = prepare
     return cond

@@ -26,7 +26,8 @@ from ..errors import PostDiffError
 from .call_inputs import Conditioning, PipelineKind, batch_size as _batch
 from .conditioning import guidance_embedding
 from .pipeline_flow import prepare_flux, prepare_sd3
-from .pipeline_img2img import prepare_img2img
+from .pipeline_img2img import prepare_img2img, prepare_sdxl_img2img, sdxl_img2img_time_ids
+from .schedule_windows import denoising_window
 
 
 def _timestep_cond(pipe, guidance_scale: float, batch: int, dtype, device) -> dict[str, torch.Tensor]:
@@ -90,11 +91,23 @@ def _prepare_lcm(pipe, a) -> Conditioning:
                         finish=_sd_finish(pipe, a, embeds.dtype))
 
 
-def _prepare_sdxl(pipe, a) -> Conditioning:
-    """StableDiffusionXLPipeline: pooled text embeddings and micro-conditioning time ids as added inputs."""
-    if a.denoising_end is not None:
-        raise PostDiffError("the postdiff runtime does not support denoising_end (a base+refiner split); run the "
-                            "whole schedule, or restore(pipe) for the ensemble of experts")
+def _sdxl_time_ids(pipe, a, size: tuple[int, int], n: int, dtype, projection: int):
+    """StableDiffusionXLPipeline's time ids, [n, 6] each: (positive, negative); the negative ones are the positive
+    ones unless both negative_original_size and negative_target_size are given."""
+    def time_ids(original, crop, target):
+        ids = pipe._get_add_time_ids(original or size, crop, target or size, dtype=dtype,
+                                     text_encoder_projection_dim=projection)
+        return ids.to(pipe._execution_device).repeat(n, 1)
+
+    ids = time_ids(a.original_size, a.crops_coords_top_left, a.target_size)
+    if a.negative_original_size is not None and a.negative_target_size is not None:
+        return ids, time_ids(a.negative_original_size, a.negative_crops_coords_top_left, a.negative_target_size)
+    return ids, ids
+
+
+def prepare_sdxl(pipe, a, time_ids=_sdxl_time_ids) -> Conditioning:
+    """StableDiffusionXLPipeline: pooled text embeddings and micro-conditioning time ids as added inputs;
+    `denoising_end` (a base that hands over to a refiner) runs the first steps of the schedule's plan."""
     height = a.height or pipe.default_sample_size * pipe.vae_scale_factor
     width = a.width or pipe.default_sample_size * pipe.vae_scale_factor
     unet = pipe.unet
@@ -114,16 +127,7 @@ def _prepare_sdxl(pipe, a) -> Conditioning:
         clip_skip=a.clip_skip)
     projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
     n = batch * a.num_images_per_prompt
-
-    def time_ids(original, crop, target):
-        ids = pipe._get_add_time_ids(original or (height, width), crop, target or (height, width), dtype=embeds.dtype,
-                                     text_encoder_projection_dim=projection)
-        return ids.to(device).repeat(n, 1)
-
-    ids = time_ids(a.original_size, a.crops_coords_top_left, a.target_size)
-    negative_ids = ids
-    if a.negative_original_size is not None and a.negative_target_size is not None:
-        negative_ids = time_ids(a.negative_original_size, a.negative_crops_coords_top_left, a.negative_target_size)
+    ids, negative_ids = time_ids(pipe, a, (height, width), n, embeds.dtype, projection)
     extra = _timestep_cond(pipe, a.guidance_scale, n, embeds.dtype, device)
     added = {"text_embeds": pooled.to(device), "time_ids": ids, **extra}
     negative_added = {"text_embeds": (negative_pooled if cfg else pooled).to(device), "time_ids": negative_ids, **extra}
@@ -154,7 +158,9 @@ def _prepare_sdxl(pipe, a) -> Conditioning:
         pipe.maybe_free_model_hooks()
         return StableDiffusionXLPipelineOutput(images=image) if a.return_dict else (image,)
 
-    return Conditioning(n, height, width, cfg, embeds, negative, added, negative_added, finish=finish)
+    window = denoising_window(pipe.scheduler, getattr(a, "strength", 1.0), getattr(a, "denoising_start", None),
+                              a.denoising_end)
+    return Conditioning(n, height, width, cfg, embeds, negative, added, negative_added, finish=finish, window=window)
 
 
 _PIXART_BINS = {128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN", 32: "ASPECT_RATIO_256_BIN"}
@@ -217,6 +223,12 @@ _COMMON = dict(prompt=None, height=None, width=None, timesteps=None, sigmas=None
                callback_on_step_end=None, callback_on_step_end_tensor_inputs=None)
 # PixArtAlphaPipeline has the old callback/callback_steps arguments only (refused), no callback_on_step_end.
 _NO_STEP_CALLBACKS = {k: v for k, v in _COMMON.items() if not k.startswith("callback")}
+_SDXL = dict(
+    _COMMON, prompt_2=None, num_inference_steps=50, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
+    negative_prompt_2=None, eta=0.0, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+    negative_pooled_prompt_embeds=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
+    target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+    clip_skip=None)
 KINDS = {kind.name: kind for kind in (
     PipelineKind("StableDiffusionPipeline", dict(_COMMON, num_inference_steps=50, guidance_scale=7.5,
                                                  negative_prompt=None, eta=0.0, negative_prompt_embeds=None,
@@ -229,12 +241,10 @@ KINDS = {kind.name: kind for kind in (
     PipelineKind("LatentConsistencyModelPipeline", dict(_COMMON, num_inference_steps=4, guidance_scale=8.5,
                                                         original_inference_steps=None, clip_skip=None, eta=None,
                                                         guidance_rescale=0.0), _prepare_lcm),
-    PipelineKind("StableDiffusionXLPipeline", dict(
-        _COMMON, prompt_2=None, num_inference_steps=50, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
-        negative_prompt_2=None, eta=0.0, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-        negative_pooled_prompt_embeds=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
-        target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
-        negative_target_size=None, clip_skip=None), _prepare_sdxl),
+    PipelineKind("StableDiffusionXLPipeline", _SDXL, prepare_sdxl),
+    PipelineKind("StableDiffusionXLImg2ImgPipeline", dict(
+        {k: v for k, v in _SDXL.items() if k not in ("height", "width")}, strength=0.3, image=None, denoising_start=None, aesthetic_score=6.0, negative_aesthetic_score=2.5),
+        partial(prepare_sdxl_img2img, prepare_text=partial(prepare_sdxl, time_ids=sdxl_img2img_time_ids))),
     PipelineKind("PixArtAlphaPipeline", dict(
         _NO_STEP_CALLBACKS, negative_prompt="", num_inference_steps=20, guidance_scale=4.5, eta=0.0,
         prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None, clean_caption=True,

@@ -1,0 +1,98 @@
+"""SDXL base + refiner through optimize(pipe): the base stops at `denoising_end`, StableDiffusionXLImg2ImgPipeline
+(a refiner U-Net conditioned on aesthetic scores) starts at `denoising_start` from the base's latents; and the
+img2img pipeline with an image and `strength`. `none` against diffusers on the same components."""
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, pipeline_embeds, tiny_pipeline
+
+from postdiff_compile import PostDiffError, optimize, restore
+from postdiff_compile.verification import rel_l2
+
+STEPS = 10
+SPLIT = 0.7   # the base runs the timesteps >= 300 (7 of 10 with Euler's 901..1), the refiner the rest
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    base = tiny_pipeline("sdxl")
+    torch.manual_seed(1)
+    # A refiner's time ids: original size, crop and the aesthetic score (5 numbers, not 6)
+    unet = UNet2DConditionModel(**dict(TINY_CONFIGS["sdxl"], projection_class_embeddings_input_dim=1280 + 5 * 256))
+    refiner = StableDiffusionXLImg2ImgPipeline(vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, scheduler=base.scheduler,
+                                               requires_aesthetics_score=True, add_watermarker=False)
+    refiner.set_progress_bar_config(disable=True)
+    return base, refiner
+
+
+def _args(seed=0, **kw):
+    return dict(pipeline_embeds("sdxl"), num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def _both(base, refiner, seed=0):
+    latents = base(height=SIZE, width=SIZE, denoising_end=SPLIT, **_args(seed)).images
+    return latents, refiner(image=latents, denoising_start=SPLIT, **_args(seed)).images
+
+
+def test_none_reproduces_diffusers_base_and_refiner(pipes):
+    base, refiner = pipes
+    theirs = _both(base, refiner)
+    optimize(base, "none")
+    optimize(refiner, "none")
+    try:
+        ours = _both(base, refiner)
+        steps = len(base._postdiff.last_plan), len(refiner._postdiff.last_plan)
+    finally:
+        restore(base)
+        restore(refiner)
+    assert steps == (7, 3)
+    for mine, reference in zip(ours, theirs):
+        assert mine.shape == (1, 4, SIZE // 8, SIZE // 8) and rel_l2(mine, reference) <= 1e-5
+    assert rel_l2(theirs[1], theirs[0]) > 1e-3   # the refiner changed the base's latents
+
+
+def test_a_preset_splits_its_plan_between_base_and_refiner(pipes):
+    """balanced (SDXL: mixed resolution at 3/4 scale for half the steps, DeepCache) at 10 steps switches at step 5:
+    the base runs 5 low-resolution steps, the transition and 2 full ones; the refiner's 3 are at full resolution,
+    from the base's full-resolution latents, its first a full DeepCache step."""
+    base, refiner = pipes
+    optimize(base, "balanced")
+    optimize(refiner, "balanced")
+    try:
+        latents, refined = _both(base, refiner)
+        base_plan, refiner_plan = base._postdiff.last_plan, refiner._postdiff.last_plan
+    finally:
+        restore(base)
+        restore(refiner)
+    assert [s.low_res for s in base_plan] == [True] * 5 + [False] * 2
+    assert not any(s.low_res for s in refiner_plan) and refiner_plan[0].variant.startswith("full")
+    assert latents.shape == refined.shape == (1, 4, SIZE // 8, SIZE // 8) and torch.isfinite(refined).all()
+
+
+def test_a_base_that_would_stop_at_low_resolution_is_refused(pipes):
+    base, _ = pipes
+    optimize(base, "quality")
+    try:
+        with pytest.raises(PostDiffError, match="all run at low resolution"):
+            base(height=SIZE, width=SIZE, denoising_end=0.3, **_args())
+    finally:
+        restore(base)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.8])
+def test_none_reproduces_diffusers_sdxl_img2img(pipes, strength):
+    _, refiner = pipes
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    theirs = refiner(image=image, strength=strength, **_args()).images
+    optimize(refiner, "none")
+    try:
+        ours = refiner(image=image, strength=strength, **_args()).images
+        low = optimize(refiner, "quality")(image=image, strength=strength, **_args()).images
+    finally:
+        restore(refiner)
+    assert rel_l2(ours, theirs) <= 1e-5
+    assert torch.isfinite(low).all() and low.shape == ours.shape
