@@ -31,6 +31,10 @@ class Conditioning:
     prepare_latents: Callable[[tuple[int, int], torch.Tensor], torch.Tensor] | None = None
     # The steps to run of the scheduler's timesteps, (start, stop), given them (img2img's strength); None: all.
     window: Callable[[torch.Tensor], tuple[int, int]] | None = None
+    # Run after each step before a step callback, (step index, latents) -> latents (an inpainting blend)
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    # DenoiseRequest.extra_channels (an inpainting U-Net's mask and masked image latents)
+    extra_channels: Callable[[tuple[int, int]], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

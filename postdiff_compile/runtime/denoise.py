@@ -51,6 +51,9 @@ class DenoiseRequest:
     # step that starts interrupted is skipped (step_callbacks.py)
     after_step: Callable[[int, Any, torch.Tensor], torch.Tensor] | None = None
     interrupted: Callable[[], bool] | None = None
+    # Channels appended to the scaled latent input for a latent size, [B, k, h, w] (an inpainting U-Net's mask and
+    # masked image latents); doubled on CFG steps
+    extra_channels: Callable[[tuple[int, int]], torch.Tensor] | None = None
 
 
 def per_image(guidance_scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
@@ -73,10 +76,25 @@ def reduce_cross_attn(value: torch.Tensor, mode: str, guidance_scale: float | to
     raise ValueError(f"unknown cross-attention cache mode {mode!r}")
 
 
-def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
-            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+def guided(noise_pred: torch.Tensor, cfg: bool, req: DenoiseRequest, channels: int) -> torch.Tensor:
+    """A step's denoiser output -> the prediction the scheduler steps with: CFG combined (and rescaled), the mean
+    of a learned-variance output."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+    if cfg:
+        uncond, text = noise_pred.chunk(2)
+        noise_pred = uncond + per_image(req.guidance_scale, text) * (text - uncond)
+        if req.guidance_rescale > 0:
+            noise_pred = rescale_noise_cfg(noise_pred, text, req.guidance_rescale)
+    else:
+        noise_pred = noise_pred.clone()   # a reused output buffer; multistep schedulers (PNDM) keep it
+    if noise_pred.shape[1] == 2 * channels:
+        noise_pred = noise_pred.chunk(2, dim=1)[0]   # learned variance (PixArt): the pipeline keeps the mean
+    return noise_pred
+
+
+def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
+            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     latents = req.latents
     embeds = req.prompt_embeds.to(latents.dtype)
     negative = embeds
@@ -104,6 +122,10 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         if hasattr(scheduler, "scale_model_input"):   # flow-matching schedulers scale nothing and have none
             model_input = scheduler.scale_model_input(model_input, t)
+        size = (model_input.shape[2], model_input.shape[3])
+        if req.extra_channels is not None:
+            extra = req.extra_channels(size)
+            model_input = torch.cat([model_input, torch.cat([extra] * 2) if step.cfg else extra], dim=1)
         if step.cfg:
             context, cond = cfg_embeds, cfg_added
         elif CROSS_ATTN in step.reads:
@@ -114,7 +136,6 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
                         model_input.dtype)
         variant = store.get(step.variant, bucket, plan.cache_branch)
         timestep = t_input.expand(model_input.shape[0])
-        size = (model_input.shape[2], model_input.shape[3])
         if req.shared_inputs is not None and size not in shared:
             shared[size] = req.shared_inputs(size)
         values = {req.latent_input: model_input, "timestep": timestep, "encoder_hidden_states": context, **cond,
@@ -129,15 +150,7 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
             if name.startswith(CROSS_ATTN + ":") and step.cfg:
                 value = reduce_cross_attn(value, plan.cross_attn_reduce, req.guidance_scale)
             caches[name] = value
-        if step.cfg:
-            uncond, text = noise_pred.chunk(2)
-            noise_pred = uncond + per_image(req.guidance_scale, text) * (text - uncond)
-            if req.guidance_rescale > 0:
-                noise_pred = rescale_noise_cfg(noise_pred, text, req.guidance_rescale)
-        else:
-            noise_pred = noise_pred.clone()   # a reused output buffer; multistep schedulers (PNDM) keep it
-        if noise_pred.shape[1] == 2 * latents.shape[1]:
-            noise_pred = noise_pred.chunk(2, dim=1)[0]   # learned variance (PixArt): the pipeline keeps the mean
+        noise_pred = guided(noise_pred, step.cfg, req, latents.shape[1])
         if step.index == last_low:
             # The transition replaces this step's scheduler update: x0 from this output, re-noised to the
             # next timestep at full resolution.

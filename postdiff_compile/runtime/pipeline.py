@@ -203,6 +203,8 @@ def _call(self, *args, **kwargs):
     if getattr(a, "callback_on_step_end", None) is not None:
         after_step = step_callback(self, a.callback_on_step_end, a.callback_on_step_end_tensor_inputs, cond.cfg,
                                    cond.prompt_embeds, cond.negative_prompt_embeds)
+    if cond.after_step is not None:
+        after_step = _then(cond.after_step, after_step)
     request = DenoiseRequest(latents=latents, timesteps=s.timesteps, prompt_embeds=cond.prompt_embeds,
                              negative_prompt_embeds=cond.negative_prompt_embeds, guidance_scale=a.guidance_scale,
                              guidance_rescale=a.guidance_rescale,
@@ -211,7 +213,15 @@ def _call(self, *args, **kwargs):
                              added_cond=cond.added, negative_added_cond=cond.negative_added,
                              latent_input=runtime.store.latent_input, generator=a.generator,
                              restart_scheduler=s.restart_scheduler, shared_inputs=cond.shared_inputs,
-                             after_step=after_step, interrupted=interrupted)
+                             after_step=after_step, interrupted=interrupted, extra_channels=cond.extra_channels)
     with self.progress_bar(total=len(s.timesteps)) as bar:
         latents = denoise(runtime.source, self.scheduler, s.plan, request, on_step=lambda _: bar.update())
     return cond.finish(latents)
+
+
+def _then(first, callback):
+    """The pipeline's own per-step work, then the user's step callback (as the diffusers loops order them)."""
+    def after_step(index: int, t: Any, latents: torch.Tensor) -> torch.Tensor:
+        latents = first(index, latents)
+        return latents if callback is None else callback(index, t, latents)
+    return after_step

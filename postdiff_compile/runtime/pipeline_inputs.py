@@ -27,6 +27,7 @@ from .call_inputs import Conditioning, PipelineKind, batch_size as _batch
 from .conditioning import guidance_embedding
 from .pipeline_flow import prepare_flux, prepare_sd3
 from .pipeline_img2img import prepare_img2img, prepare_sdxl_img2img, sdxl_img2img_time_ids
+from .pipeline_inpaint import prepare_inpaint
 from .schedule_windows import denoising_window
 
 
@@ -238,6 +239,10 @@ KINDS = {kind.name: kind for kind in (
         {k: v for k, v in _COMMON.items() if k not in ("height", "width", "latents")}, image=None, strength=0.8,
         num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, eta=0.0, negative_prompt_embeds=None,
         clip_skip=None), partial(prepare_img2img, prepare_text=prepare_sd)),
+    PipelineKind("StableDiffusionInpaintPipeline", dict(
+        _COMMON, image=None, mask_image=None, masked_image_latents=None, strength=1.0, num_inference_steps=50,
+        guidance_scale=7.5, negative_prompt=None, eta=0.0, negative_prompt_embeds=None, clip_skip=None),
+        partial(prepare_inpaint, prepare_text=prepare_sd)),
     PipelineKind("LatentConsistencyModelPipeline", dict(_COMMON, num_inference_steps=4, guidance_scale=8.5,
                                                         original_inference_steps=None, clip_skip=None, eta=None,
                                                         guidance_rescale=0.0), _prepare_lcm),

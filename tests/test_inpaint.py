@@ -1,0 +1,94 @@
+"""Inpainting through optimize(pipe): `none` against diffusers' StableDiffusionInpaintPipeline on the same
+components, with an inpainting U-Net (9 input channels: latents, mask, masked image latents) and a plain one
+(4 channels: the known region blended back after each step); mixed resolution on the 9-channel one."""
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, text_embeddings, tiny_sd_pipeline
+
+from postdiff_compile import PostDiffError, optimize, restore
+from postdiff_compile.verification import rel_l2
+
+STEPS = 8
+SIZE = 96
+
+
+def _pipe(channels: int):
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    components = tiny_sd_pipeline("sd15", "ddim").components
+    if channels == 9:
+        torch.manual_seed(2)
+        components["unet"] = UNet2DConditionModel(**dict(TINY_CONFIGS["sd15"], in_channels=9))
+    pipe = StableDiffusionInpaintPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inpaint9():
+    return _pipe(9)
+
+
+@pytest.fixture(scope="module")
+def inpaint4():
+    return _pipe(4)
+
+
+def _run(pipe, strength=1.0, seed=0, **kw):
+    cond, uncond = text_embeddings(1)
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, SIZE, SIZE, generator=g)
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., SIZE // 4: 3 * SIZE // 4, SIZE // 4: 3 * SIZE // 4] = 1.0   # repaint the middle
+    return pipe(image=image, mask_image=mask, strength=strength, prompt_embeds=cond, negative_prompt_embeds=uncond,
+                num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+def _ours(pipe, preset="none", **kw):
+    optimize(pipe, preset)
+    try:
+        return _run(pipe, **kw), list(pipe._postdiff.last_plan)
+    finally:
+        restore(pipe)
+
+
+@pytest.mark.parametrize("channels,strength", [(9, 1.0), (9, 0.6), (4, 0.6)])
+def test_none_reproduces_diffusers_inpainting(inpaint9, inpaint4, channels, strength):
+    pipe = inpaint9 if channels == 9 else inpaint4
+    theirs = _run(pipe, strength)
+    ours, plan = _ours(pipe, strength=strength)
+    assert len(plan) == int(STEPS * strength)
+    assert ours.shape == theirs.shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert rel_l2(ours, theirs) <= 1e-5
+    assert rel_l2(_run(pipe, strength, seed=1), theirs) > 1e-3
+
+
+def test_the_mask_reaches_the_inpainting_unet_at_both_resolutions(inpaint9):
+    full, _ = _ours(inpaint9, "none")
+    mixed, plan = _ours(inpaint9, "quality")
+    assert [s.low_res for s in plan] == [True] * 4 + [False] * 4
+    assert torch.isfinite(mixed).all() and rel_l2(mixed, full) > 1e-3
+
+
+def test_a_plain_unet_keeps_the_unmasked_region(inpaint4):
+    """After the last step the blend puts back the clean image latents where the mask is 0 (latent rows and
+    columns 0-2 and 9-11 here): the encoded image, its one draw the first of the generator's."""
+    # balanced: DeepCache; its window (steps 4-7 of 8) starts at the switch, so no low-resolution step is refused
+    ours, _ = _ours(inpaint4, "balanced", strength=0.6)
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    clean = inpaint4.vae.encode(image).latent_dist.sample(torch.Generator().manual_seed(0))
+    clean = clean * inpaint4.vae.config.scaling_factor
+    assert rel_l2(ours[..., :3, :], clean[..., :3, :]) <= 1e-5 and rel_l2(ours[..., 9:, :], clean[..., 9:, :]) <= 1e-5
+    assert rel_l2(ours[..., 3:9, 3:9], clean[..., 3:9, 3:9]) > 1e-2   # the masked middle was repainted
+
+
+def test_what_inpainting_refuses_is_named(inpaint4):
+    optimize(inpaint4, "quality")
+    try:
+        with pytest.raises(PostDiffError, match="mixed resolution needs an inpainting U-Net"):
+            _run(inpaint4)
+        with pytest.raises(PostDiffError, match="padding_mask_crop"):
+            _run(inpaint4, padding_mask_crop=8)
+    finally:
+        restore(inpaint4)
