@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .errors import PostDiffError
 from .models.families import FamilySpec, kind_of
 
+# Input names of the ControlNet residuals: CONTROLNET_DOWN + index for each down-path output, and the middle one.
+CONTROLNET_DOWN = "controlnet.down."
+CONTROLNET_MID = "controlnet.mid"
 TIMESTEP_DTYPE = torch.float32  # diffusers casts timesteps to float inside the time projection anyway
 
 
@@ -59,6 +63,10 @@ class DenoiserCall(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.input_names, inputs))
         latent = named.pop(self.kind.latent_input)
+        down = [named.pop(name) for name in self.input_names if name.startswith(CONTROLNET_DOWN)]
+        if down:   # ControlNet residuals, added by the U-Net to its skip connections and middle block output
+            named["down_block_additional_residuals"] = tuple(down)
+            named["mid_block_additional_residual"] = named.pop(CONTROLNET_MID)
         if self.kind.added_conditions:
             added = {k: named.pop(k) for k in self.kind.added_conditions if k in named}
             if not added:
@@ -97,8 +105,26 @@ def flux_position_ids(latent: tuple[int, int], dtype: torch.dtype = torch.float3
     return ids.reshape(rows * cols, 3).to(dtype)
 
 
-def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> list[TensorSpec]:
-    """The denoiser's inputs for one bucket, in export order; optional ones as its config asks for them."""
+def residual_specs(config: Any, batch: int, height: int, width: int, dtype: torch.dtype) -> list[TensorSpec]:
+    """The ControlNet residuals a U-Net takes: one per down-path output (conv_in, every resnet and downsampler of
+    every down block) at that output's size, then one for the middle block."""
+    channels = list(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    shapes = [(channels[0], height, width)]
+    for i, c in enumerate(channels):
+        shapes += [(c, height, width)] * layers[i]
+        if i < len(channels) - 1:   # every down block but the last halves the size (stride-2 conv, padding 1)
+            height, width = (height + 1) // 2, (width + 1) // 2
+            shapes.append((c, height, width))
+    return [TensorSpec(f"{CONTROLNET_DOWN}{i}", (batch, *s), dtype) for i, s in enumerate(shapes)] + \
+        [TensorSpec(CONTROLNET_MID, (batch, channels[-1], height, width), dtype)]
+
+
+def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket,
+                controlnet: bool = False) -> list[TensorSpec]:
+    """The denoiser's inputs for one bucket, in export order; optional ones as its config asks for them, and the
+    ControlNet residuals when `controlnet`."""
     config = denoiser.config
     b, h, w, dt = bucket.batch, bucket.latent_height, bucket.latent_width, bucket.dtype
     channels = config["in_channels"] // 4 if family.kind.packed_latent else config["in_channels"]
@@ -122,6 +148,10 @@ def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -
         if config.get("guidance_embeds"):         # FLUX-dev: the distilled guidance scale
             # in the latent dtype, as the other inputs: the transformer casts it to that dtype first thing anyway
             specs.append(TensorSpec("guidance", (b,), dt))
+    if controlnet:
+        if family.kind.packed_latent or "block_out_channels" not in config:
+            raise PostDiffError(f"ControlNet residuals are U-Net inputs; {family.name}'s denoiser is not a U-Net")
+        specs += residual_specs(config, b, h, w, dt)
     return specs
 
 
@@ -174,13 +204,13 @@ class Captured:
         return self.program.module()
 
 
-def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket) -> Captured:
+def capture(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket, controlnet: bool = False) -> Captured:
     """torch.export (non-strict) of the denoiser for one bucket; node metadata keeps nn_module_stack.
 
     A denoiser on the meta device (no weights) exports too: that is how `explain` counts FLOPs of
     full-size architectures without a checkpoint.
     """
-    specs = input_specs(denoiser, family, bucket)
+    specs = input_specs(denoiser, family, bucket, controlnet)
     wrapper = DenoiserCall(denoiser, tuple(s.name for s in specs)).eval()
     device = next(denoiser.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(specs))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .capture import Bucket, Captured, DenoiserCall, TensorSpec, capture, example_inputs
+from .capture import CONTROLNET_DOWN, CONTROLNET_MID, Bucket, Captured, DenoiserCall, TensorSpec, capture, example_inputs
 from .caches import ATTN_BROADCAST, CROSS_ATTN, DEEPCACHE
 from .config import PostDiffConfig
 from .models.families import FamilySpec, kind_of
@@ -87,11 +87,21 @@ def build_variant(captured: Captured, spec: VariantSpec, cache_branch: int = 0,
         ca = _CROSS_ATTN_PASSES.get(captured.family.kind.denoiser_class, cross_attn_graph)(graph, spec.cross_attn)
         graph = ca.graph
         (inputs if spec.cross_attn == "read" else outputs).extend(f"{CROSS_ATTN}:{m}" for m in ca.modules)
+    _drop_unused_residuals(graph, inputs)
     module = graph_edit.to_module(root, graph)
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs) or len(graph_edit.outputs_of(module.graph)) != len(outputs):
         raise AssertionError(f"variant {spec.name}: graph I/O does not match its names")  # a bug in a pass
     return Variant(spec, module, inputs, outputs)
+
+
+def _drop_unused_residuals(graph: torch.fx.Graph, inputs: list[str]) -> None:
+    """A shallow variant adds only the ControlNet residuals of the layers it runs: the others stop being inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in list(zip(inputs, placeholders)):
+        if name.startswith((CONTROLNET_DOWN, CONTROLNET_MID)) and not node.users:
+            graph.erase_node(node)
+            inputs.remove(name)
 
 
 def variant_input_specs(variant: Variant) -> list[TensorSpec]:
@@ -165,10 +175,12 @@ class VariantStore:
     string is torch.compile's mode: "reduce-overhead" replays each compiled variant from CUDA graphs.
     """
 
-    def __init__(self, denoiser: torch.nn.Module, family: FamilySpec, compile: bool | str = False):
+    def __init__(self, denoiser: torch.nn.Module, family: FamilySpec, compile: bool | str = False,
+                 controlnet: bool = False):
         self.denoiser = denoiser
         self.family = family
         self.compile = compile
+        self.controlnet = controlnet   # the captures take ControlNet residuals (capture.residual_specs)
         self.latent_input = family.latent_input
         self.captured: dict[Bucket, Captured] = {}
         self._roots: dict[Bucket, torch.nn.Module] = {}
@@ -177,7 +189,7 @@ class VariantStore:
     def prepare(self, bucket: Bucket) -> tuple[Captured, torch.nn.Module]:
         """The capture for `bucket` and its unlifted module (the root every variant shares parameters with)."""
         if bucket not in self.captured:
-            self.captured[bucket] = capture(self.denoiser, self.family, bucket)
+            self.captured[bucket] = capture(self.denoiser, self.family, bucket, self.controlnet)
             self._roots[bucket] = self.captured[bucket].module()
         return self.captured[bucket], self._roots[bucket]
 

@@ -35,6 +35,8 @@ class Conditioning:
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
     # DenoiseRequest.extra_channels (an inpainting U-Net's mask and masked image latents)
     extra_channels: Callable[[tuple[int, int]], torch.Tensor] | None = None
+    # DenoiseRequest.residuals (a ControlNet pipeline's)
+    residuals: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool 
     """Make `pipe` denoise through postdiff-compile; returns `pipe`.
 
     `pipe` is a diffusers StableDiffusionPipeline (SD1.x, SD2.x, LCM U-Nets), StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline, StableDiffusionControlNetPipeline (one or several ControlNets),
     LatentConsistencyModelPipeline,
     StableDiffusionXLPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline or FluxPipeline, or a subclass of one.
 
@@ -86,11 +87,12 @@ def optimize(pipe: Any, preset: str | PostDiffConfig = "none", *, compile: bool 
         check_scheduler(pipe.scheduler)   # again at each call: the scheduler may be swapped in between
     base = getattr(type(pipe), "_postdiff_base", type(pipe))
     previous = getattr(pipe, "_postdiff", None)
+    controlnet = getattr(pipe, "controlnet", None) is not None
     if previous is not None and previous.store.denoiser is loaded.module and previous.store.compile == compile \
-            and previous.adapters == adapter_state(loaded.module):
+            and previous.adapters == adapter_state(loaded.module) and previous.store.controlnet == controlnet:
         store = previous.store   # re-optimizing with another config reuses the captured graphs
     else:
-        store = VariantStore(loaded.module, loaded.family, compile=compile)
+        store = VariantStore(loaded.module, loaded.family, compile=compile, controlnet=controlnet)
     pipe.__class__ = _optimized_class(base)
     if cuda_graphs and next(loaded.module.parameters()).device.type != "cuda":
         raise PostDiffError("cuda_graphs=True needs the pipeline on a CUDA device")
@@ -213,7 +215,8 @@ def _call(self, *args, **kwargs):
                              added_cond=cond.added, negative_added_cond=cond.negative_added,
                              latent_input=runtime.store.latent_input, generator=a.generator,
                              restart_scheduler=s.restart_scheduler, shared_inputs=cond.shared_inputs,
-                             after_step=after_step, interrupted=interrupted, extra_channels=cond.extra_channels)
+                             after_step=after_step, interrupted=interrupted, extra_channels=cond.extra_channels,
+                             residuals=cond.residuals)
     with self.progress_bar(total=len(s.timesteps)) as bar:
         latents = denoise(runtime.source, self.scheduler, s.plan, request, on_step=lambda _: bar.update())
     return cond.finish(latents)

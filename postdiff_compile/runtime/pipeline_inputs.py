@@ -25,6 +25,7 @@ import torch
 from ..errors import PostDiffError
 from .call_inputs import Conditioning, PipelineKind, batch_size as _batch
 from .conditioning import guidance_embedding
+from .pipeline_controlnet import prepare_controlnet
 from .pipeline_flow import prepare_flux, prepare_sd3
 from .pipeline_img2img import prepare_img2img, prepare_sdxl_img2img, sdxl_img2img_time_ids
 from .pipeline_inpaint import prepare_inpaint
@@ -243,6 +244,10 @@ KINDS = {kind.name: kind for kind in (
         _COMMON, image=None, mask_image=None, masked_image_latents=None, strength=1.0, num_inference_steps=50,
         guidance_scale=7.5, negative_prompt=None, eta=0.0, negative_prompt_embeds=None, clip_skip=None),
         partial(prepare_inpaint, prepare_text=prepare_sd)),
+    PipelineKind("StableDiffusionControlNetPipeline", dict(
+        _COMMON, image=None, num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, eta=0.0,
+        negative_prompt_embeds=None, clip_skip=None, controlnet_conditioning_scale=1.0, guess_mode=False,
+        control_guidance_start=0.0, control_guidance_end=1.0), partial(prepare_controlnet, prepare_text=prepare_sd)),
     PipelineKind("LatentConsistencyModelPipeline", dict(_COMMON, num_inference_steps=4, guidance_scale=8.5,
                                                         original_inference_steps=None, clip_skip=None, eta=None,
                                                         guidance_rescale=0.0), _prepare_lcm),

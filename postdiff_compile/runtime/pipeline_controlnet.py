@@ -1,0 +1,83 @@
+"""ControlNet: StableDiffusionControlNetPipeline's preparation and its per-step ControlNet call, done as it does them.
+
+The U-Net's variants take the ControlNet residuals as inputs (capture.residual_specs: one per down-path output and
+one for the middle block); a DeepCache shallow variant takes only those its layers add (variants.build_variant
+drops the others). The ControlNet itself runs eagerly, from the pipeline, once per step, on the step's scaled
+latent input, embeddings and batch, as diffusers runs it; `controlnet_conditioning_scale`,
+`control_guidance_start`/`end` (the per-step keep factors), `guess_mode` and several ControlNets
+(MultiControlNetModel) as diffusers handles them. On low-resolution steps it gets the conditioning image
+prepared at the low-resolution size (the image processor's resize of the given image), so its residuals have the
+low-resolution U-Net's shapes. On steps without CFG (the cross-attention cache's) it gets what the U-Net gets: one
+half of the batch, the negative embeddings.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..capture import CONTROLNET_DOWN, CONTROLNET_MID
+from ..errors import PostDiffError
+from .call_inputs import Conditioning
+
+
+def _as_lists(pipe, a) -> tuple[list, list, list, list]:
+    """images, scales, guidance starts and ends, one per ControlNet, as the pipeline broadcasts them."""
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    count = len(pipe.controlnet.nets) if isinstance(pipe.controlnet, MultiControlNetModel) else 1
+    images = a.image if count > 1 else [a.image]
+    scales = a.controlnet_conditioning_scale
+    scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * count
+    starts, ends = a.control_guidance_start, a.control_guidance_end
+    starts = list(starts) if isinstance(starts, (list, tuple)) else [starts] * count
+    ends = list(ends) if isinstance(ends, (list, tuple)) else [ends] * count
+    if not len(images) == len(scales) == len(starts) == len(ends) == count:
+        raise PostDiffError(f"pass one image, conditioning scale, guidance start and end per ControlNet ({count})")
+    return images, scales, starts, ends
+
+
+def prepare_controlnet(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]) -> Conditioning:
+    """`prepare_text`'s conditioning for the control image's size, and the per-step ControlNet residuals."""
+    images, scales, starts, ends = _as_lists(pipe, a)
+    single = not hasattr(pipe.controlnet, "nets")   # a ControlNetModel, not a MultiControlNetModel
+    guess = a.guess_mode or (pipe.controlnet if single else pipe.controlnet.nets[0]).config.global_pool_conditions
+    asked = (a.height, a.width)   # what diffusers prepares the full-size images with (None: the image's size)
+    first = pipe.control_image_processor.preprocess(images[0], height=a.height, width=a.width)
+    a.height, a.width = int(first.shape[2]), int(first.shape[3])
+    full = (a.height // pipe.vae_scale_factor, a.width // pipe.vae_scale_factor)
+    a.guidance_rescale = 0.0   # not an argument of the ControlNet pipeline
+    cond = prepare_text(pipe, a)
+    device, dtype, scale = pipe._execution_device, pipe.controlnet.dtype, pipe.vae_scale_factor
+    prepared: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def images_at(size: tuple[int, int]) -> list[torch.Tensor]:
+        if size not in prepared:   # [n, 3, H, W] each; the CFG batch takes them twice
+            height, width = asked if size == full else (size[0] * scale, size[1] * scale)
+            prepared[size] = [pipe.prepare_image(image=image, width=width, height=height,
+                                                 batch_size=cond.batch, num_images_per_prompt=a.num_images_per_prompt,
+                                                 device=device, dtype=dtype, do_classifier_free_guidance=False,
+                                                 guess_mode=guess) for image in images]
+        return prepared[size]
+
+    def residuals(index: int, steps: int, cfg: bool, model_input: torch.Tensor, t: Any,
+                  context: torch.Tensor) -> dict[str, torch.Tensor]:
+        keep = [1.0 - float(index / steps < s or (index + 1) / steps > e) for s, e in zip(starts, ends)]
+        step_scales = [c * k for c, k in zip(scales, keep)]
+        conditioning = images_at((model_input.shape[2], model_input.shape[3]))
+        control_input, embeds = model_input, context
+        if guess and cfg:   # the ControlNet sees the conditional half only; the other half gets no residuals
+            control_input, embeds = model_input.chunk(2)[1], context.chunk(2)[1]
+        elif cfg:
+            conditioning = [torch.cat([image] * 2) for image in conditioning]
+        down, mid = pipe.controlnet(control_input, t, encoder_hidden_states=embeds,
+                                    controlnet_cond=conditioning[0] if single else conditioning,
+                                    conditioning_scale=step_scales[0] if single else step_scales,
+                                    guess_mode=guess, return_dict=False)
+        if guess and cfg:
+            down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
+        return {**{f"{CONTROLNET_DOWN}{i}": d for i, d in enumerate(down)}, CONTROLNET_MID: mid}
+
+    cond.residuals = residuals
+    return cond
