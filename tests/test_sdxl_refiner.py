@@ -83,7 +83,8 @@ def test_a_base_that_would_stop_at_low_resolution_is_refused(pipes):
         restore(base)
 
 
-@pytest.mark.parametrize("strength", [0.3, 0.8])
+# SD1.5's img2img runs both strengths in the default tier (test_img2img.py); SDXL's 0.3 is the slow tier's
+@pytest.mark.parametrize("strength", [pytest.param(0.3, marks=pytest.mark.slow), 0.8])
 def test_none_reproduces_diffusers_sdxl_img2img(pipes, strength):
     _, refiner = pipes
     image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
@@ -91,8 +92,6 @@ def test_none_reproduces_diffusers_sdxl_img2img(pipes, strength):
     optimize(refiner, "none")
     try:
         ours = refiner(image=image, strength=strength, **_args()).images
-        low = optimize(refiner, "quality")(image=image, strength=strength, **_args()).images
     finally:
         restore(refiner)
     assert rel_l2(ours, theirs) <= 1e-5
-    assert torch.isfinite(low).all() and low.shape == ours.shape
