@@ -38,12 +38,19 @@ def loras(adapted, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def from_scratch(adapted, tmp_path_factory):
-    """The LoRA-merged U-Net compiled like the tiny_artifact fixture's `fast`, .pt2 programs only: ONNX export is
-    most of a compile's time here (28 s with it), and the refit ONNX files are held to the torch programs instead."""
-    out = tmp_path_factory.mktemp("merged") / "fast"
-    compile_artifact(merged(adapted), ConfigRequest("fast"), out, resolution=RESOLUTION, steps=STEPS, formats="pt2")
-    return out
+def compiled_merged(adapted, tmp_path_factory):
+    """compiled_merged(preset): the LoRA-merged U-Net compiled like the tiny_artifact fixture's preset, .pt2
+    programs only (ONNX export is most of a compile's time here, 28 s with it for fast; the refit ONNX files are held
+    to the torch programs instead), once per preset."""
+    built = {}
+
+    def build(preset: str) -> Path:
+        if preset not in built:
+            built[preset] = tmp_path_factory.mktemp("merged") / preset
+            compile_artifact(merged(adapted), ConfigRequest(preset), built[preset], resolution=RESOLUTION,
+                             steps=STEPS, formats="pt2")
+        return built[preset]
+    return build
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -76,7 +83,7 @@ def test_each_lora_layout_merges_to_peft_s_own_merge(adapted, loras, layout):
 # below), each layout's merge (above) and the LoRA refusals.
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
-def test_refit_with_a_lora_equals_compiling_the_merged_model(tiny_artifact, loras, from_scratch, layout, tmp_path,
+def test_refit_with_a_lora_equals_compiling_the_merged_model(tiny_artifact, loras, compiled_merged, layout, tmp_path,
                                                              capsys):
     base = tiny_artifact("fast", "pt2,onnx")
     before = hashes(base)
@@ -88,7 +95,7 @@ def test_refit_with_a_lora_equals_compiling_the_merged_model(tiny_artifact, lora
     assert changed == {"weights.safetensors", "manifest.json", "manifest.sha256"}, changed   # no graph file changed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["refit"]["lora"]["scale"] == 1.0 and manifest["weights"]["sha256"] == after["weights.safetensors"]
-    expected = generate(from_scratch, "torch")
+    expected = generate(compiled_merged("fast"), "torch")
     # onnxruntime against the merged model's torch programs: the bound of test_artifact's onnxruntime-vs-torch test.
     for backend, bound in (("torch", 1e-5), ("onnxruntime", 1e-4)):
         assert rel_l2(generate(out, backend), expected) <= bound, backend
@@ -102,13 +109,16 @@ def test_refit_with_a_lora_equals_compiling_the_merged_model(tiny_artifact, lora
         assert all(f["verification"]["rel_l2_error"] <= 1e-4 for f in v["files"].values())
 
 
-def test_refit_with_new_weights_equals_compiling_them(tiny_artifact, adapted, from_scratch, tmp_path):
-    """--weights: a fine-tuned checkpoint of the same U-Net, by its diffusers state-dict names."""
+def test_refit_with_new_weights_equals_compiling_them(tiny_artifact, adapted, compiled_merged, tmp_path):
+    """--weights: a fine-tuned checkpoint of the same U-Net, by its diffusers state-dict names. The default tier's
+    refit tests take `none`'s .pt2 artifact (fast's, compiled twice, the base and the merged model, with its ONNX
+    files, was 57 s of the default tier here); refitting every variant kind and ONNX files is the slow tier's LoRA
+    tests'."""
     weights = tmp_path / "tuned.safetensors"
     save_file({k: v.contiguous() for k, v in merged(adapted).state_dict().items()}, str(weights))
     out = tmp_path / "refit"
-    assert main(["refit", str(tiny_artifact("fast", "pt2,onnx")), "--out", str(out), "--weights", str(weights)]) == 0
-    assert rel_l2(generate(out, "torch"), generate(from_scratch, "torch")) <= 1e-5
+    assert main(["refit", str(tiny_artifact("none", "pt2")), "--out", str(out), "--weights", str(weights)]) == 0
+    assert rel_l2(generate(out, "torch"), generate(compiled_merged("none"), "torch")) <= 1e-5
     assert load_file(str(out / "weights.safetensors")).keys() == load_file(str(weights)).keys()
 
 
@@ -131,7 +141,7 @@ def _bad_lora(kind: str, tmp_path: Path, loras: dict) -> Path:
 def test_a_lora_that_does_not_fit_is_one_error_and_nothing_written(tiny_artifact, loras, kind, named, tmp_path, capsys):
     lora = _bad_lora(kind, tmp_path, loras)
     out = tmp_path / "out"
-    code = main(["refit", str(tiny_artifact("fast", "pt2,onnx")), "--out", str(out), "--lora", str(lora)])
+    code = main(["refit", str(tiny_artifact("none", "pt2")), "--out", str(out), "--lora", str(lora)])
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, err
@@ -166,7 +176,7 @@ def test_weights_that_do_not_match_the_artifact_are_one_error_and_nothing_writte
                                                                                   capsys):
     weights, named = _bad_weights(kind, tmp_path)
     out = tmp_path / "out"
-    code = main(["refit", str(tiny_artifact("fast", "pt2,onnx")), "--out", str(out), "--weights", str(weights)])
+    code = main(["refit", str(tiny_artifact("none", "pt2")), "--out", str(out), "--weights", str(weights)])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
     assert code == 2 and len(err) == 1 and str(weights) in err[0] and named in err[0], err
     assert not out.exists()
@@ -178,7 +188,7 @@ def test_refit_refuses_a_format_1_artifact_and_its_own_folder(tiny_artifact, lor
     assert main(["refit", str(V1_ARTIFACT), "--out", str(tmp_path / "o"), "--lora", str(loras["diffusers"])]) == 2
     assert "format-1 artifact" in capsys.readouterr().err
     base = tmp_path / "base"
-    shutil.copytree(tiny_artifact("fast", "pt2,onnx"), base)
+    shutil.copytree(tiny_artifact("none", "pt2"), base)
     assert main(["refit", str(base), "--out", str(base), "--force", "--lora", str(loras["diffusers"])]) == 2
     assert "another folder" in capsys.readouterr().err
 
