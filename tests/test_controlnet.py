@@ -26,6 +26,10 @@ def _controlnet(unet, seed):
 
 @pytest.fixture(scope="module")
 def pipes():
+    return make_pipes()
+
+
+def make_pipes():
     from diffusers import StableDiffusionControlNetPipeline
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
@@ -124,3 +128,29 @@ def test_presets_run_with_the_controlnet(pipes, preset):
     out, plan = _ours(pipes[1], preset, dict(cross_attn_cache_step=6) if preset == "fast" else None)
     assert any(s.low_res for s in plan) and torch.isfinite(out).all()
     assert out.shape == reference.shape and rel_l2(out, reference) > 1e-3
+
+
+def test_sdxl_controlnet_none_reproduces_diffusers():
+    """StableDiffusionXLControlNetPipeline: the ControlNet also takes SDXL's pooled text embedding and time ids."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+    from tiny_models import pipeline_embeds, tiny_pipeline
+
+    base = tiny_pipeline("sdxl")
+    controlnet = _controlnet(base.unet, 3)
+    pipe = StableDiffusionXLControlNetPipeline(vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=base.unet, controlnet=controlnet,
+                                               scheduler=base.scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**kw):
+        return pipe(image=_images(1), **pipeline_embeds("sdxl"), num_inference_steps=6, guidance_scale=5.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), **kw).images
+    theirs = run()
+    optimize(pipe, "none")
+    try:
+        ours = run()
+        without = run(controlnet_conditioning_scale=0.0)
+    finally:
+        restore(pipe)
+    assert ours.shape == theirs.shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert rel_l2(ours, theirs) <= 1e-5 and rel_l2(without, ours) > 1e-3

@@ -15,6 +15,10 @@ SIZE = 128
 
 @pytest.fixture(scope="module")
 def pipes():
+    return make_pipes()
+
+
+def make_pipes():
     from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
     base = tiny_pipeline("sdxl")

@@ -54,7 +54,8 @@ class DenoiseRequest:
     # Channels appended to the scaled latent input for a latent size, [B, k, h, w] (an inpainting U-Net's mask and
     # masked image latents); doubled on CFG steps
     extra_channels: Callable[[tuple[int, int]], torch.Tensor] | None = None
-    # The ControlNet residuals of a step, (index, steps, cfg, scaled latent input, t, context) -> inputs by name
+    # The ControlNet residuals of a step, (index, steps, cfg, scaled latent input, t, context, added conditioning)
+    # -> inputs by name
     residuals: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
@@ -143,7 +144,7 @@ def denoise(store: VariantSource, scheduler, plan: Plan, req: DenoiseRequest,
         values = {req.latent_input: model_input, "timestep": timestep, "encoder_hidden_states": context, **cond,
                   **shared.get(size, {}), **caches}
         if req.residuals is not None:
-            values.update(req.residuals(step.index, len(plan), step.cfg, model_input, t, context))
+            values.update(req.residuals(step.index, len(plan), step.cfg, model_input, t, context, cond))
         missing = [name for name in variant.inputs if name not in values]
         if missing:
             raise ValueError(f"step {step.index} ({step.variant}) needs input(s) {', '.join(missing)}")

@@ -1,4 +1,5 @@
-"""ControlNet: StableDiffusionControlNetPipeline's preparation and its per-step ControlNet call, done as it does them.
+"""ControlNet: StableDiffusionControlNetPipeline's and StableDiffusionXLControlNetPipeline's preparation and their
+per-step ControlNet call, done as they do them (SDXL's ControlNet takes the U-Net's pooled text and time ids).
 
 The U-Net's variants take the ControlNet residuals as inputs (capture.residual_specs: one per down-path output and
 one for the middle block); a DeepCache shallow variant takes only those its layers add (variants.build_variant
@@ -61,20 +62,22 @@ def prepare_controlnet(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]
                                                  guess_mode=guess) for image in images]
         return prepared[size]
 
-    def residuals(index: int, steps: int, cfg: bool, model_input: torch.Tensor, t: Any,
-                  context: torch.Tensor) -> dict[str, torch.Tensor]:
+    def residuals(index: int, steps: int, cfg: bool, model_input: torch.Tensor, t: Any, context: torch.Tensor,
+                  added: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keep = [1.0 - float(index / steps < s or (index + 1) / steps > e) for s, e in zip(starts, ends)]
         step_scales = [c * k for c, k in zip(scales, keep)]
         conditioning = images_at((model_input.shape[2], model_input.shape[3]))
         control_input, embeds = model_input, context
+        added = {k: v for k, v in added.items() if k in ("text_embeds", "time_ids")}   # SDXL's, as its U-Net's
         if guess and cfg:   # the ControlNet sees the conditional half only; the other half gets no residuals
             control_input, embeds = model_input.chunk(2)[1], context.chunk(2)[1]
+            added = {k: v.chunk(2)[1] for k, v in added.items()}
         elif cfg:
             conditioning = [torch.cat([image] * 2) for image in conditioning]
         down, mid = pipe.controlnet(control_input, t, encoder_hidden_states=embeds,
                                     controlnet_cond=conditioning[0] if single else conditioning,
                                     conditioning_scale=step_scales[0] if single else step_scales,
-                                    guess_mode=guess, return_dict=False)
+                                    guess_mode=guess, added_cond_kwargs=added or None, return_dict=False)
         if guess and cfg:
             down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
         return {**{f"{CONTROLNET_DOWN}{i}": d for i, d in enumerate(down)}, CONTROLNET_MID: mid}

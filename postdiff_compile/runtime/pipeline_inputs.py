@@ -252,6 +252,10 @@ KINDS = {kind.name: kind for kind in (
                                                         original_inference_steps=None, clip_skip=None, eta=None,
                                                         guidance_rescale=0.0), _prepare_lcm),
     PipelineKind("StableDiffusionXLPipeline", _SDXL, prepare_sdxl),
+    PipelineKind("StableDiffusionXLControlNetPipeline", dict(
+        {k: v for k, v in _SDXL.items() if k != "guidance_rescale"}, image=None, controlnet_conditioning_scale=1.0,
+        guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0),
+        partial(prepare_controlnet, prepare_text=prepare_sdxl)),
     PipelineKind("StableDiffusionXLImg2ImgPipeline", dict(
         {k: v for k, v in _SDXL.items() if k not in ("height", "width")}, strength=0.3, image=None, denoising_start=None, aesthetic_score=6.0, negative_aesthetic_score=2.5),
         partial(prepare_sdxl_img2img, prepare_text=partial(prepare_sdxl, time_ids=sdxl_img2img_time_ids))),
