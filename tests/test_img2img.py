@@ -133,3 +133,12 @@ def test_a_window_is_the_whole_plan_s_steps_with_a_restart_at_its_start():
 def test_a_window_that_ends_at_low_resolution_is_refused():
     with pytest.raises(PostDiffError, match="all run at low resolution"):
         build_plan(PRESETS["quality"].for_family("sd15"), 10, window=(0, 4))
+
+
+def test_a_strength_that_runs_no_step_is_one_error(img2img):
+    optimize(img2img, "none")
+    try:
+        with pytest.raises(PostDiffError, match="run no step of the 10-step schedule \\(strength 0.05"):
+            _run(img2img, 0.05)
+    finally:
+        restore(img2img)

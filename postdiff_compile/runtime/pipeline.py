@@ -143,6 +143,11 @@ def _schedule(pipe, runtime: PostDiffRuntime, cond, a) -> _Schedule:
                             "step); the caches support first-order schedulers (DDIM, Euler, DPM-Solver++, ...)")
     window = cond.window(timesteps) if cond.window is not None else None
     window = None if window == (0, len(timesteps)) else window
+    if window is not None and window[0] >= window[1]:
+        raise PostDiffError(f"these arguments run no step of the {len(timesteps)}-step schedule (strength "
+                            f"{getattr(a, 'strength', None)}, denoising_start {getattr(a, 'denoising_start', None)}, "
+                            f"denoising_end {getattr(a, 'denoising_end', None)}): raise strength or "
+                            "num_inference_steps")
     start, stop = window or (0, len(timesteps))
     scale = pipe.vae_scale_factor
     full_latent = (cond.height // scale, cond.width // scale)
