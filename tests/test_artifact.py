@@ -471,3 +471,35 @@ def test_onnxruntime_io_binding_matches_session_run_and_reuses_its_outputs(artif
             torch.testing.assert_close(g, e, rtol=0, atol=0)
         first = first or got
         assert all(a is b for a, b in zip(first, got))
+
+
+# Image-to-image on an artifact (runtime/artifact_img2img.py) against optimize(pipe) on StableDiffusionImg2ImgPipeline,
+# given the same 4-channel latents as `image` (diffusers then does not encode). Strength 0.6 of 20 steps starts at
+# step 8: with fast, steps 8-9 at low resolution from the latents averaged down, the transition, the caches.
+@pytest.mark.parametrize("preset, backend", [("none", "torch"), ("fast", "torch"), ("fast", "onnxruntime")])
+def test_image_to_image_on_an_artifact_equals_optimize_pipe(artifacts, pipe, preset, backend):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    image = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9))
+    runner = postdiff_compile.load(artifacts[preset], backend)
+    got = runner(cond, uncond, seed=3, guidance_scale=7.5, image_latents=image, strength=0.6)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    postdiff_compile.optimize(img2img, preset)
+    expected = img2img(image=image, strength=0.6, prompt_embeds=cond, negative_prompt_embeds=uncond,
+                       num_inference_steps=20, guidance_scale=7.5, output_type="latent",
+                       generator=torch.Generator().manual_seed(3)).images
+    assert len(img2img._postdiff.last_plan) == 12
+    assert got.shape == expected.shape == (1, 4, 16, 16)
+    assert rel_l2(got, expected) <= (1e-5 if backend == "torch" else 1e-4)
+    assert rel_l2(got, runner(cond, uncond, seed=3, guidance_scale=7.5)) > 1e-2   # not the text-to-image run
+
+
+def test_image_to_image_on_an_artifact_refuses_latents_of_another_shape(artifacts):
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    runner = postdiff_compile.load(artifacts["none"], "torch")
+    with pytest.raises(PostDiffError, match=r"image_latents must be the encoded image, scaled, of shape \[1, 4, 16, 16\]"):
+        runner(cond, uncond, image_latents=torch.zeros(1, 4, 8, 8), strength=0.5)
+    with pytest.raises(PostDiffError, match="strength 0.01 runs no step"):
+        runner(cond, uncond, image_latents=torch.zeros(1, 4, 16, 16), strength=0.01)

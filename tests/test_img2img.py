@@ -89,7 +89,8 @@ def test_a_low_resolution_start_is_the_encoded_image_averaged_down_then_noised(i
 
     image = img2img.image_processor.preprocess(_image())
     timesteps = torch.tensor([801, 701])
-    a = SimpleNamespace(image=image, prompt=None, prompt_embeds=torch.zeros(1, 77, 768), num_images_per_prompt=1,
+    a = SimpleNamespace(image=image, height=SIZE, width=SIZE, prompt=None, prompt_embeds=torch.zeros(1, 77, 768),
+                        num_images_per_prompt=1,
                         generator=torch.Generator().manual_seed(3))
     img2img.scheduler.set_timesteps(STEPS)
     got = noised_image_latents(img2img, a, 1, torch.float32)((6, 6), timesteps)

@@ -22,6 +22,7 @@ from ..plan import Plan
 from ..models.families import get_family
 from ..schedulers import alpha_bars, make_scheduler, transition_levels
 from .backends import BackendVariant, open_variant
+from .artifact_img2img import sample_from_image
 from .denoise import sample
 
 ADDED_INPUTS = ("text_embeds", "time_ids", "resolution", "aspect_ratio", "encoder_attention_mask", "timestep_cond",
@@ -212,8 +213,10 @@ class ArtifactRunner:
                  added_cond: dict[str, torch.Tensor] | None = None,
                  negative_added_cond: dict[str, torch.Tensor] | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 guidance_scale: float | None = None, on_step=None) -> torch.Tensor:
+                 guidance_scale: float | None = None, on_step=None, image_latents: torch.Tensor | None = None,
+                 strength: float = 0.8) -> torch.Tensor:
         """Latents [1, C, H, W] of one image. Without a generator, `seed` (default 0) seeds one on the device.
+        With `image_latents` (an encoded image, scaled), image-to-image at `strength` (artifact_img2img.py).
 
         `added_cond` / `negative_added_cond` hold the added inputs of the positive and negative halves; a key
         missing from `negative_added_cond` takes the positive value where diffusers shares it (time ids,
@@ -240,13 +243,18 @@ class ArtifactRunner:
                               for k in self.added_inputs}
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
+        conditioning = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=guidance_scale,
+                            added_cond=added, negative_added_cond=negative_added,
+                            shared_inputs=self.shared_inputs if any(n in self.input_shapes for n in SHARED_INPUTS)
+                            else None)
+        if image_latents is not None:
+            return sample_from_image(self, image_latents, strength, generator=generator, on_step=on_step,
+                                     **conditioning)
         resolution = self.manifest["resolution"]
         return sample(self.variants, self.scheduler, self.plan, self.steps, channels=self.latent_channels,
                       full_latent=(resolution["latent_height"], resolution["latent_width"]), device=self.device,
                       dtype=self.dtype, generator=generator, latent_input=self.latent_input, on_step=on_step,
-                      prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=guidance_scale,
-                      added_cond=added, negative_added_cond=negative_added, timestep_kwargs=self.timing,
-                      shared_inputs=self.shared_inputs if any(n in self.input_shapes for n in SHARED_INPUTS) else None)
+                      timestep_kwargs=self.timing, **conditioning)
 
 
 def check_contents(folder: Path, manifest: dict) -> None:

@@ -48,7 +48,7 @@ def noised_image_latents(pipe, a, n: int, dtype) -> Any:
 
     def prepare(size: tuple[int, int], timesteps: torch.Tensor) -> torch.Tensor:
         first = timesteps[:1].repeat(n)
-        if tuple(image.shape[2:]) == tuple(s * pipe.vae_scale_factor for s in size):
+        if tuple(size) == (a.height // pipe.vae_scale_factor, a.width // pipe.vae_scale_factor):
             return pipe.prepare_latents(image, first, _batch(a.prompt, a.prompt_embeds), a.num_images_per_prompt,
                                         dtype, device, a.generator)
         clean = torch.nn.functional.interpolate(encode_image(pipe, image, n, a.generator), size=size, mode="area")
@@ -61,7 +61,8 @@ def prepare_img2img(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]) -
     """StableDiffusionImg2ImgPipeline: `prepare_text`'s conditioning (the text-to-image kind's, for the image's
     size), the strength's window and the noised image as the first latents."""
     a.image = pipe.image_processor.preprocess(a.image)
-    a.height, a.width = int(a.image.shape[2]), int(a.image.shape[3])
+    scale = pipe.vae_scale_factor if a.image.shape[1] == pipe.vae.config.latent_channels else 1   # latents given
+    a.height, a.width = int(a.image.shape[2]) * scale, int(a.image.shape[3]) * scale
     a.guidance_rescale = 0.0   # not an argument of the img2img pipeline
     cond = prepare_text(pipe, a)
     cond.window = strength_window(pipe.scheduler, a.strength)

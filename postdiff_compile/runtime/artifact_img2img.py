@@ -1,0 +1,58 @@
+"""Image-to-image on an artifact: the caller's image latents, noised to where `strength` starts, then the window of
+the artifact's schedule that optimize(pipe) runs for StableDiffusionImg2ImgPipeline (pipeline_img2img.py).
+
+An artifact holds no VAE: the caller encodes the image (scaled latents, [1, C, H, W] at the artifact's latent size),
+as diffusers' img2img pipeline takes 4-channel latents for `image` without encoding them. The plan is rebuilt from
+the manifest's config with the strength's window (plan.build_plan), so every step runs a variant the artifact
+holds at that resolution; a window that needs another (none found) is refused by name.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import PostDiffConfig
+from ..errors import PostDiffError
+from ..models.families import get_family
+from ..plan import make_plan
+from ..schedulers import prediction_type, restart, set_begin, step_kwargs
+from .denoise import DenoiseRequest, denoise
+from .schedule_windows import strength_window
+
+
+def sample_from_image(runner: Any, image_latents: torch.Tensor, strength: float, *, generator, on_step=None,
+                      **conditioning) -> torch.Tensor:
+    """Latents [1, C, H, W] from `image_latents` at `strength`; `conditioning` as denoise.sample takes it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    manifest, scheduler, device = runner.manifest, runner.scheduler, runner.device
+    resolution = manifest["resolution"]
+    full = (resolution["latent_height"], resolution["latent_width"])
+    expected = (1, runner.latent_channels, *full)
+    if not isinstance(image_latents, torch.Tensor) or tuple(image_latents.shape) != expected:
+        raise PostDiffError(f"image_latents must be the encoded image, scaled, of shape {list(expected)}; got "
+                            f"{list(getattr(image_latents, 'shape', [])) or type(image_latents).__name__}")
+    timestep_device = torch.device("cpu") if device.type == "cuda" else device
+    scheduler.set_timesteps(runner.steps, device=timestep_device, **runner.timing)
+    timesteps = scheduler.timesteps
+    start, stop = strength_window(scheduler, strength)(timesteps)
+    if start >= stop:
+        raise PostDiffError(f"strength {strength} runs no step of the artifact's {runner.steps}-step schedule")
+    config = PostDiffConfig.from_dict(manifest["config"])
+    plan = make_plan(config, runner.steps, family=get_family(manifest["source"]["family"]), full_latent=full,
+                     prediction_type=prediction_type(scheduler), cfg=runner.cfg, timesteps=timesteps.tolist(),
+                     window=(start, stop) if start else None)
+    size = plan.transition.low_latent if plan.transition else full
+    clean = image_latents.to(device, runner.dtype)
+    if size != full:   # as optimize(pipe) starts a window before the switch: the image averaged down
+        clean = torch.nn.functional.interpolate(clean, size=size, mode="area")
+    noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=runner.dtype)
+    latents = scheduler.add_noise(clean, noise, timesteps[start:start + 1])
+    set_begin(scheduler, start)
+    request = DenoiseRequest(latents=latents, timesteps=timesteps[start:stop], latent_input=runner.latent_input,
+                             extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
+                             restart_scheduler=lambda begin: restart(scheduler, runner.steps, start + begin,
+                                                                     timestep_device, runner.timing),
+                             **conditioning)
+    return denoise(runner.variants, scheduler, plan, request, on_step=on_step)
