@@ -92,3 +92,50 @@ def test_what_inpainting_refuses_is_named(inpaint4):
             _run(inpaint4, padding_mask_crop=8)
     finally:
         restore(inpaint4)
+
+
+@pytest.fixture(scope="module")
+def inpaint_artifact(inpaint9, tmp_path_factory):
+    """artifact(formats) -> the inpainting U-Net's `quality` artifact (8 steps, 96x96), built once per formats."""
+    from postdiff_compile.compile import compile_artifact
+    from postdiff_compile.config import ConfigRequest
+
+    built = {}
+
+    def artifact(formats: str):
+        if formats not in built:
+            built[formats] = compile_artifact(inpaint9.unet, ConfigRequest("quality"),
+                                              tmp_path_factory.mktemp("inpaint") / formats.replace(",", "-"),
+                                              resolution=(SIZE, SIZE), steps=STEPS, formats=formats).out
+        return built[formats]
+    return artifact
+
+
+# strength 1.0: pure noise at the low resolution; 0.9: steps 1-7 of 8, the first three at low resolution
+@pytest.mark.parametrize("strength, backend", [(1.0, "torch"), (0.9, "torch"),
+                                               pytest.param(0.9, "onnxruntime", marks=pytest.mark.slow)])
+def test_inpainting_on_an_artifact_equals_optimize_pipe(inpaint9, inpaint_artifact, strength, backend):
+    """Given latents for `image` and `masked_image_latents` (no encoding, in diffusers as in an artifact, which
+    holds no VAE) and the pixel mask (the artifact takes it at the latent size)."""
+    import postdiff_compile
+
+    g = torch.Generator().manual_seed(4)
+    image, masked = torch.randn(1, 4, 12, 12, generator=g), torch.randn(1, 4, 12, 12, generator=g)
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 24:72, 24:72] = 1.0
+    cond, uncond = text_embeddings(1)
+    optimize(inpaint9, "quality")
+    try:
+        expected = inpaint9(image=image, mask_image=mask, masked_image_latents=masked, strength=strength,
+                            prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=STEPS,
+                            guidance_scale=7.5, height=SIZE, width=SIZE, output_type="latent",
+                            generator=torch.Generator().manual_seed(3)).images
+    finally:
+        restore(inpaint9)
+    runner = postdiff_compile.load(inpaint_artifact("pt2,onnx" if backend == "onnxruntime" else "pt2"), backend)
+    got = runner(cond, uncond, seed=3, guidance_scale=7.5, image_latents=image, strength=strength,
+                 mask=torch.nn.functional.interpolate(mask, size=(12, 12)), masked_image_latents=masked)
+    assert got.shape == expected.shape == (1, 4, 12, 12)
+    assert rel_l2(got, expected) <= (1e-5 if backend == "torch" else 1e-4)
+    with pytest.raises(PostDiffError, match="takes 9 input channels \\(an inpainting U-Net\\): pass mask"):
+        runner(cond, uncond)

@@ -1,5 +1,6 @@
-"""Image-to-image on an artifact: the caller's image latents, noised to where `strength` starts, then the window of
-the artifact's schedule that optimize(pipe) runs for StableDiffusionImg2ImgPipeline (pipeline_img2img.py).
+"""Image-to-image and inpainting on an artifact: the caller's image latents, noised to where `strength` starts, then
+the window of the artifact's schedule that optimize(pipe) runs for StableDiffusionImg2ImgPipeline
+(pipeline_img2img.py), with an inpainting U-Net's mask channels as StableDiffusionInpaintPipeline (pipeline_inpaint.py).
 
 An artifact holds no VAE: the caller encodes the image (scaled latents, [1, C, H, W] at the artifact's latent size),
 as diffusers' img2img pipeline takes 4-channel latents for `image` without encoding them. The plan is rebuilt from
@@ -18,21 +19,37 @@ from ..models.families import get_family
 from ..plan import make_plan
 from ..schedulers import prediction_type, restart, set_begin, step_kwargs
 from .denoise import DenoiseRequest, denoise
+from .pipeline_inpaint import InpaintInputs
 from .schedule_windows import strength_window
 
 
-def sample_from_image(runner: Any, image_latents: torch.Tensor, strength: float, *, generator, on_step=None,
+def _checked(name: str, tensor: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+        raise PostDiffError(f"{name} must be the encoded image, scaled, of shape {list(shape)}; got "
+                            f"{list(getattr(tensor, 'shape', [])) or type(tensor).__name__}")
+    return tensor
+
+
+def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength: float, *, generator, on_step=None,
+                      mask: torch.Tensor | None = None, masked_image_latents: torch.Tensor | None = None,
                       **conditioning) -> torch.Tensor:
-    """Latents [1, C, H, W] from `image_latents` at `strength`; `conditioning` as denoise.sample takes it."""
+    """Latents [1, C, H, W] from `image_latents` at `strength`; `conditioning` as denoise.sample takes it.
+
+    With `mask` ([1, 1, h, w] at the latent size, 1 = repaint) and `masked_image_latents`, inpainting on an
+    inpainting U-Net's artifact (9 input channels), as StableDiffusionInpaintPipeline: at strength 1 the start is
+    pure noise and `image_latents` may be None."""
     from diffusers.utils.torch_utils import randn_tensor
 
     manifest, scheduler, device = runner.manifest, runner.scheduler, runner.device
     resolution = manifest["resolution"]
     full = (resolution["latent_height"], resolution["latent_width"])
-    expected = (1, runner.latent_channels, *full)
-    if not isinstance(image_latents, torch.Tensor) or tuple(image_latents.shape) != expected:
-        raise PostDiffError(f"image_latents must be the encoded image, scaled, of shape {list(expected)}; got "
-                            f"{list(getattr(image_latents, 'shape', [])) or type(image_latents).__name__}")
+    channels = runner.latent_channels - (5 if mask is not None else 0)
+    if mask is not None and runner.latent_channels != 9:
+        raise PostDiffError(f"mask needs an inpainting U-Net's artifact (9 input channels); this one takes "
+                            f"{runner.latent_channels}")
+    noise_only = mask is not None and strength == 1.0
+    if not noise_only:
+        image_latents = _checked("image_latents", image_latents, (1, channels, *full))
     timestep_device = torch.device("cpu") if device.type == "cuda" else device
     scheduler.set_timesteps(runner.steps, device=timestep_device, **runner.timing)
     timesteps = scheduler.timesteps
@@ -44,11 +61,20 @@ def sample_from_image(runner: Any, image_latents: torch.Tensor, strength: float,
                      prediction_type=prediction_type(scheduler), cfg=runner.cfg, timesteps=timesteps.tolist(),
                      window=(start, stop) if start else None)
     size = plan.transition.low_latent if plan.transition else full
-    clean = image_latents.to(device, runner.dtype)
-    if size != full:   # as optimize(pipe) starts a window before the switch: the image averaged down
-        clean = torch.nn.functional.interpolate(clean, size=size, mode="area")
-    noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=runner.dtype)
-    latents = scheduler.add_noise(clean, noise, timesteps[start:start + 1])
+    noise = randn_tensor((1, channels, *size), generator=generator, device=device, dtype=runner.dtype)
+    if noise_only:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        clean = image_latents.to(device, runner.dtype)
+        if size != full:   # as optimize(pipe) starts a window before the switch: the image averaged down
+            clean = torch.nn.functional.interpolate(clean, size=size, mode="area")
+        latents = scheduler.add_noise(clean, noise, timesteps[start:start + 1])
+    if mask is not None:
+        inputs = InpaintInputs(full, _checked("mask", mask, (1, 1, *full)).to(device, runner.dtype))
+        inputs.mask[full] = inputs.mask_pixels
+        inputs.masked_latents[full] = _checked("masked_image_latents", masked_image_latents,
+                                               (1, channels, *full)).to(device, runner.dtype)
+        conditioning["extra_channels"] = inputs.channels
     set_begin(scheduler, start)
     request = DenoiseRequest(latents=latents, timesteps=timesteps[start:stop], latent_input=runner.latent_input,
                              extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,

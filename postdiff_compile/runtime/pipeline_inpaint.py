@@ -107,7 +107,9 @@ def _low_resolution_start(pipe, a, image, size, first, n, dtype, device) -> torc
         raise PostDiffError("latents cannot be given to an inpainting call that starts at low resolution")
     clean = None
     if a.strength != 1.0:
-        clean = pipe._encode_vae_image(image=image.to(device=device, dtype=dtype), generator=a.generator)
+        image = image.to(device=device, dtype=dtype)
+        latent = image.shape[1] == pipe.vae.config.latent_channels   # latents given, as diffusers takes them
+        clean = image if latent else pipe._encode_vae_image(image=image, generator=a.generator)
         clean = F.interpolate(clean.repeat(n // clean.shape[0], 1, 1, 1), size=size, mode="area")
     noise = randn_tensor((n, pipe.vae.config.latent_channels, *size), generator=a.generator, device=device,
                          dtype=dtype)
