@@ -99,3 +99,26 @@ def test_none_reproduces_diffusers_sdxl_img2img(pipes, strength):
     finally:
         restore(refiner)
     assert rel_l2(ours, theirs) <= 1e-5
+
+
+def test_a_base_artifact_stops_at_denoising_end_as_optimize_pipe_does(pipes, tmp_path):
+    """An SDXL artifact run with denoising_end (the base's share for a refiner) = optimize(pipe) with it: balanced
+    at 10 steps, 7 of them, the switch at step 5 inside."""
+    import postdiff_compile
+    from postdiff_compile.compile import compile_artifact
+    from postdiff_compile.config import ConfigRequest
+
+    base, _ = pipes
+    out = compile_artifact(base.unet, ConfigRequest("balanced"), tmp_path / "base", resolution=(SIZE, SIZE),
+                           steps=STEPS).out
+    embeds = pipeline_embeds("sdxl")
+    runner = postdiff_compile.load(out, "torch")
+    got = runner(embeds["prompt_embeds"], embeds["negative_prompt_embeds"], seed=0, guidance_scale=5.0,
+                 added_cond={"text_embeds": embeds["pooled_prompt_embeds"]},
+                 negative_added_cond={"text_embeds": embeds["negative_pooled_prompt_embeds"]}, denoising_end=SPLIT)
+    optimize(base, "balanced")
+    try:
+        expected = base(height=SIZE, width=SIZE, denoising_end=SPLIT, **_args()).images
+    finally:
+        restore(base)
+    assert got.shape == expected.shape and rel_l2(got, expected) <= 1e-5

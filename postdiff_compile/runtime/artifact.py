@@ -215,10 +215,12 @@ class ArtifactRunner:
                  seed: int | None = None, generator: torch.Generator | None = None,
                  guidance_scale: float | None = None, on_step=None, image_latents: torch.Tensor | None = None,
                  strength: float = 0.8, mask: torch.Tensor | None = None,
-                 masked_image_latents: torch.Tensor | None = None) -> torch.Tensor:
+                 masked_image_latents: torch.Tensor | None = None,
+                 denoising_end: float | None = None) -> torch.Tensor:
         """Latents [1, C, H, W] of one image. Without a generator, `seed` (default 0) seeds one on the device.
         With `image_latents` (an encoded image, scaled), image-to-image at `strength`; with `mask` and
-        `masked_image_latents` too, inpainting on an inpainting U-Net's artifact (artifact_img2img.py).
+        `masked_image_latents` too, inpainting on an inpainting U-Net's artifact; `denoising_end` stops early, as
+        an SDXL base for its refiner (artifact_img2img.py).
 
         `added_cond` / `negative_added_cond` hold the added inputs of the positive and negative halves; a key
         missing from `negative_added_cond` takes the positive value where diffusers shares it (time ids,
@@ -249,9 +251,10 @@ class ArtifactRunner:
                             added_cond=added, negative_added_cond=negative_added,
                             shared_inputs=self.shared_inputs if any(n in self.input_shapes for n in SHARED_INPUTS)
                             else None)
-        if image_latents is not None or mask is not None:
+        if image_latents is not None or mask is not None or denoising_end is not None:
             return sample_from_image(self, image_latents, strength, generator=generator, on_step=on_step, mask=mask,
-                                     masked_image_latents=masked_image_latents, **conditioning)
+                                     masked_image_latents=masked_image_latents, denoising_end=denoising_end,
+                                     **conditioning)
         if self.latent_channels == 9:
             raise PostDiffError("this artifact's U-Net takes 9 input channels (an inpainting U-Net): pass mask and "
                                 "masked_image_latents (and image_latents below strength 1)", self.folder / MANIFEST)

@@ -20,7 +20,7 @@ from ..plan import make_plan
 from ..schedulers import prediction_type, restart, set_begin, step_kwargs
 from .denoise import DenoiseRequest, denoise
 from .pipeline_inpaint import InpaintInputs
-from .schedule_windows import strength_window
+from .schedule_windows import denoising_window
 
 
 def _checked(name: str, tensor: Any, shape: tuple[int, ...]) -> torch.Tensor:
@@ -32,12 +32,13 @@ def _checked(name: str, tensor: Any, shape: tuple[int, ...]) -> torch.Tensor:
 
 def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength: float, *, generator, on_step=None,
                       mask: torch.Tensor | None = None, masked_image_latents: torch.Tensor | None = None,
-                      **conditioning) -> torch.Tensor:
+                      denoising_end: float | None = None, **conditioning) -> torch.Tensor:
     """Latents [1, C, H, W] from `image_latents` at `strength`; `conditioning` as denoise.sample takes it.
 
     With `mask` ([1, 1, h, w] at the latent size, 1 = repaint) and `masked_image_latents`, inpainting on an
     inpainting U-Net's artifact (9 input channels), as StableDiffusionInpaintPipeline: at strength 1 the start is
-    pure noise and `image_latents` may be None."""
+    pure noise and `image_latents` may be None. Without an image or a mask (text-to-image), `denoising_end` stops
+    early as an SDXL base does for its refiner (schedule_windows.denoising_window)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     manifest, scheduler, device = runner.manifest, runner.scheduler, runner.device
@@ -47,19 +48,21 @@ def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength:
     if mask is not None and runner.latent_channels != 9:
         raise PostDiffError(f"mask needs an inpainting U-Net's artifact (9 input channels); this one takes "
                             f"{runner.latent_channels}")
-    noise_only = mask is not None and strength == 1.0
+    noise_only = (mask is not None and strength == 1.0) or (mask is None and image_latents is None)
     if not noise_only:
         image_latents = _checked("image_latents", image_latents, (1, channels, *full))
     timestep_device = torch.device("cpu") if device.type == "cuda" else device
     scheduler.set_timesteps(runner.steps, device=timestep_device, **runner.timing)
     timesteps = scheduler.timesteps
-    start, stop = strength_window(scheduler, strength)(timesteps)
+    start, stop = denoising_window(scheduler, 1.0 if image_latents is None else strength, None,
+                                   denoising_end)(timesteps)
     if start >= stop:
-        raise PostDiffError(f"strength {strength} runs no step of the artifact's {runner.steps}-step schedule")
+        raise PostDiffError(f"strength {strength} (denoising_end {denoising_end}) runs no step of the artifact's "
+                            f"{runner.steps}-step schedule")
     config = PostDiffConfig.from_dict(manifest["config"])
     plan = make_plan(config, runner.steps, family=get_family(manifest["source"]["family"]), full_latent=full,
                      prediction_type=prediction_type(scheduler), cfg=runner.cfg, timesteps=timesteps.tolist(),
-                     window=(start, stop) if start else None)
+                     window=(start, stop) if (start, stop) != (0, runner.steps) else None)
     size = plan.transition.low_latent if plan.transition else full
     noise = randn_tensor((1, channels, *size), generator=generator, device=device, dtype=runner.dtype)
     if noise_only:
