@@ -101,6 +101,7 @@ def test_none_reproduces_diffusers_sdxl_img2img(pipes, strength):
     assert rel_l2(ours, theirs) <= 1e-5
 
 
+@pytest.mark.slow   # an SDXL compile (about 25 s here); the default tier runs artifact windows on SD1.5 (img2img)
 def test_a_base_artifact_stops_at_denoising_end_as_optimize_pipe_does(pipes, tmp_path):
     """An SDXL artifact run with denoising_end (the base's share for a refiner) = optimize(pipe) with it: balanced
     at 10 steps, 7 of them, the switch at step 5 inside."""
