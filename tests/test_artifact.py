@@ -476,7 +476,8 @@ def test_onnxruntime_io_binding_matches_session_run_and_reuses_its_outputs(artif
 # Image-to-image on an artifact (runtime/artifact_img2img.py) against optimize(pipe) on StableDiffusionImg2ImgPipeline,
 # given the same 4-channel latents as `image` (diffusers then does not encode). Strength 0.6 of 20 steps starts at
 # step 8: with fast, steps 8-9 at low resolution from the latents averaged down, the transition, the caches.
-@pytest.mark.parametrize("preset, backend", [("none", "torch"), ("fast", "torch"), ("fast", "onnxruntime")])
+@pytest.mark.parametrize("preset, backend", [("none", "torch"), ("fast", "torch"),
+                                             pytest.param("fast", "onnxruntime", marks=pytest.mark.slow)])
 def test_image_to_image_on_an_artifact_equals_optimize_pipe(artifacts, pipe, preset, backend):
     from diffusers import StableDiffusionImg2ImgPipeline
 
