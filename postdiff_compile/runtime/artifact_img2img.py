@@ -17,8 +17,8 @@ from ..config import PostDiffConfig
 from ..errors import PostDiffError
 from ..models.families import get_family
 from ..plan import make_plan
-from ..schedulers import prediction_type, restart, set_begin, step_kwargs
-from .denoise import DenoiseRequest, denoise
+from ..schedulers import prediction_type
+from .denoise import set_schedule, walk
 from .pipeline_inpaint import InpaintInputs
 from .schedule_windows import denoising_window
 
@@ -51,8 +51,7 @@ def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength:
     noise_only = (mask is not None and strength == 1.0) or (mask is None and image_latents is None)
     if not noise_only:
         image_latents = _checked("image_latents", image_latents, (1, channels, *full))
-    timestep_device = torch.device("cpu") if device.type == "cuda" else device
-    scheduler.set_timesteps(runner.steps, device=timestep_device, **runner.timing)
+    timestep_device = set_schedule(scheduler, runner.steps, device, runner.timing)
     timesteps = scheduler.timesteps
     start, stop = denoising_window(scheduler, 1.0 if image_latents is None else strength, None,
                                    denoising_end)(timesteps)
@@ -78,10 +77,6 @@ def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength:
         inputs.masked_latents[full] = _checked("masked_image_latents", masked_image_latents,
                                                (1, channels, *full)).to(device, runner.dtype)
         conditioning["extra_channels"] = inputs.channels
-    set_begin(scheduler, start)
-    request = DenoiseRequest(latents=latents, timesteps=timesteps[start:stop], latent_input=runner.latent_input,
-                             extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
-                             restart_scheduler=lambda begin: restart(scheduler, runner.steps, start + begin,
-                                                                     timestep_device, runner.timing),
-                             **conditioning)
-    return denoise(runner.variants, scheduler, plan, request, on_step=on_step)
+    return walk(runner.variants, scheduler, plan, runner.steps, latents, generator=generator,
+                latent_input=runner.latent_input, timestep_device=timestep_device, timestep_kwargs=runner.timing,
+                start=start, on_step=on_step, **conditioning)

@@ -16,7 +16,7 @@ import torch
 from ..capture import Bucket
 from ..caches import CROSS_ATTN
 from ..plan import Plan
-from ..schedulers import restart, step_kwargs
+from ..schedulers import restart, set_begin, step_kwargs
 from .transition import apply_transition
 
 
@@ -181,18 +181,35 @@ def sample(variants: VariantSource, scheduler, plan: Plan, steps: int, *, channe
     (FLUX's sigmas and mu); `conditioning` holds DenoiseRequest's embeddings, guidance, added and shared inputs."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    # On a GPU the scheduler's timesteps stay on the host: its table lookups then read host memory instead of
-    # copying a device scalar back at every step (a synchronisation). The denoiser's copy goes over once (denoise).
-    timestep_device = torch.device("cpu") if device.type == "cuda" else device
-    timestep_kwargs = timestep_kwargs or {}
-    scheduler.set_timesteps(steps, device=timestep_device, **timestep_kwargs)
+    timestep_device = set_schedule(scheduler, steps, device, timestep_kwargs)
     start = plan.transition.low_latent if plan.transition else full_latent
     images = len(generator) if isinstance(generator, list) else 1
     latents = randn_tensor((images, channels, *start), generator=generator, device=device, dtype=dtype) \
         * getattr(scheduler, "init_noise_sigma", 1.0)
-    request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps, latent_input=latent_input,
-                             extra_step_kwargs=step_kwargs(scheduler, generator), generator=generator,
-                             restart_scheduler=lambda begin: restart(scheduler, steps, begin, timestep_device,
-                                                                     timestep_kwargs),
+    return walk(variants, scheduler, plan, steps, latents, generator=generator, latent_input=latent_input,
+                timestep_device=timestep_device, timestep_kwargs=timestep_kwargs, on_step=on_step, **conditioning)
+
+
+def set_schedule(scheduler, steps: int, device: torch.device, timestep_kwargs: dict | None = None) -> torch.device:
+    """set_timesteps for `steps`; returns the device the timesteps are on."""
+    # On a GPU the scheduler's timesteps stay on the host: its table lookups then read host memory instead of
+    # copying a device scalar back at every step (a synchronisation). The denoiser's copy goes over once (denoise).
+    timestep_device = torch.device("cpu") if device.type == "cuda" else device
+    scheduler.set_timesteps(steps, device=timestep_device, **(timestep_kwargs or {}))
+    return timestep_device
+
+
+def walk(variants: VariantSource, scheduler, plan: Plan, steps: int, latents: torch.Tensor, *, generator,
+         latent_input: str, timestep_device: torch.device, timestep_kwargs: dict | None = None, start: int = 0,
+         on_step: Callable[[int], None] | None = None, **conditioning) -> torch.Tensor:
+    """`plan` walked from `latents` over the scheduler's timesteps from step `start` of its `steps` (a window:
+    plan.build_plan), after set_schedule; a restart at the switch comes back to the same window."""
+    if start:
+        set_begin(scheduler, start)
+    request = DenoiseRequest(latents=latents, timesteps=scheduler.timesteps[start:start + len(plan)],
+                             latent_input=latent_input, extra_step_kwargs=step_kwargs(scheduler, generator),
+                             generator=generator,
+                             restart_scheduler=lambda begin: restart(scheduler, steps, start + begin, timestep_device,
+                                                                     timestep_kwargs or {}),
                              **conditioning)
     return denoise(variants, scheduler, plan, request, on_step=on_step)

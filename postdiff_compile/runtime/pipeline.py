@@ -125,7 +125,6 @@ class _Schedule:
     timesteps: torch.Tensor
     plan: Any
     start: int
-    full_latent: tuple[int, int]
     start_latent: tuple[int, int]
     restart_scheduler: Any = None
 
@@ -154,7 +153,7 @@ def _schedule(pipe, runtime: PostDiffRuntime, cond, a) -> _Schedule:
     plan = make_plan(runtime.config, len(timesteps), family=runtime.family, full_latent=full_latent,
                      prediction_type=prediction_type(pipe.scheduler), cfg=cond.cfg, timesteps=timesteps.tolist(),
                      window=window)
-    schedule = _Schedule(timesteps[start:stop], plan, start, full_latent,
+    schedule = _Schedule(timesteps[start:stop], plan, start,
                          plan.transition.low_latent if plan.transition else full_latent)
     if plan.transition:
         check_scheduler(pipe.scheduler)

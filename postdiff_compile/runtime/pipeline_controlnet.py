@@ -25,9 +25,7 @@ from .call_inputs import Conditioning
 
 def _as_lists(pipe, a) -> tuple[list, list, list, list]:
     """images, scales, guidance starts and ends, one per ControlNet, as the pipeline broadcasts them."""
-    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-
-    count = len(pipe.controlnet.nets) if isinstance(pipe.controlnet, MultiControlNetModel) else 1
+    count = len(pipe.controlnet.nets) if hasattr(pipe.controlnet, "nets") else 1   # a MultiControlNetModel has nets
     images = a.image if count > 1 else [a.image]
     scales = a.controlnet_conditioning_scale
     scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * count
@@ -51,29 +49,30 @@ def prepare_controlnet(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]
     a.guidance_rescale = 0.0   # not an argument of the ControlNet pipeline
     cond = prepare_text(pipe, a)
     device, dtype, scale = pipe._execution_device, pipe.controlnet.dtype, pipe.vae_scale_factor
-    prepared: dict[tuple[int, int], list[torch.Tensor]] = {}
+    prepared: dict[tuple[tuple[int, int], bool], list[torch.Tensor]] = {}
 
-    def images_at(size: tuple[int, int]) -> list[torch.Tensor]:
-        if size not in prepared:   # [n, 3, H, W] each; the CFG batch takes them twice
+    def images_at(size: tuple[int, int], twice: bool) -> list[torch.Tensor]:
+        """[n, 3, H, W] each, or [2n, ...] for a CFG batch (`twice`), prepared once per size."""
+        if (size, False) not in prepared:
             height, width = asked if size == full else (size[0] * scale, size[1] * scale)
-            prepared[size] = [pipe.prepare_image(image=image, width=width, height=height,
-                                                 batch_size=cond.batch, num_images_per_prompt=a.num_images_per_prompt,
-                                                 device=device, dtype=dtype, do_classifier_free_guidance=False,
-                                                 guess_mode=guess) for image in images]
-        return prepared[size]
+            prepared[size, False] = [pipe.prepare_image(image=image, width=width, height=height,
+                                                        batch_size=cond.batch,
+                                                        num_images_per_prompt=a.num_images_per_prompt, device=device,
+                                                        dtype=dtype, do_classifier_free_guidance=False,
+                                                        guess_mode=guess) for image in images]
+            prepared[size, True] = [torch.cat([image] * 2) for image in prepared[size, False]]
+        return prepared[size, twice]
 
     def residuals(index: int, steps: int, cfg: bool, model_input: torch.Tensor, t: Any, context: torch.Tensor,
                   added: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keep = [1.0 - float(index / steps < s or (index + 1) / steps > e) for s, e in zip(starts, ends)]
         step_scales = [c * k for c, k in zip(scales, keep)]
-        conditioning = images_at((model_input.shape[2], model_input.shape[3]))
+        conditioning = images_at((model_input.shape[2], model_input.shape[3]), cfg and not guess)
         control_input, embeds = model_input, context
         added = {k: v for k, v in added.items() if k in ("text_embeds", "time_ids")}   # SDXL's, as its U-Net's
         if guess and cfg:   # the ControlNet sees the conditional half only; the other half gets no residuals
             control_input, embeds = model_input.chunk(2)[1], context.chunk(2)[1]
             added = {k: v.chunk(2)[1] for k, v in added.items()}
-        elif cfg:
-            conditioning = [torch.cat([image] * 2) for image in conditioning]
         down, mid = pipe.controlnet(control_input, t, encoder_hidden_states=embeds,
                                     controlnet_cond=conditioning[0] if single else conditioning,
                                     conditioning_scale=step_scales[0] if single else step_scales,

@@ -33,15 +33,18 @@ class InpaintInputs:
     mask_pixels: torch.Tensor                   # [B, 1, H, W], the mask processor's
     mask: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)           # [B, 1, h, w] by size
     masked_latents: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    appended: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)   # channels(), made once a size
     image_latents: torch.Tensor | None = None   # a plain U-Net's blend: the clean image, and its noise
     noise: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
 
     def channels(self, size: tuple[int, int]) -> torch.Tensor:
-        if size not in self.mask:
-            self.mask[size] = F.interpolate(self.mask_pixels, size=size).to(self.masked_latents[self.full].dtype)
-            self.masked_latents[size] = F.interpolate(self.masked_latents[self.full], size=size, mode="area")
-        return torch.cat([self.mask[size], self.masked_latents[size]], dim=1)
+        if size not in self.appended:
+            if size not in self.mask:
+                self.mask[size] = F.interpolate(self.mask_pixels, size=size).to(self.masked_latents[self.full].dtype)
+                self.masked_latents[size] = F.interpolate(self.masked_latents[self.full], size=size, mode="area")
+            self.appended[size] = torch.cat([self.mask[size], self.masked_latents[size]], dim=1)
+        return self.appended[size]
 
     def blend(self, index: int, latents: torch.Tensor, scheduler: Any) -> torch.Tensor:
         known = self.image_latents
