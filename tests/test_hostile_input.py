@@ -608,6 +608,26 @@ def test_immutable_parent_fails_before_any_work(tmp_path, capsys, monkeypatch):
         subprocess.run(["chattr", "-i", str(parent)], check=True)
 
 
+def test_a_signal_right_after_the_partial_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM (raised by the CLI as an exception) landing after mkdtemp made the folder but before its name was
+    kept: the writer still removes it (once left behind in the default tier, 7 Dec)."""
+    import tempfile as tempfile_module
+
+    from postdiff_compile.exporters import atomic_dir as atomic
+
+    real = tempfile_module.mkdtemp
+
+    def interrupted(**kwargs):
+        real(**kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_dir(tmp_path / "art"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_stale_partial_of_a_live_process_is_kept(tmp_path):
     """Only folders whose owner is gone are removed: a live PID (ours) keeps its partial folder."""
     from postdiff_compile.exporters.atomic_dir import atomic_dir
