@@ -172,7 +172,9 @@ def test_attn_broadcast_equals_diffusers_pab_hook():
 
 # --- presets --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["sd3", "flux", pytest.param("flux_schnell", marks=pytest.mark.slow)])
+# flux in the slow tier for the default tier's budget (7 Dec): its presets run in test_flow_matching.py's default cases
+@pytest.mark.parametrize("family", ["sd3", pytest.param("flux", marks=pytest.mark.slow),
+                                    pytest.param("flux_schnell", marks=pytest.mark.slow)])
 def test_fast_preset_runs_and_differs_from_balanced(family):
     pipe = tiny_pipeline(family)
     steps = 4 if family == "flux_schnell" else 6
