@@ -105,8 +105,9 @@ _META_STORES: dict[str, VariantStore] = {}
 
 
 def _architecture(family: FamilySpec, denoiser_config: dict | None) -> str:
-    """The memo key of a denoiser architecture."""
-    return f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if denoiser_config else 'default'}"
+    """The memo key of a denoiser architecture: a checkpoint whose config is its family's shares the family's."""
+    custom = denoiser_config and dict(denoiser_config) != dict(family.config())
+    return f"{family.name}:{json.dumps(denoiser_config, sort_keys=True) if custom else 'default'}"
 
 
 def _memo(architecture: str, variant_id: str, cache_branch: int) -> tuple[str, str, int]:
