@@ -121,6 +121,18 @@ def residual_specs(config: Any, batch: int, height: int, width: int, dtype: torc
         [TensorSpec(CONTROLNET_MID, (batch, channels[-1], height, width), dtype)]
 
 
+def time_text_specs(config: Any, family: FamilySpec, batch: int, dtype: torch.dtype) -> list[TensorSpec]:
+    """SDXL's text_embeds (the pooled text) and time_ids: 6 for a base, 5 for a refiner (its aesthetic score), told
+    apart by the added embedding's input width less the family's pooled width (6 ids without one)."""
+    total, per_id = config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"]
+    pooled = family.pooled_text_width or total - 6 * per_id
+    ids, rest = divmod(total - pooled, per_id)
+    if rest or ids < 1:
+        raise PostDiffError(f"the added embedding takes {total} values: not {family.name}'s pooled text ({pooled}) and "
+                            f"whole time ids of {per_id}")
+    return [TensorSpec("text_embeds", (batch, pooled), dtype), TensorSpec("time_ids", (batch, ids), dtype)]
+
+
 def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket,
                 controlnet: bool = False) -> list[TensorSpec]:
     """The denoiser's inputs for one bucket, in export order; optional ones as its config asks for them, and the
@@ -135,8 +147,7 @@ def input_specs(denoiser: torch.nn.Module, family: FamilySpec, bucket: Bucket,
         # 1 = a real token, 0 = padding; the T5 prompts PixArt is trained on are padded to 120 tokens
         specs.append(TensorSpec("encoder_attention_mask", (b, bucket.text_length), dt))
     if config.get("addition_embed_type") == "text_time":   # SDXL's pooled text and size conditioning
-        text_embeds = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        specs += [TensorSpec("text_embeds", (b, text_embeds), dt), TensorSpec("time_ids", (b, 6), dt)]
+        specs += time_text_specs(config, family, b, dt)
     if config.get("time_cond_proj_dim"):   # LCM: the embedding of the guidance scale w
         specs.append(TensorSpec("timestep_cond", (b, config["time_cond_proj_dim"]), dt))
     if config.get("use_additional_conditions"):   # PixArt's resolution and aspect-ratio conditioning

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigRequest, PostDiffConfig
+from .controlnet_build import build_controlnets, controlnet_tensors
 from .errors import naming
 from .exporters.atomic_dir import atomic_dir
 from .exporters.formats import DEFAULT_FORMATS, Build, check_available, parse_formats
@@ -53,11 +54,12 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
                      resolution: tuple[int, int] | None = None, steps: int | None = None, force: bool = False,
                      dtype: str | None = None, prediction_type: str | None = None, progress: Progress | None = None,
                      formats: str | tuple[str, ...] = DEFAULT_FORMATS, max_batch: int = 1,
-                     family: str | None = None) -> CompileResult:
+                     family: str | None = None, controlnets: tuple = ()) -> CompileResult:
     """Compile `source` (a checkpoint path, a diffusers folder or a denoiser module) with `config` into the
     artifact folder `out`, written in a temporary folder beside it and moved into place when complete; with
     `max_batch` > 1 every variant also for calls of up to that many images (variant_build.batch_buckets);
-    `family` overrides detection (load_denoiser)."""
+    `family` overrides detection (load_denoiser); `controlnets` (ControlNetModel modules, one image per call) are
+    exported beside the variants, which then take their residuals (controlnet_build.py)."""
     out, formats, batches = Path(out), parse_formats(formats), batch_buckets(max_batch)
     # The target's lock and a writable temporary folder beside it before any slow work: a second compile into
     # the same folder, or an unusable location, fails now with one error.
@@ -66,7 +68,8 @@ def compile_artifact(source: Any, config: PostDiffConfig | ConfigRequest, out: s
         stages: dict[str, float] = {}
         manifest = _compile_into(tmp, source, config, resolution=resolution, steps=steps, dtype=dtype,
                                  prediction_type=prediction_type, family=family, formats=formats, batches=batches,
-                                 timed=timer(progress or Progress(), stages), stages=stages)
+                                 timed=timer(progress or Progress(), stages), stages=stages,
+                                 controlnets=list(controlnets))
         return CompileResult(out, manifest, time.perf_counter() - start, stages)
 
 
@@ -82,7 +85,7 @@ def timer(progress: Progress, stages: dict[str, float]):
 
 def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest, *, resolution, steps, dtype,
                   prediction_type, family, formats: tuple[str, ...], batches: tuple[int, ...], timed,
-                  stages: dict[str, float]) -> dict:
+                  stages: dict[str, float], controlnets: list) -> dict:
     check_available(formats)
     with timed("load"):
         loaded = load_denoiser(source, dtype=dtype, prediction_type=prediction_type, family=family)
@@ -110,9 +113,11 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
     build = Build(folder=tmp, formats=formats, device=device, dtype_name=dtype_name,
                   tolerance=VERIFY_TOLERANCE[dtype_name], reference=reference_of(loaded.dtype, device),
                   source=loaded.source, timed=timed, stages=stages)
-    builder = VariantBuilder(loaded.module, family, build, config.cache_branch)
+    builder = VariantBuilder(loaded.module, family, build, config.cache_branch, controlnet=bool(controlnets))
     with build:
-        build.write_weights(loaded.module)
+        build.write_weights(loaded.module, controlnet_tensors(controlnets))
+        # the ControlNet graphs first: a ControlNet that does not fit the U-Net fails before the variants' work
+        nets = build_controlnets(controlnets, plan, full_latent, family, build, loaded.dtype, batches, loaded.module)
         variants = [builder.entry(key, tag) for key, tag in variant_ids(plan, full_latent, loaded.dtype,
                                                                         batches).items()]
     ids = plan_ids(plan, full_latent, loaded.dtype, batches)
@@ -131,6 +136,7 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
         **({"batches": {str(b): ids[b] for b in batches[1:]}} if len(batches) > 1 else {}),
         "transition": transition,
         "variants": variants,
+        **({"controlnets": nets} if nets else {}),
         "weights": build.entries.get("weights"),
         "denoiser": {"class": family.denoiser_class, "config": loaded.detection.config, "dtype": dtype_name},
         "scheduler": scheduler,

@@ -54,6 +54,9 @@ def refit_artifact(artifact: str | Path, out: str | Path, *, weights: str | Path
     if "tensorrt" in manifest["formats"]:
         raise PostDiffError("TensorRT engines hold their own weights, built in; refit an artifact compiled without "
                             "--format tensorrt, or recompile", folder / MANIFEST)
+    if manifest.get("controlnets"):   # its weights file also holds the ControlNets', which refit would have to keep
+        raise PostDiffError("refit does not take artifacts compiled with ControlNets yet; recompile with the new "
+                            "weights", folder / MANIFEST)
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise PostDiffError("refit writes a new artifact: give --out another folder than the artifact", out)

@@ -94,12 +94,13 @@ def reference_of(dtype: torch.dtype, device: torch.device) -> str:
 class VariantBuilder:
     """Builds the variants of one denoiser, verifying each rewrite against eager (uses_twin says on what)."""
 
-    def __init__(self, module: torch.nn.Module, family, build: Build, cache_branch: int):
+    def __init__(self, module: torch.nn.Module, family, build: Build, cache_branch: int, controlnet: bool = False):
         self.module, self.family, self.build, self.cache_branch = module, family, build, cache_branch
         self.dtype = next(module.parameters()).dtype
         self.twin = uses_twin(self.dtype, build.device)
-        self.store = VariantStore(module, family)
-        self.check_store = VariantStore(copy.deepcopy(module).float(), family) if self.twin else None
+        self.store = VariantStore(module, family, controlnet=controlnet)   # controlnet: residuals are inputs
+        self.check_store = VariantStore(copy.deepcopy(module).float(), family, controlnet=controlnet) \
+            if self.twin else None
         self.memo: dict = {}   # per bucket: the verification inputs, eager outputs and oracle caches (check_variant)
 
     def entry(self, key: VariantKey, tag: str) -> dict:

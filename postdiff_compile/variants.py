@@ -145,7 +145,9 @@ def check_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modul
             memo[key] = (args, wrapper(*args).float(), {})
     args, expected, caches = memo[key]
     spec = variant.spec
-    needed = variant.inputs[len(args):]
+    # by name: a shallow variant of a ControlNet capture drops the residuals its layers do not add
+    named = dict(zip((s.name for s in captured.inputs), args))
+    needed = [name for name in variant.inputs if name not in named]
     with torch.no_grad():
         if any(name not in caches for name in needed):
             oracle_spec = VariantSpec("full", spec.deep == "shallow",
@@ -154,7 +156,7 @@ def check_variant(captured: Captured, variant: Variant, denoiser: torch.nn.Modul
             oracle = build_variant(captured, oracle_spec, cache_branch, root)
             _, *written = oracle(*args)
             caches.update(zip(oracle.outputs[1:], written))
-        inputs = args + tuple(caches[name] for name in needed)
+        inputs = tuple(named[name] if name in named else caches[name] for name in variant.inputs)
         outputs = tuple(variant(*inputs))
     if not spec.reads:
         caches.update(zip(variant.outputs[1:], outputs[1:]))

@@ -127,6 +127,40 @@ def test_cpp_runner_equals_the_python_runtime(runner_binary, artifacts, embeddin
         assert rel_l2(load_file(str(tmp_path / "other.safetensors"))["latents"], got) > 1e-2
 
 
+def test_cpp_runner_runs_a_controlnet_artifact(runner_binary, tmp_path):
+    """A ControlNet (test_controlnet.py's) with `quality`: the low-resolution steps resize the control image (nearest,
+    as diffusers' image processor resizes a tensor); the scale and guidance window. The C++ runner equals the Python
+    runner, which equals optimize(pipe) (test_controlnet_artifact.py). One ControlNet: each graph is an AOTInductor
+    compile (two ControlNets made it six, 311 s here); the sum over several is the Python runners' test."""
+    from test_controlnet import SIZE, _images, make_pipes
+
+    pipe = make_pipes()[0]
+    out = compile_artifact(pipe.unet, ConfigRequest("quality"), tmp_path / "cn", resolution=(SIZE, SIZE), steps=8,
+                           formats="pt2,aoti", controlnets=[pipe.controlnet]).out
+    cond, uncond = text_embeddings(1, 77, 768, seed=5)
+    image = _images(1)
+    kw = dict(controlnet_conditioning_scale=0.7, control_guidance_start=0.1, control_guidance_end=0.8)
+    expected = postdiff_compile.load(out, "torch")(cond, uncond, seed=3, guidance_scale=6.0, control_image=image, **kw)
+    path = write_embeddings(tmp_path / "in.safetensors", {"prompt_embeds": cond, "negative_prompt_embeds": uncond,
+                                                          "control_image": image})
+    flags = ["--seed", "3", "--guidance-scale", "6.0", "--control-guidance-start", "0.1", "--control-guidance-end",
+             "0.8"]
+    done = run_cpp(runner_binary, out, path, tmp_path / "latents.safetensors", *flags, "--controlnet-scale", "0.7")
+    assert done.returncode == 0, done.stderr
+    got = load_file(str(tmp_path / "latents.safetensors"))["latents"]
+    assert got.shape == expected.shape and rel_l2(got, expected) <= 1e-5, rel_l2(got, expected)
+    # the scale reaches the C++ loop; a missing control image and a scale per missing ControlNet are one error each
+    done = run_cpp(runner_binary, out, path, tmp_path / "other.safetensors", *flags, "--controlnet-scale", "0")
+    assert done.returncode == 0, done.stderr
+    assert rel_l2(load_file(str(tmp_path / "other.safetensors"))["latents"], got) > 1e-3
+    done = run_cpp(runner_binary, out, path, tmp_path / "x.safetensors", "--controlnet-scale", "0.7,0.4")
+    assert done.returncode == 2 and "one per ControlNet (1), got 2" in done.stderr, done.stderr
+    bare = write_embeddings(tmp_path / "bare.safetensors", {"prompt_embeds": cond, "negative_prompt_embeds": uncond})
+    done = run_cpp(runner_binary, out, bare, tmp_path / "x.safetensors")
+    assert done.returncode == 2 and "compiled with 1 ControlNet(s): it needs control_image of shape [1, 3, 96, 96]" \
+        in done.stderr, done.stderr
+
+
 # Families whose runs use what the SD1.5/DDIM artifacts above do not: Euler (input scaling, a sigma-space
 # transition) with SDXL's added conditioning; LCM (noise drawn inside the scheduler's step, the guidance
 # embedding, no CFG); PixArt (DPM-Solver++ history, attention masks, learned variance, the block cache); the

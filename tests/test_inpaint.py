@@ -141,3 +141,37 @@ def test_inpainting_on_an_artifact_equals_optimize_pipe(inpaint9, inpaint_artifa
     assert rel_l2(got, expected) <= (1e-5 if backend == "torch" else 1e-4)
     with pytest.raises(PostDiffError, match="takes 9 input channels \\(an inpainting U-Net\\): pass mask"):
         runner(cond, uncond)
+
+
+# A plain U-Net's inpainting on an artifact: `balanced` (DeepCache after the switch) at strength 0.6, whose window
+# (steps 4-7 of 8) starts at the switch, as test_a_plain_unet_keeps_the_unmasked_region; pure noise at strength 1
+# runs low-resolution steps, which the blend cannot follow: refused as optimize(pipe) refuses it.
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
+def test_a_plain_unet_inpaints_on_an_artifact_as_optimize_pipe(inpaint4, tmp_path, backend):
+    import postdiff_compile
+    from postdiff_compile.compile import compile_artifact
+    from postdiff_compile.config import ConfigRequest
+
+    folder = compile_artifact(inpaint4.unet, ConfigRequest("balanced"), tmp_path / "plain", resolution=(SIZE, SIZE),
+                              steps=STEPS, formats="pt2,onnx" if backend == "onnxruntime" else "pt2").out
+    image = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 24:72, 24:72] = 1.0
+    cond, uncond = text_embeddings(1)
+    optimize(inpaint4, "balanced")
+    try:
+        # masked_image_latents: a 4-channel U-Net does not read them, but given latents for `image`, diffusers
+        # cannot mask the image in pixel space without them
+        expected = inpaint4(image=image, mask_image=mask, masked_image_latents=image, strength=0.6, prompt_embeds=cond,
+                            negative_prompt_embeds=uncond, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
+                            width=SIZE, output_type="latent", generator=torch.Generator().manual_seed(3)).images
+    finally:
+        restore(inpaint4)
+    runner = postdiff_compile.load(folder, backend)
+    small = torch.nn.functional.interpolate(mask, size=(12, 12))
+    got = runner(cond, uncond, seed=3, guidance_scale=7.5, image_latents=image, strength=0.6, mask=small)
+    assert got.shape == expected.shape == (1, 4, 12, 12)
+    assert rel_l2(got, expected) <= (1e-5 if backend == "torch" else 1e-4)
+    assert rel_l2(got[..., :3, :], image[..., :3, :]) <= 1e-5   # the blend kept the known rows
+    with pytest.raises(PostDiffError, match="mixed resolution needs an inpainting U-Net"):
+        runner(cond, uncond, seed=3, image_latents=image, strength=1.0, mask=small)

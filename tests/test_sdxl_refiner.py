@@ -123,3 +123,60 @@ def test_a_base_artifact_stops_at_denoising_end_as_optimize_pipe_does(pipes, tmp
     finally:
         restore(base)
     assert got.shape == expected.shape and rel_l2(got, expected) <= 1e-5
+
+
+# A refiner artifact: its U-Net takes 5 time ids (the aesthetic score, 6.0 and 2.5 for the negative half, filled in
+# by the runner as the img2img pipeline does), and `denoising_start` continues the base's noisy latents without
+# noising them. Against optimize(pipe) on StableDiffusionXLImg2ImgPipeline given the same latents: the window (steps
+# 7-9 of 10) is after every preset's switch, so a preset runs full resolution with its caches there: `fast` has
+# every cache quality and balanced have (measured passing, 7 Dec: each about 100 s here, for low-resolution
+# variants the window never runs). Slow tier: SDXL compiles (`none` 28 s); the default tier checks the refiner's
+# inputs (test_the_refiners_time_ids_are_told_from_the_pooled_width).
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["none", "fast"])
+def test_a_refiner_artifact_continues_the_base_as_optimize_pipe_does(pipes, tmp_path, preset):
+    import postdiff_compile
+    from postdiff_compile.compile import compile_artifact
+    from postdiff_compile.config import ConfigRequest
+    from postdiff_compile.schedulers import make_scheduler
+
+    base, refiner = pipes
+    formats = "pt2" if preset == "none" else "pt2,onnx"
+    out = compile_artifact(refiner.unet, ConfigRequest(preset), tmp_path / "refiner", resolution=(SIZE, SIZE),
+                           steps=STEPS, formats=formats).out
+    runner = postdiff_compile.load(out, "torch")
+    assert runner.input_shapes["time_ids"] == [2, 5] and runner.input_shapes["text_embeds"] == [2, 1280]
+    latents = base(height=SIZE, width=SIZE, denoising_end=SPLIT, **_args()).images
+    scheduler = refiner.scheduler
+    refiner.scheduler = make_scheduler(runner.manifest["scheduler"])
+    optimize(refiner, preset)
+    try:
+        expected = refiner(image=latents, denoising_start=SPLIT, **_args()).images
+    finally:
+        restore(refiner)
+        refiner.scheduler = scheduler
+    embeds = pipeline_embeds("sdxl")
+    for backend in formats.replace("pt2", "torch").replace("onnx", "onnxruntime").split(","):
+        got = postdiff_compile.load(out, backend)(
+            embeds["prompt_embeds"], embeds["negative_prompt_embeds"], seed=0, guidance_scale=5.0,
+            added_cond={"text_embeds": embeds["pooled_prompt_embeds"]},
+            negative_added_cond={"text_embeds": embeds["negative_pooled_prompt_embeds"]}, image_latents=latents,
+            denoising_start=SPLIT)
+        assert got.shape == expected.shape == (1, 4, SIZE // 8, SIZE // 8)
+        assert rel_l2(got, expected) <= (1e-5 if backend == "torch" else 1e-4), backend
+    assert rel_l2(expected, latents) > 1e-3   # the refiner's steps ran
+
+
+def test_the_refiners_time_ids_are_told_from_the_pooled_width(pipes):
+    """The added embedding's input is the pooled text (SDXL's 1280) and the time ids: 6 for a base, 5 for a refiner."""
+    from postdiff_compile.capture import time_text_specs
+    from postdiff_compile.models.families import get_family
+
+    base, refiner = pipes
+    sdxl = get_family("sdxl")
+    for unet, ids in ((base.unet, 6), (refiner.unet, 5)):
+        text, time = time_text_specs(unet.config, sdxl, 2, torch.float32)
+        assert (text.shape, time.shape) == ((2, 1280), (2, ids))
+    with pytest.raises(PostDiffError, match="not sdxl's pooled text \\(1280\\) and whole time ids of 256"):
+        time_text_specs(dict(refiner.unet.config, projection_class_embeddings_input_dim=1280 + 5 * 256 + 8), sdxl, 2,
+                        torch.float32)

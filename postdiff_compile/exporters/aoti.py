@@ -14,7 +14,7 @@ import torch
 
 from ..errors import PostDiffError
 from .formats import VariantJob, major_minor
-from .manifest import MANIFEST, file_entry
+from .manifest import MANIFEST, file_entry, graph_entries
 from .weights_file import FILE, PARAM_PREFIX
 
 
@@ -84,7 +84,7 @@ def check_toolchain(folder: Path, manifest: dict, device: torch.device) -> None:
     if major_minor(built) != major_minor(torch.__version__):
         raise PostDiffError(f"the AOTInductor packages were compiled with torch {built}, this is torch "
                             f"{torch.__version__}; recompile with --format aoti here", Path(folder) / MANIFEST)
-    for variant in manifest["variants"]:
+    for variant in graph_entries(manifest):
         package = variant["files"]["aoti"]
         if package["device"] != device.type:
             raise PostDiffError(f"the AOTInductor package was compiled for {package['device']}, asked to run "

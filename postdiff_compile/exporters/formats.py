@@ -103,14 +103,15 @@ class Build:
     state: dict[str, Any] = field(default_factory=dict)         # a format's own per-build state, by its name
     weights: Any = None                 # weights_file.WrittenWeights, once write_weights ran
 
-    def write_weights(self, module: torch.nn.Module) -> None:
-        """The artifact's one weights file, before any graph: every format's graphs point into it."""
+    def write_weights(self, module: torch.nn.Module, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """The artifact's one weights file, before any graph: every format's graphs point into it. `extra`: other
+        graphs' tensors by the names those graphs give them (ControlNets: controlnet_build.controlnet_tensors)."""
         from .hashing import file_entry
         from .weights_file import FILE, NAMES, WrittenWeights, denoiser_tensors, write_weights
 
         with self.timed("write weights"):
             path = self.folder / FILE
-            write_weights(path, denoiser_tensors(module))
+            write_weights(path, {**denoiser_tensors(module), **(extra or {})})
             self.weights = WrittenWeights(path)
             self.entries["weights"] = {**file_entry(path), "tensors": len(self.weights.index), "names": NAMES}
 

@@ -130,9 +130,14 @@ def read_manifest(folder: Path, public_key=None) -> dict:
     return data
 
 
+def graph_entries(manifest: dict) -> list[dict]:
+    """Every graph's entry (id, inputs, outputs, files): the denoiser variants, then the ControlNets' graphs."""
+    return [*manifest["variants"], *(g for net in manifest.get("controlnets") or [] for g in net["graphs"])]
+
+
 def listed_files(manifest: dict) -> Iterator[tuple[str, dict]]:
     """(what, entry) for every file the manifest lists with a sha256."""
-    for variant in manifest["variants"]:
+    for variant in graph_entries(manifest):
         for fmt, entry in variant["files"].items():
             yield f"{fmt} graph of variant {variant['id']}", entry
     if manifest["weights"] is not None:

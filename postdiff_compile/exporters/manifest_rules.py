@@ -59,6 +59,7 @@ def check_consistency(m: dict, path: Path) -> None:
             raise bad(f"plan/{i}/variant", f"{step['variant']!r}, but variant {variant['id']!r} is a "
                       f"{variant['name']!r} variant, which does not run it")
     _check_batches(m, variants, bad)
+    _check_controlnets(m, variants, bad)
     _check_weights(m, bad)
     low = sum(step["resolution"] == "low" for step in plan)
     if low == steps:
@@ -88,6 +89,35 @@ def check_consistency(m: dict, path: Path) -> None:
 SHARED_WEIGHTS = ("pt2", "onnx", "aoti")
 
 
+def _check_controlnets(m: dict, variants: dict, bad) -> None:
+    """ControlNets in order, each graph once and in every format, with the residuals the variants take as outputs;
+    variants that take residuals only with a ControlNet to make them."""
+    from ..capture import CONTROLNET_DOWN, CONTROLNET_MID
+
+    takes = {t["name"] for v in variants.values() for t in v["inputs"]
+             if t["name"].startswith((CONTROLNET_DOWN, CONTROLNET_MID))}
+    nets = m.get("controlnets") or []
+    if takes and not nets:
+        raise bad("variants", "the variants take ControlNet residuals, but the manifest has no controlnets")
+    ids = set(variants)
+    for n, net in enumerate(nets):
+        if net["index"] != n:
+            raise bad(f"controlnets/{n}/index", f"{net['index']}, expected {n}")
+        for g, graph in enumerate(net["graphs"]):
+            where = f"controlnets/{n}/graphs/{g}"
+            if graph["id"] in ids or not graph["id"].startswith(f"controlnet{n}@"):
+                raise bad(f"{where}/id", f"{graph['id'][:100]!r} appears twice or names another ControlNet")
+            ids.add(graph["id"])
+            for fmt in set(m["formats"]) & set(FORMATS):
+                if fmt not in graph["files"]:
+                    raise bad(f"{where}/files", f"no {fmt} file, but formats lists {fmt}")
+            names = [t["name"] for t in graph["inputs"]]
+            if names[0] != "sample" or "controlnet_cond" not in names or "timestep" not in names:
+                raise bad(f"{where}/inputs", "a ControlNet graph takes sample first, timestep and controlnet_cond")
+            if not takes <= {t["name"] for t in graph["outputs"]}:
+                raise bad(f"{where}/outputs", "not every residual the variants take")
+
+
 def _check_weights(m: dict, bad) -> None:
     from .weights_file import FILE
 
@@ -95,7 +125,8 @@ def _check_weights(m: dict, bad) -> None:
         return
     if m["weights"] is None or m["weights"]["file"] != FILE:
         raise bad("weights", f"a format-2 artifact keeps its weights in {FILE}")
-    for i, v in enumerate(m["variants"]):
+    graphs = [*m["variants"], *(g for net in m.get("controlnets") or [] for g in net["graphs"])]
+    for i, v in enumerate(graphs):
         for fmt in SHARED_WEIGHTS:
             if fmt in v["files"] and v["files"][fmt].get("weights") != FILE:
                 raise bad(f"variants/{i}/files/{fmt}/weights", f"{str(v['files'][fmt].get('weights'))[:80]!r}, but "

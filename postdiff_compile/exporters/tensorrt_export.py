@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import PostDiffError
 from .formats import Build, VariantJob
-from .manifest import file_entry
+from .manifest import file_entry, graph_entries
 
 NEEDS = ("TensorRT engines need the `tensorrt` Python package (pip install tensorrt) and an NVIDIA GPU with "
          "CUDA; use --format pt2,onnx on this machine")
@@ -157,7 +157,7 @@ def write(job: VariantJob) -> dict:
 def check_toolchain(folder: Path, manifest: dict, device) -> None:
     check_tensorrt()
     here = device_key()
-    for variant in manifest["variants"]:
+    for variant in graph_entries(manifest):
         engine = variant["files"]["tensorrt"]
         for key in ("tensorrt", "compute_capability"):
             if engine[key] != here[key]:

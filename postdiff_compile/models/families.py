@@ -118,6 +118,10 @@ class FamilySpec:
     # The released pipeline's default guidance scale (LatentConsistencyModelPipeline's 8.5; FLUX-dev's guidance
     # embedding takes it as an input); an artifact's runner defaults to it.
     default_guidance: float = 7.5
+    # SDXL: the pooled text embedding's width (text_encoder_2's projection); the rest of the U-Net's added
+    # embedding input is the time ids, 6 for a base (sizes and crop) and 5 for a refiner (the aesthetic score
+    # instead of the target size). 0: no pooled text (capture.input_specs).
+    pooled_text_width: int = 0
 
     def __post_init__(self) -> None:
         if self.denoiser_class not in DENOISER_KINDS:
@@ -202,7 +206,8 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("sd2", "UNet2DConditionModel", "sd2_unet.json", "sd2_scheduler.json", "v_prediction", 1024, 77,
                    head_width=64, prediction_from_weights=True),
         FamilySpec("sdxl", "UNet2DConditionModel", "sdxl_unet.json", "sdxl_scheduler.json", "epsilon", 2048, 77,
-                   head_width=64, depth_per_level=True, lora_loader="StableDiffusionXLPipeline"),
+                   head_width=64, depth_per_level=True, lora_loader="StableDiffusionXLPipeline",
+                   pooled_text_width=1280),
         FamilySpec("pixart_alpha", "PixArtTransformer2DModel", "pixart_alpha_transformer.json",
                    "pixart_alpha_scheduler.json", "epsilon", 4096, 120, latent_multiple=2, lora_loader=""),
         # LCM-distilled U-Nets (SimianLuo/LCM_Dreamshaper_v7, latent-consistency/lcm-sdxl): the base family's
@@ -211,7 +216,7 @@ FAMILIES: dict[str, FamilySpec] = {
                    guidance_embedding=256, default_steps=4, default_guidance=8.5),
         FamilySpec("lcm_sdxl", "UNet2DConditionModel", "sdxl_unet.json", "lcm_scheduler.json", "epsilon", 2048, 77,
                    guidance_embedding=256, default_steps=4, default_guidance=8.5, head_width=64, depth_per_level=True,
-                   lora_loader="StableDiffusionXLPipeline"),
+                   lora_loader="StableDiffusionXLPipeline", pooled_text_width=1280),
         # The reference model trained here (postdiff_compile/lab/reference): pixel space, 32x32, two downsamples.
         FamilySpec("scenes32", "UNet2DConditionModel", "scenes32_unet.json", "scenes32_scheduler.json", "epsilon",
                    128, 24, vae_scale_factor=1, latent_multiple=4, max_latent=128),

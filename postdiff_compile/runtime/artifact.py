@@ -16,12 +16,13 @@ import torch
 from ..capture import Bucket, flux_position_ids
 from ..errors import PostDiffError
 from ..exporters.formats import FORMATS, of_backend
-from ..exporters.manifest import MANIFEST, check_files, read_manifest
+from ..exporters.manifest import MANIFEST, check_files, graph_entries, read_manifest
 from ..exporters.weights_file import artifact_weights
 from ..plan import Plan
 from ..models.families import get_family
 from ..schedulers import alpha_bars, make_scheduler, transition_levels
 from .backends import BackendVariant, open_variant
+from .artifact_controlnet import ArtifactControlNets
 from .artifact_img2img import sample_from_image
 from .denoise import sample
 
@@ -56,11 +57,10 @@ class _Variants:
         return self.by_key[key]
 
 
-def _open_variants(folder: Path, manifest: dict, backend: str, device: torch.device) -> _Variants:
+def _open_variants(folder: Path, manifest: dict, backend: str, device: torch.device, weights) -> _Variants:
     """Each plan step's variant name at its bucket -> the opened variant its variant_id names (one variant may run
     steps of several names: variant_build.served_keys)."""
     entries = {v["id"]: v for v in manifest["variants"]}
-    weights = artifact_weights(folder, manifest)
     opened = {i: open_variant(backend, folder, v, device, weights) for i, v in entries.items()}
     by_key = {}
     buckets = [[step["variant_id"] for step in manifest["plan"]], *manifest.get("batches", {}).values()]
@@ -81,7 +81,9 @@ class ArtifactRunner:
             self.plan = Plan.from_manifest(manifest)
         except PostDiffError as err:
             raise PostDiffError(str(err), self.folder / MANIFEST) from None
-        self.variants = _open_variants(folder, manifest, backend, device)
+        weights = artifact_weights(folder, manifest)
+        self.variants = _open_variants(folder, manifest, backend, device, weights)
+        self.controlnets = ArtifactControlNets(folder, manifest, backend, device, weights)
         first = manifest["variants"][0]["inputs"]
         self.latent_input = first[0]["name"]
         self.latent_channels = first[0]["shape"][1]
@@ -148,9 +150,10 @@ class ArtifactRunner:
         n = len(seeds)
         if n < 1:
             raise PostDiffError("run_batch needs at least one seed (one per image)")
-        if self.added_inputs:
-            raise PostDiffError(f"this artifact's denoiser takes {', '.join(self.added_inputs)}: call it one image "
-                                "at a time (batched calls cover denoisers that take the text embeddings alone)")
+        if self.added_inputs or len(self.controlnets):
+            takes = ", ".join(self.added_inputs) or "ControlNet residuals"
+            raise PostDiffError(f"this artifact's denoiser takes {takes}: call it one image at a time (batched calls "
+                                "cover denoisers that take the text embeddings alone)")
         fits = [b for b in self.batches if b >= n]
         if not fits:
             raise PostDiffError(f"{n} images in one call, but the artifact was compiled for at most "
@@ -176,16 +179,31 @@ class ArtifactRunner:
                          timestep_kwargs=self.timing)
         return latents[:n]
 
-    def default_added_cond(self, guidance_scale: float) -> dict[str, torch.Tensor]:
+    def _residuals(self, image, scale, start, end, from_image: bool):
+        if not len(self.controlnets):
+            raise PostDiffError("control_image given, but the artifact was compiled without a ControlNet",
+                                self.folder / MANIFEST)
+        if image is None:
+            raise PostDiffError(f"the artifact was compiled with {len(self.controlnets)} ControlNet(s): pass "
+                                "control_image", self.folder / MANIFEST)
+        if from_image:   # as optimize(pipe), which refuses StableDiffusionControlNetImg2Img/InpaintPipeline
+            raise PostDiffError("a ControlNet artifact runs text-to-image only: image_latents and mask are not "
+                                "supported with control_image yet")
+        return self.controlnets.residuals(image, scale, start, end, device=self.device, dtype=self.dtype)
+
+    def default_added_cond(self, guidance_scale: float, negative: bool = False) -> dict[str, torch.Tensor]:
         """Added inputs the runner fills in as the diffusers pipelines do for a full-size request: SDXL's
-        time_ids (original size = target size = the artifact's resolution, no crop), PixArt's resolution and
+        time_ids (original size = target size = the artifact's resolution, no crop; a refiner's 5: the aesthetic
+        score instead of the target size, 6.0 and for the `negative` half 2.5), PixArt's resolution and
         aspect ratio, and LCM's guidance embedding (from `guidance_scale`). Pooled text embeddings (SDXL's
         text_embeds) and PixArt's attention masks come from the text encoder with the embeddings and must be
         given: an all-ones mask would let the prompt attend to its padding, which diffusers never does."""
         from .conditioning import guidance_embedding
 
         h, w = self.manifest["resolution"]["height"], self.manifest["resolution"]["width"]
-        defaults = {"time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
+        refiner = self.input_shapes.get("time_ids", [1, 6])[1] == 5
+        defaults = {"time_ids": torch.tensor([[h, w, 0, 0, *((2.5 if negative else 6.0,) if refiner else (h, w))]],
+                                             dtype=torch.float32),
                     "resolution": torch.tensor([[h, w]], dtype=torch.float32),
                     "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32)}
         if "timestep_cond" in self.input_shapes:
@@ -216,11 +234,16 @@ class ArtifactRunner:
                  guidance_scale: float | None = None, on_step=None, image_latents: torch.Tensor | None = None,
                  strength: float = 0.8, mask: torch.Tensor | None = None,
                  masked_image_latents: torch.Tensor | None = None,
-                 denoising_end: float | None = None) -> torch.Tensor:
+                 denoising_end: float | None = None, denoising_start: float | None = None,
+                 control_image=None, controlnet_conditioning_scale=1.0,
+                 control_guidance_start=0.0, control_guidance_end=1.0) -> torch.Tensor:
         """Latents [1, C, H, W] of one image. Without a generator, `seed` (default 0) seeds one on the device.
         With `image_latents` (an encoded image, scaled), image-to-image at `strength`; with `mask` and
         `masked_image_latents` too, inpainting on an inpainting U-Net's artifact; `denoising_end` stops early, as
-        an SDXL base for its refiner (artifact_img2img.py).
+        an SDXL base for its refiner, and `denoising_start` starts late from `image_latents` as the refiner does
+        (artifact_img2img.py). An artifact compiled with ControlNets takes
+        `control_image` (one per ControlNet: a PIL image or a [1, 3, H, W] tensor in [0, 1]) and the ControlNet
+        pipeline's scale and guidance window (artifact_controlnet.py).
 
         `added_cond` / `negative_added_cond` hold the added inputs of the positive and negative halves; a key
         missing from `negative_added_cond` takes the positive value where diffusers shares it (time ids,
@@ -242,7 +265,11 @@ class ArtifactRunner:
             # Without CFG the negative half only feeds the steps that read the cross-attention cache, where
             # it is the positive one (no negative prompt exists).
             shared = set(defaults) if self.cfg else set(self.added_inputs)
-            given_negative = {**{k: given[k] for k in shared if k in given}, **(negative_added_cond or {})}
+            negative_defaults = self.default_added_cond(guidance_scale, negative=True)   # differ for a refiner
+
+            def pick(k):   # a positive value given by the caller carries over to the negative half
+                return given[k] if k in (added_cond or {}) else negative_defaults.get(k, given[k])
+            given_negative = {**{k: pick(k) for k in shared if k in given}, **(negative_added_cond or {})}
             negative_added = {k: self._check_embeds(f"negative {k}", given_negative.get(k), specs[k])
                               for k in self.added_inputs}
         if generator is None:
@@ -251,10 +278,14 @@ class ArtifactRunner:
                             added_cond=added, negative_added_cond=negative_added,
                             shared_inputs=self.shared_inputs if any(n in self.input_shapes for n in SHARED_INPUTS)
                             else None)
-        if image_latents is not None or mask is not None or denoising_end is not None:
+        if len(self.controlnets) or control_image is not None:
+            conditioning["residuals"] = self._residuals(control_image, controlnet_conditioning_scale,
+                                                        control_guidance_start, control_guidance_end,
+                                                        image_latents is not None or mask is not None)
+        if image_latents is not None or mask is not None or denoising_end is not None or denoising_start is not None:
             return sample_from_image(self, image_latents, strength, generator=generator, on_step=on_step, mask=mask,
                                      masked_image_latents=masked_image_latents, denoising_end=denoising_end,
-                                     **conditioning)
+                                     denoising_start=denoising_start, **conditioning)
         if self.latent_channels == 9:
             raise PostDiffError("this artifact's U-Net takes 9 input channels (an inpainting U-Net): pass mask and "
                                 "masked_image_latents (and image_latents below strength 1)", self.folder / MANIFEST)
@@ -268,7 +299,7 @@ class ArtifactRunner:
 def check_contents(folder: Path, manifest: dict) -> None:
     """What each backend checks before it opens a file, for every file: .pt2 programs read as data only, ONNX
     graphs reading only the shared weights file. `inspect` runs it; `load` checks the files it opens."""
-    for variant in manifest["variants"]:
+    for variant in graph_entries(manifest):
         for fmt, entry in variant["files"].items():
             check = getattr(FORMATS[fmt].impl(), "check_file", None)
             if check is not None:

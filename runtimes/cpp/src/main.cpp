@@ -2,13 +2,16 @@
 //
 //   postdiff-run ARTIFACT --embeddings IN.safetensors --out LATENTS.safetensors [--seed N]
 //                [--guidance-scale G] [--device cpu|cuda] [--step-times] [--repeat N]
+//                [--controlnet-scale S[,S...]] [--control-guidance-start A[,A...]] [--control-guidance-end B[,B...]]
 //
 // Exit status: 0 done; 2 bad input (artifact, embeddings, arguments), with one line naming the problem and
 // the file; 1 anything else (a failure inside torch).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "postdiff/runner.h"
 
@@ -17,11 +20,15 @@ namespace {
 const char* kUsage =
     "usage: postdiff-run ARTIFACT --embeddings IN.safetensors --out LATENTS.safetensors [--seed N]\n"
     "                    [--guidance-scale G] [--device cpu|cuda] [--step-times] [--repeat N]\n"
+    "                    [--controlnet-scale S[,S...]] [--control-guidance-start A[,A...]]\n"
+    "                    [--control-guidance-end B[,B...]]\n"
     "IN holds prompt_embeds [1, L, D], negative_prompt_embeds (artifacts with classifier-free guidance) and\n"
     "any added conditioning the artifact takes (SDXL text_embeds, SD3/FLUX pooled_projections, ...; negative_<name>\n"
     "for the negative half); LATENTS gets `latents` [1, C, H, W]. --guidance-scale defaults to the family's\n"
     "(7.5; LCM 8.5, SD3 7.0, FLUX 3.5). --step-times prints each step's time (and its package call's) to\n"
-    "stderr; --repeat N generates N times (for timing; same result).\n";
+    "stderr; --repeat N generates N times (for timing; same result). An artifact compiled with ControlNets\n"
+    "takes control_image (control_image_1, ... for more) [1, 3, H, W] in [0, 1] in IN, and the ControlNet\n"
+    "pipeline's scale and guidance window: one value for every ControlNet or one per ControlNet.\n";
 
 struct Args {
   std::string artifact, embeddings, out, device = "cpu";
@@ -29,7 +36,24 @@ struct Args {
   std::optional<double> guidance_scale;
   bool step_times = false;
   int repeat = 1;
+  std::vector<double> controlnet_scales, control_guidance_start, control_guidance_end;
 };
+
+// "0.7,0.4" -> {0.7, 0.4}; each item a whole number.
+std::vector<double> numbers(const std::string& text) {
+  std::vector<double> values;
+  size_t begin = 0;
+  while (true) {
+    const size_t comma = text.find(',', begin);
+    const std::string item = text.substr(begin, comma == std::string::npos ? std::string::npos : comma - begin);
+    size_t used = 0;
+    const double value = std::stod(item, &used);
+    if (used != item.size()) throw std::invalid_argument(item);
+    values.push_back(value);
+    if (comma == std::string::npos) return values;
+    begin = comma + 1;
+  }
+}
 
 Args parse(int argc, char** argv) {
   Args args;
@@ -54,6 +78,9 @@ Args parse(int argc, char** argv) {
       else if (arg == "--guidance-scale")
         args.guidance_scale = whole(value("--guidance-scale"), [](const std::string& t, size_t* n) { return std::stod(t, n); });
       else if (arg == "--device") args.device = value("--device");
+      else if (arg == "--controlnet-scale") args.controlnet_scales = numbers(value("--controlnet-scale"));
+      else if (arg == "--control-guidance-start") args.control_guidance_start = numbers(value("--control-guidance-start"));
+      else if (arg == "--control-guidance-end") args.control_guidance_end = numbers(value("--control-guidance-end"));
       else if (arg == "--step-times") args.step_times = true;
       else if (arg == "--repeat")
         args.repeat = whole(value("--repeat"), [](const std::string& t, size_t* n) { return std::stoi(t, n); });
@@ -86,6 +113,9 @@ int main(int argc, char** argv) {
     options.seed = args.seed;
     options.guidance_scale = args.guidance_scale;
     options.print_step_times = args.step_times;
+    options.controlnet_scales = args.controlnet_scales;
+    options.control_guidance_start = args.control_guidance_start;
+    options.control_guidance_end = args.control_guidance_end;
     torch::Tensor latents;
     try {
       for (int i = 0; i < args.repeat; ++i) {

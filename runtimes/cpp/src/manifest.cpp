@@ -172,6 +172,37 @@ void check_table(const Manifest& m) {
   }
 }
 
+// One AOTInductor package's entry at JSON pointer `at` (a variant or a ControlNet graph): its tensors, and its file
+// checked (a plain name, compiled for `device`, present, its size and sha256, the weights file it reads).
+VariantEntry package_entry(const json& doc, const std::string& at, const Manifest& m, const std::string& device,
+                           int version, bool verify_files) {
+  VariantEntry v;
+  v.id = field<std::string>(doc, at + "/id", m.path);
+  v.inputs = tensor_specs(doc, at + "/inputs", m.path);
+  v.outputs = tensor_specs(doc, at + "/outputs", m.path);
+  check_tensor_specs(v, m.path);
+  const std::string file = field<std::string>(doc, at + "/files/aoti/file", m.path);
+  if (file.empty() || file.find('/') != std::string::npos || file[0] == '.' || file.size() > 200)
+    throw Error("malformed manifest: file name " + file + " is not a plain name", m.path);
+  const std::string built_for = field<std::string>(doc, at + "/files/aoti/device", m.path);
+  if (built_for != device)
+    throw Error("compiled for " + built_for + ", asked to run on " + device, (fs::path(m.folder) / file).string());
+  v.package = (fs::path(m.folder) / file).string();
+  if (fs::is_symlink(v.package)) throw Error("the AOTInductor package is a symbolic link", v.package);
+  if (!fs::is_regular_file(v.package)) throw Error("the AOTInductor package is missing", v.package);
+  const auto bytes = field<uint64_t>(doc, at + "/files/aoti/bytes", m.path);
+  if (fs::file_size(v.package) != bytes)
+    throw Error("has " + std::to_string(fs::file_size(v.package)) + " bytes, the manifest says " +
+                    std::to_string(bytes) + ": damaged or replaced",
+                v.package);
+  if (verify_files && sha256_file(v.package) != field<std::string>(doc, at + "/files/aoti/sha256", m.path))
+    throw Error("sha256 differs from the manifest's: damaged or replaced", v.package);
+  // Format 2: the package holds no weights; it names the artifact's weights file, loaded at open.
+  if (version >= 2 && field<std::string>(doc, at + "/files/aoti/weights", m.path) != "weights.safetensors")
+    throw Error("malformed manifest: " + at + "/files/aoti/weights is not weights.safetensors", m.path);
+  return v;
+}
+
 }  // namespace
 
 void read_fields(const json& doc, Manifest& m, const std::string& device, bool verify_files) {
@@ -335,33 +366,36 @@ void read_fields(const json& doc, Manifest& m, const std::string& device, bool v
   check_table(m);
   const auto variants = field<json>(doc, "/variants", m.path);
   if (!variants.is_array() || variants.empty()) throw Error("malformed manifest: /variants is empty", m.path);
-  for (size_t i = 0; i < variants.size(); ++i) {
-    const std::string at = "/variants/" + std::to_string(i);
-    VariantEntry v;
-    v.id = field<std::string>(doc, at + "/id", m.path);
-    v.inputs = tensor_specs(doc, at + "/inputs", m.path);
-    v.outputs = tensor_specs(doc, at + "/outputs", m.path);
-    check_tensor_specs(v, m.path);
-    const std::string file = field<std::string>(doc, at + "/files/aoti/file", m.path);
-    if (file.empty() || file.find('/') != std::string::npos || file[0] == '.' || file.size() > 200)
-      throw Error("malformed manifest: file name " + file + " is not a plain name", m.path);
-    const std::string built_for = field<std::string>(doc, at + "/files/aoti/device", m.path);
-    if (built_for != device)
-      throw Error("compiled for " + built_for + ", asked to run on " + device, (fs::path(m.folder) / file).string());
-    v.package = (fs::path(m.folder) / file).string();
-    if (fs::is_symlink(v.package)) throw Error("the AOTInductor package is a symbolic link", v.package);
-    if (!fs::is_regular_file(v.package)) throw Error("the AOTInductor package is missing", v.package);
-    const auto bytes = field<uint64_t>(doc, at + "/files/aoti/bytes", m.path);
-    if (fs::file_size(v.package) != bytes)
-      throw Error("has " + std::to_string(fs::file_size(v.package)) + " bytes, the manifest says " +
-                      std::to_string(bytes) + ": damaged or replaced",
-                  v.package);
-    if (verify_files && sha256_file(v.package) != field<std::string>(doc, at + "/files/aoti/sha256", m.path))
-      throw Error("sha256 differs from the manifest's: damaged or replaced", v.package);
-    // Format 2: the package holds no weights; it names the artifact's weights file, loaded at open.
-    if (version >= 2 && field<std::string>(doc, at + "/files/aoti/weights", m.path) != "weights.safetensors")
-      throw Error("malformed manifest: " + at + "/files/aoti/weights is not weights.safetensors", m.path);
-    m.variants.push_back(v);
+  for (size_t i = 0; i < variants.size(); ++i)
+    m.variants.push_back(package_entry(doc, "/variants/" + std::to_string(i), m, device, version, verify_files));
+  // ControlNets (absent without one): each graph an AOTInductor package like a variant's, by (net, batch, size).
+  if (doc.contains("controlnets")) {
+    const auto nets = field<json>(doc, "/controlnets", m.path);
+    if (!nets.is_array() || nets.empty() || nets.size() > 8)
+      throw Error("malformed manifest: /controlnets must list 1 to 8 ControlNets", m.path);
+    m.controlnets = static_cast<int>(nets.size());
+    for (size_t n = 0; n < nets.size(); ++n) {
+      const std::string at = "/controlnets/" + std::to_string(n);
+      if (field<int>(doc, at + "/index", m.path) != static_cast<int>(n))
+        throw Error("malformed manifest: " + at + "/index is not " + std::to_string(n), m.path);
+      const auto graphs = field<json>(doc, at + "/graphs", m.path);
+      if (!graphs.is_array() || graphs.empty()) throw Error("malformed manifest: " + at + "/graphs is empty", m.path);
+      for (size_t g = 0; g < graphs.size(); ++g) {
+        const std::string where = at + "/graphs/" + std::to_string(g);
+        ControlNetGraph graph;
+        graph.net = static_cast<int>(n);
+        graph.entry = package_entry(doc, where, m, device, version, verify_files);
+        graph.batch = field<int64_t>(doc, where + "/batch", m.path);
+        const auto size = field<std::vector<int64_t>>(doc, where + "/latent_size", m.path);
+        if (size.size() != 2) throw Error("malformed manifest: " + where + "/latent_size is not [h, w]", m.path);
+        graph.latent = {size[0], size[1]};
+        bool conditioning = false;
+        for (const auto& spec : graph.entry.inputs) conditioning = conditioning || spec.name == "controlnet_cond";
+        if (!conditioning || graph.entry.inputs[0].shape[0] != graph.batch)
+          throw Error("malformed manifest: " + where + " takes no controlnet_cond or another batch", m.path);
+        m.controlnet_graphs.push_back(graph);
+      }
+    }
   }
   if (version >= 2) {
     const std::string file = field<std::string>(doc, "/weights/file", m.path);

@@ -1,6 +1,7 @@
 // manifest.json (format versions 1 and 2, docs/manifest.md) read and checked: what the C++ runner needs of it.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
@@ -53,6 +54,13 @@ struct TransitionSpec {
   double clamp_x0 = 0;
 };
 
+struct ControlNetGraph {   // one ControlNet's package for one batch and latent size
+  int net = 0;
+  int64_t batch = 1;
+  std::pair<int64_t, int64_t> latent;
+  VariantEntry entry;
+};
+
 struct Manifest {
   std::string folder, path;   // the artifact folder and its manifest.json
   std::string family, dtype, cross_attn_cache;
@@ -60,6 +68,8 @@ struct Manifest {
   std::vector<PlanStep> plan;
   std::optional<TransitionSpec> transition;
   std::vector<VariantEntry> variants;
+  int controlnets = 0;                          // ControlNets whose residuals the variants take (0: none)
+  std::vector<ControlNetGraph> controlnet_graphs;
   std::string weights;   // format 2: the weights file every package loads its constants from; empty for format 1
   double init_noise_sigma = 1;
   std::vector<TableRow> table;

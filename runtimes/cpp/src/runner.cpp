@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <set>
+#include <tuple>
 #include <unordered_map>
 
 #include "manifest.h"
@@ -81,6 +82,8 @@ class ArtifactImpl {
   torch::Dtype dtype = torch::kFloat32;
   torch::Device device = torch::kCPU;
   std::map<std::string, Variant> variants;
+  // ControlNet packages by (net, batch, latent h, latent w), and the control images by net
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, Variant> controlnets;
   std::vector<TensorSpec> first_inputs;
   bool cfg = false;
   TensorMap weights;   // format 2: every package's constants, by state-dict name, used in place by the packages
@@ -89,7 +92,11 @@ class ArtifactImpl {
   // package asks for; the graphs hold the denoiser under "denoiser."), on the runner's device, without a copy.
   void bind_weights() {
     for (auto& [name, tensor] : read_safetensors(manifest.weights)) weights[name] = tensor.to(device);
-    for (auto& [id, variant] : variants) {
+    std::vector<Variant*> all;
+    for (auto& [id, variant] : variants) all.push_back(&variant);
+    for (auto& [key, graph] : controlnets) all.push_back(&graph);
+    for (Variant* each : all) {
+      Variant& variant = *each;
       std::unordered_map<std::string, at::Tensor> constants;
       for (const std::string& fqn : variant.loader->get_constant_fqns()) {
         const std::string key = fqn.rfind("denoiser.", 0) == 0 ? fqn.substr(9) : fqn;
@@ -131,8 +138,13 @@ class ArtifactImpl {
   }
 
   torch::Tensor run(const TensorMap& inputs, const RunOptions& options) const;
+  // The ControlNets' summed residuals of one step, by the variants' input names (runtime/artifact_controlnet.py).
+  TensorMap residuals(const PlanStep& step, const TensorMap& values, const std::vector<torch::Tensor>& images,
+                      const RunOptions& options) const;
   torch::Tensor denoise(const torch::Tensor& embeds, const torch::Tensor& negative, const TensorMap& added,
-                        const TensorMap& negative_added, double guidance, const RunOptions& options) const;
+                        const TensorMap& negative_added, double guidance, const RunOptions& options,
+                        const std::vector<torch::Tensor>& images) const;
+  std::vector<torch::Tensor> control_images(const TensorMap& inputs, const RunOptions& options) const;
 };
 
 Artifact::Artifact(std::unique_ptr<ArtifactImpl> impl) : impl_(std::move(impl)) {}
@@ -146,6 +158,8 @@ std::vector<std::string> Artifact::input_names() const {
   if (impl_->cfg) names.push_back("negative_prompt_embeds");
   for (const auto& name : kAdded)
     if (impl_->has_input(name)) names.push_back(name);
+  for (int n = 0; n < impl_->manifest.controlnets; ++n)
+    names.push_back(n ? "control_image_" + std::to_string(n) : "control_image");
   return names;
 }
 
@@ -165,6 +179,16 @@ Artifact Artifact::open(const std::string& folder, const std::string& device) {
       throw Error(std::string("AOTInductor cannot load the package: ") + err.what(), entry.package);
     }
     impl->variants.emplace(entry.id, std::move(v));
+  }
+  for (const auto& graph : impl->manifest.controlnet_graphs) {
+    Variant v{graph.entry, nullptr};
+    try {
+      v.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(graph.entry.package);
+    } catch (const std::exception& err) {
+      throw Error(std::string("AOTInductor cannot load the package: ") + err.what(), graph.entry.package);
+    }
+    impl->controlnets.emplace(std::make_tuple(graph.net, graph.batch, graph.latent.first, graph.latent.second),
+                              std::move(v));
   }
   if (!impl->manifest.weights.empty()) impl->bind_weights();
   return Artifact(std::move(impl));
@@ -206,16 +230,87 @@ torch::Tensor ArtifactImpl::run(const TensorMap& inputs, const RunOptions& optio
     negative_added[name] = checked("negative_" + name, negative_given, name);
   }
 
+  const std::vector<torch::Tensor> images = control_images(inputs, options);
   try {
-    return denoise(embeds, negative, added, negative_added, guidance, options);
+    return denoise(embeds, negative, added, negative_added, guidance, options, images);
   } catch (const Error& err) {
     if (!err.file.empty()) throw;
     throw Error(err.what(), m.path);   // inputs were checked above: what fails now comes from the manifest
   }
 }
 
+std::vector<torch::Tensor> ArtifactImpl::control_images(const TensorMap& inputs, const RunOptions& options) const {
+  const Manifest& m = manifest;
+  std::vector<torch::Tensor> images;
+  for (const auto* list : {&options.controlnet_scales, &options.control_guidance_start, &options.control_guidance_end})
+    if (list->size() > 1 && static_cast<int>(list->size()) != m.controlnets)
+      throw Error("give one ControlNet scale, guidance start and end for every ControlNet or one per ControlNet (" +
+                  std::to_string(m.controlnets) + "), got " + std::to_string(list->size()));
+  for (int n = 0; n < m.controlnets; ++n) {
+    const std::string key = n ? "control_image_" + std::to_string(n) : "control_image";
+    int64_t channels = 3;
+    for (const auto& graph : m.controlnet_graphs)
+      for (const auto& spec : graph.entry.inputs)
+        if (graph.net == n && spec.name == "controlnet_cond") channels = spec.shape[1];
+    const std::vector<int64_t> want = {1, channels, m.height, m.width};
+    auto found = inputs.find(key);
+    if (found == inputs.end())
+      throw Error("the artifact was compiled with " + std::to_string(m.controlnets) + " ControlNet(s): it needs " +
+                  key + " of shape " + shape_text(want) + " in the inputs");
+    if (found->second.sizes().vec() != want)
+      throw Error(key + " must have shape " + shape_text(want) + " (the artifact's resolution, values in [0, 1]), "
+                  "got " + shape_text(found->second.sizes()));
+    images.push_back(found->second.to(torch::kFloat32));   // as the image processor's output, before the dtype
+  }
+  return images;
+}
+
+TensorMap ArtifactImpl::residuals(const PlanStep& step, const TensorMap& values, const std::vector<torch::Tensor>& images,
+                                  const RunOptions& options) const {
+  const double steps = static_cast<double>(manifest.plan.size());
+  auto pick = [](const std::vector<double>& list, int n, double fallback) {
+    return list.empty() ? fallback : list.size() == 1 ? list[0] : list[n];
+  };
+  const torch::Tensor& x = values.at(first_inputs.front().name);
+  TensorMap total;
+  for (int n = 0; n < manifest.controlnets; ++n) {
+    // the guidance window's keep factor, in the pipeline's arithmetic
+    const bool off = step.index / steps < pick(options.control_guidance_start, n, 0.0) ||
+                     (step.index + 1) / steps > pick(options.control_guidance_end, n, 1.0);
+    const double scale = pick(options.controlnet_scales, n, 1.0) * (1.0 - (off ? 1.0 : 0.0));
+    auto found = controlnets.find(std::make_tuple(n, x.size(0), x.size(2), x.size(3)));
+    if (found == controlnets.end())
+      throw Error("the artifact has no graph of ControlNet " + std::to_string(n) + " for batch " +
+                  std::to_string(x.size(0)) + " at latent " + std::to_string(x.size(2)) + "x" +
+                  std::to_string(x.size(3)), manifest.path);
+    const Variant& graph = found->second;
+    std::vector<torch::Tensor> feed;
+    for (const auto& spec : graph.entry.inputs) {
+      if (spec.name == "controlnet_cond") {
+        feed.push_back(images[n].contiguous());
+        continue;
+      }
+      auto value = values.find(spec.name);
+      if (value == values.end())
+        throw Error("ControlNet graph " + graph.entry.id + " needs input " + spec.name, manifest.path);
+      feed.push_back(value->second.contiguous());
+    }
+    std::vector<torch::Tensor> outputs = graph.loader->run(feed);
+    if (outputs.size() != graph.entry.outputs.size())
+      throw Error("package " + graph.entry.id + " returned " + std::to_string(outputs.size()) + " outputs, the "
+                  "manifest lists " + std::to_string(graph.entry.outputs.size()), graph.entry.package);
+    for (size_t k = 0; k < outputs.size(); ++k) {   // summed over the ControlNets in order, as MultiControlNetModel
+      const std::string& name = graph.entry.outputs[k].name;
+      torch::Tensor scaled = outputs[k] * scale;
+      total[name] = n == 0 ? scaled : total.at(name) + scaled;
+    }
+  }
+  return total;
+}
+
 torch::Tensor ArtifactImpl::denoise(const torch::Tensor& embeds, const torch::Tensor& negative, const TensorMap& added,
-                                    const TensorMap& negative_added, double guidance, const RunOptions& options) const {
+                                    const TensorMap& negative_added, double guidance, const RunOptions& options,
+                                    const std::vector<torch::Tensor>& images) const {
   const Manifest& m = manifest;
   const std::string latent_input = first_inputs.front().name;
   const int64_t channels = first_inputs.front().shape[1];
@@ -231,6 +326,9 @@ torch::Tensor ArtifactImpl::denoise(const torch::Tensor& embeds, const torch::Te
   // Inputs that depend on the step's latent size only, made once per size (FLUX's txt_ids and img_ids; at low
   // resolution the low grid's own positions, as runtime/artifact.py shared_inputs).
   std::map<std::pair<int64_t, int64_t>, TensorMap> shared;
+  // The control images at each latent size, doubled for CFG steps: resized (nearest) from the given full-size ones,
+  // as diffusers' VaeImageProcessor resizes a tensor, then cast to the artifact's dtype.
+  std::map<std::pair<std::pair<int64_t, int64_t>, bool>, std::vector<torch::Tensor>> prepared;
   for (size_t i = 0; i < m.plan.size(); ++i) {
     const auto began = std::chrono::steady_clock::now();
     const PlanStep& step = m.plan[i];
@@ -262,6 +360,22 @@ torch::Tensor ArtifactImpl::denoise(const torch::Tensor& embeds, const torch::Te
     }
     for (const auto& [name, value] : shared.at(size)) values[name] = value;
     for (const auto& [name, value] : caches) values[name] = value;
+    if (m.controlnets) {
+      const auto key = std::make_pair(size, step.cfg);
+      if (!prepared.count(key)) {
+        std::vector<torch::Tensor> made;
+        const int64_t factor = m.height / m.latent_height;
+        for (const auto& image : images) {
+          torch::Tensor resized = size.first == m.latent_height && size.second == m.latent_width
+                                      ? image
+                                      : at::upsample_nearest2d(image, {size.first * factor, size.second * factor});
+          resized = resized.to(device, dtype);
+          made.push_back(step.cfg ? torch::cat({resized, resized}) : resized);
+        }
+        prepared[key] = made;
+      }
+      for (const auto& [name, value] : residuals(step, values, prepared.at(key), options)) values[name] = value;
+    }
     std::vector<torch::Tensor> feed;
     for (const auto& spec : variant.entry.inputs) {
       auto found = values.find(spec.name);

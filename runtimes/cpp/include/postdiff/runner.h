@@ -41,6 +41,10 @@ struct RunOptions {
                        // too (the Python runner then draws on the GPU, so the two differ there)
   std::optional<double> guidance_scale;   // default: the family's pipeline default (7.5; LCM 8.5, SD3 7.0, FLUX 3.5)
   bool print_step_times = false;          // one line per step on stderr
+  // An artifact compiled with ControlNets: per ControlNet (one value: every ControlNet) the conditioning scale and
+  // the guidance window, as StableDiffusionControlNetPipeline's controlnet_conditioning_scale (default 1) and
+  // control_guidance_start / control_guidance_end (0 and 1).
+  std::vector<double> controlnet_scales, control_guidance_start, control_guidance_end;
 };
 
 class ArtifactImpl;
@@ -58,7 +62,9 @@ class Artifact {
   // conditioning (SDXL text_embeds, PixArt encoder_attention_mask, SD3/FLUX pooled_projections, ...) and
   // negative_<name> for the negative half. What the pipelines derive is filled in (SDXL time_ids, PixArt
   // resolution and aspect ratio, LCM's guidance embedding, FLUX's guidance and its txt_ids/img_ids per latent
-  // size). Returns the final latents [1, C, H, W] in the artifact's dtype.
+  // size). An artifact compiled with ControlNets takes control_image (and control_image_1, ... for the others):
+  // [1, 3, height, width] in [0, 1] at the artifact's resolution, resized (nearest) for low-resolution steps as
+  // diffusers' image processor resizes a tensor. Returns the final latents [1, C, H, W] in the artifact's dtype.
   torch::Tensor run(const TensorMap& inputs, const RunOptions& options = {}) const;
 
   int steps() const;
