@@ -216,7 +216,8 @@ def test_console_script_and_debug(ckpt, tmp_path):
 def test_embedded_default_is_the_reference_model(tmp_path, capsys):
     from postdiff_compile.lab.reference import reference_folder
 
-    code, _, err = run_cli(capsys, "--out", tmp_path / "demo", "--steps", "3", "--preset", "fast")
+    # quality: the mixed resolution the assertions need, in two variants (fast adds three)
+    code, _, err = run_cli(capsys, "--out", tmp_path / "demo", "--steps", "3", "--preset", "quality")
     assert code == 0, err
     assert "reference model" in err
     manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())

@@ -167,6 +167,9 @@ def test_engine_names_and_timing_caches_are_keyed_by_everything_an_engine_depend
     assert len(caches) == 3 and all(p.parent == tmp_path / "tensorrt" for p in caches)
 
 
+# Slow tier (24 s of the default tier's budget, 7 Dec): an LCM artifact against LatentConsistencyModelPipeline runs in
+# the default tier (test_artifact_families.py, lcm_sd15-none), LCM checkpoint detection in test_detect_*.
+@pytest.mark.slow
 def test_lcm_checkpoint_compiles_with_its_own_defaults_and_runs_without_negative_embeddings(tmp_path, capsys):
     """An original-layout LCM single file: detected as lcm_sd15, compiled for its 4 LCMScheduler steps without
     CFG, and run from a prompt embedding alone; the guidance scale reaches the graph as the w-embedding."""

@@ -104,10 +104,12 @@ def test_a_module_that_is_not_a_controlnet_is_refused(pipes, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+# `fast` has every kind of variant quality and balanced have (each passed here, one ControlNet and two, 7 Dec: six
+# compiles with ONNX, about 12 minutes beside training, too many for CI's budget); two ControlNets with quality's low
+# resolution graphs check the sum over ControlNets at both sizes.
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["quality", "balanced", "fast"])
-@pytest.mark.parametrize("which", ["single", "multi"])
-def test_every_preset_on_torch_and_onnxruntime(pipes, tmp_path, preset, which):
+@pytest.mark.parametrize("preset, which", [("fast", "single"), ("quality", "multi")])
+def test_presets_on_torch_and_onnxruntime(pipes, tmp_path, preset, which):
     pipe, scales = (pipes[0], SCALES) if which == "single" else (pipes[1], MULTI_SCALES)
     folder = compile_with(pipe, preset, tmp_path / preset, "pt2,onnx")
     manifest = read_manifest(folder)
@@ -130,11 +132,13 @@ def test_an_sdxl_controlnet_artifact_equals_optimize_pipe(tmp_path):
                                                tokenizer_2=None, unet=base.unet, controlnet=_controlnet(base.unet, 3),
                                                scheduler=base.scheduler, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    folder = compile_artifact(pipe.unet, ConfigRequest("balanced"), tmp_path / "sdxl", resolution=(SIZE, SIZE),
+    # `none`: what is SDXL's here is the ControlNet graph's added inputs, the same in every preset (balanced passed
+    # too, 7 Dec)
+    folder = compile_artifact(pipe.unet, ConfigRequest("none"), tmp_path / "sdxl", resolution=(SIZE, SIZE),
                               steps=6, formats="pt2,onnx", controlnets=[pipe.controlnet]).out
     embeds = pipeline_embeds("sdxl")
     pipe.scheduler = make_scheduler(read_manifest(folder)["scheduler"])
-    optimize(pipe, "balanced")
+    optimize(pipe, "none")
     try:
         expected = pipe(image=_images(1), **embeds, num_inference_steps=6, guidance_scale=5.0, output_type="latent",
                         generator=torch.Generator().manual_seed(0)).images

@@ -128,28 +128,30 @@ def test_a_base_artifact_stops_at_denoising_end_as_optimize_pipe_does(pipes, tmp
 # A refiner artifact: its U-Net takes 5 time ids (the aesthetic score, 6.0 and 2.5 for the negative half, filled in
 # by the runner as the img2img pipeline does), and `denoising_start` continues the base's noisy latents without
 # noising them. Against optimize(pipe) on StableDiffusionXLImg2ImgPipeline given the same latents: the window (steps
-# 7-9 of 10) is after every preset's switch, so a preset runs full resolution with its caches there: `fast` has
-# every cache quality and balanced have (measured passing, 7 Dec: each about 100 s here, for low-resolution
-# variants the window never runs). Slow tier: SDXL compiles (`none` 28 s); the default tier checks the refiner's
-# inputs (test_the_refiners_time_ids_are_told_from_the_pooled_width).
+# 7-9 of 10) is after every preset's switch, so a preset runs full resolution with its caches there (each preset
+# passed, 7 Dec, about 100 s each here, most of it low-resolution variants the window never runs; at 10 steps fast's
+# cross-attention cache is off). So the refiner is compiled with what runs in its window: DeepCache. Slow tier (an
+# SDXL compile with ONNX); the default tier checks the refiner's inputs
+# (test_the_refiners_time_ids_are_told_from_the_pooled_width).
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["none", "fast"])
-def test_a_refiner_artifact_continues_the_base_as_optimize_pipe_does(pipes, tmp_path, preset):
+def test_a_refiner_artifact_continues_the_base_as_optimize_pipe_does(pipes, tmp_path):
     import postdiff_compile
     from postdiff_compile.compile import compile_artifact
     from postdiff_compile.config import ConfigRequest
     from postdiff_compile.schedulers import make_scheduler
 
     base, refiner = pipes
-    formats = "pt2" if preset == "none" else "pt2,onnx"
-    out = compile_artifact(refiner.unet, ConfigRequest(preset), tmp_path / "refiner", resolution=(SIZE, SIZE),
-                           steps=STEPS, formats=formats).out
+    formats = "pt2,onnx"
+    deepcache = {"cache_interval": 2, "cache_branch": 0}
+    out = compile_artifact(refiner.unet, ConfigRequest("none", overrides=deepcache), tmp_path / "refiner",
+                           resolution=(SIZE, SIZE), steps=STEPS, formats=formats).out
     runner = postdiff_compile.load(out, "torch")
     assert runner.input_shapes["time_ids"] == [2, 5] and runner.input_shapes["text_embeds"] == [2, 1280]
+    assert any(v["name"] == "shallow" for v in runner.manifest["variants"])
     latents = base(height=SIZE, width=SIZE, denoising_end=SPLIT, **_args()).images
     scheduler = refiner.scheduler
     refiner.scheduler = make_scheduler(runner.manifest["scheduler"])
-    optimize(refiner, preset)
+    optimize(refiner, "none", **deepcache)
     try:
         expected = refiner(image=latents, denoising_start=SPLIT, **_args()).images
     finally:

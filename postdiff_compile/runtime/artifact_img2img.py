@@ -61,8 +61,9 @@ def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength:
     start, stop = denoising_window(scheduler, 1.0 if image_latents is None else strength, denoising_start,
                                    denoising_end)(timesteps)
     if start >= stop:
-        raise PostDiffError(f"strength {strength} (denoising_start {denoising_start}, end {denoising_end}) runs no "
-                            f"step of the artifact's {runner.steps}-step schedule")
+        given = "".join(f", {n} {v}" for n, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end))
+                        if v is not None)
+        raise PostDiffError(f"strength {strength}{given} runs no step of the artifact's {runner.steps}-step schedule")
     config = PostDiffConfig.from_dict(manifest["config"])
     plan = make_plan(config, runner.steps, family=get_family(manifest["source"]["family"]), full_latent=full,
                      prediction_type=prediction_type(scheduler), cfg=runner.cfg, timesteps=timesteps.tolist(),
