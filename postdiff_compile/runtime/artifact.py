@@ -19,6 +19,7 @@ from ..exporters.formats import FORMATS, of_backend
 from ..exporters.manifest import MANIFEST, check_files, graph_entries, read_manifest
 from ..exporters.weights_file import artifact_weights
 from ..plan import Plan
+from ..variant_spec import VariantSpec
 from ..models.families import get_family
 from ..schedulers import alpha_bars, make_scheduler, transition_levels
 from .backends import BackendVariant, open_variant
@@ -51,9 +52,12 @@ class _Variants:
 
     def get(self, name: str, bucket: Bucket, cache_branch: int = 0) -> BackendVariant:
         key = (name, bucket.batch, bucket.latent_height, bucket.latent_width)
-        if key not in self.by_key:
-            raise PostDiffError(f"the artifact has no variant {name} for batch {bucket.batch} at latent "
-                                f"{bucket.latent_height}x{bucket.latent_width}")
+        if key not in self.by_key:   # a window's plan (artifact_img2img) may name a kind the whole plan never
+            wanted = VariantSpec.parse(name)   # did: a variant that also writes caches runs it
+            key = next((k for k in self.by_key if k[1:] == key[1:] and VariantSpec.parse(k[0]).serves(wanted)), None)
+            if key is None:
+                raise PostDiffError(f"the artifact has no variant {name} for batch {bucket.batch} at latent "
+                                    f"{bucket.latent_height}x{bucket.latent_width}")
         return self.by_key[key]
 
 
