@@ -82,7 +82,9 @@ def test_lcm_unet_in_a_stable_diffusion_pipeline():
 
 
 # SDXL's presets are also run by test_mixed_resolution_families.py and test_artifact.py in the default tier.
-@pytest.mark.parametrize("family", [pytest.param(f, marks=SLOW) if f in ("sdxl", "lcm_sdxl") else f for f in FAMILIES])
+# SD2 too (9 s, 7 Dec): its v-prediction presets run in test_sd2_v_prediction_presets_use_v_in_the_transition.
+@pytest.mark.parametrize("family", [pytest.param(f, marks=SLOW) if f in ("sdxl", "lcm_sdxl", "sd2") else f
+                                    for f in FAMILIES])
 def test_every_preset_runs(family):
     pipe = optimize(tiny_pipeline("pixart_alpha_deep" if family == "pixart_alpha" else family))
     steps = 4 if family.startswith("lcm") else 20

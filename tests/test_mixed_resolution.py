@@ -244,7 +244,7 @@ def test_fast_matches_an_eager_reference_with_every_technique():
     assert rel_l2(_call(optimize(pipe, preset="quality"), 128, 128), expected) > 1e-3
 
 
-@pytest.mark.parametrize("preset", ["balanced", "fast"])
+@pytest.mark.parametrize("preset", [pytest.param("balanced", marks=pytest.mark.slow), "fast"])   # fast has balanced's
 def test_presets_with_caches_run_mixed_resolution(preset):
     pipe = optimize(tiny_sd_pipeline("sd15", "ddim"), preset=preset, cross_attn_cache_step=3)
     out = _call(pipe, 128, 128)

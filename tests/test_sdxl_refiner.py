@@ -59,6 +59,9 @@ def test_none_reproduces_diffusers_base_and_refiner(pipes):
     assert rel_l2(theirs[1], theirs[0]) > 1e-3   # the refiner changed the base's latents
 
 
+# slow tier (15 s of the default tier's budget, 7 Dec): every preset on base + refiner also runs in
+# test_pipeline_presets.py (slow); the default tier runs `none` against diffusers above
+@pytest.mark.slow
 def test_a_preset_splits_its_plan_between_base_and_refiner(pipes):
     """balanced (SDXL: mixed resolution at 3/4 scale for half the steps, DeepCache) at 10 steps switches at step 5:
     the base runs 5 low-resolution steps, the transition and 2 full ones; the refiner's 3 are at full resolution,
