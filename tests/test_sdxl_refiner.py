@@ -170,6 +170,19 @@ def test_a_refiner_artifact_continues_the_base_as_optimize_pipe_does(pipes, tmp_
         assert got.shape == expected.shape == (1, 4, SIZE // 8, SIZE // 8)
         assert rel_l2(got, expected) <= (1e-5 if backend == "torch" else 1e-4), backend
     assert rel_l2(expected, latents) > 1e-3   # the refiner's steps ran
+    # SDXL image-to-image on the same artifact: an image's latents noised to strength 0.5 (steps 5-9)
+    refiner.scheduler = make_scheduler(runner.manifest["scheduler"])
+    optimize(refiner, "none", **deepcache)
+    try:
+        expected = refiner(image=latents, strength=0.5, **_args(seed=4)).images
+    finally:
+        restore(refiner)
+        refiner.scheduler = scheduler
+    got = runner(embeds["prompt_embeds"], embeds["negative_prompt_embeds"], seed=4, guidance_scale=5.0,
+                 added_cond={"text_embeds": embeds["pooled_prompt_embeds"]},
+                 negative_added_cond={"text_embeds": embeds["negative_pooled_prompt_embeds"]}, image_latents=latents,
+                 strength=0.5)
+    assert rel_l2(got, expected) <= 1e-5 and rel_l2(got, latents) > 1e-3
 
 
 def test_the_refiners_time_ids_are_told_from_the_pooled_width(pipes):
