@@ -20,6 +20,8 @@ from .models.families import FamilySpec, kind_of
 # Input names of the ControlNet residuals: CONTROLNET_DOWN + index for each down-path output, and the middle one.
 CONTROLNET_DOWN = "controlnet.down."
 CONTROLNET_MID = "controlnet.mid"
+# The conditioning image input of an artifact's ControlNet graphs: [B, 3, H, W] in [0, 1] at the step's pixel size.
+CONTROLNET_COND = "controlnet_cond"
 TIMESTEP_DTYPE = torch.float32  # diffusers casts timesteps to float inside the time projection anyway
 
 

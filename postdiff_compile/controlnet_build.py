@@ -16,14 +16,12 @@ from types import SimpleNamespace
 
 import torch
 
-from .capture import CONTROLNET_DOWN, CONTROLNET_MID, Bucket, TensorSpec, example_inputs, input_specs
+from .capture import CONTROLNET_COND, CONTROLNET_DOWN, CONTROLNET_MID, Bucket, TensorSpec, example_inputs, input_specs
 from .errors import PostDiffError
 from .exporters.formats import Build, VariantJob, write_variant
 from .plan import Plan
 from .variants import Variant, variant_input_specs, variant_output_specs
 from .verification import compare_outputs
-
-CONDITIONING = "controlnet_cond"   # the conditioning image input, [B, 3, H, W] in [0, 1] at the step's pixel size
 
 
 def net_name(index: int) -> str:
@@ -48,7 +46,7 @@ class ControlNetCall(torch.nn.Module):
         named = dict(zip(self.input_names, inputs))
         added = {k: named.pop(k) for k in ("text_embeds", "time_ids") if k in named}
         down, mid = self.denoiser[self.key](named.pop("sample"), named.pop("timestep"), controlnet_cond=named.pop(
-            CONDITIONING), conditioning_scale=1.0, added_cond_kwargs=added or None, return_dict=False, **named)
+            CONTROLNET_COND), conditioning_scale=1.0, added_cond_kwargs=added or None, return_dict=False, **named)
         return (*down, mid)
 
 
@@ -62,7 +60,7 @@ def controlnet_specs(controlnet: torch.nn.Module, family, bucket: Bucket) -> lis
     factor = pixel_factor(controlnet)
     image = (bucket.batch, controlnet.config["conditioning_channels"], bucket.latent_height * factor,
              bucket.latent_width * factor)
-    return specs + [TensorSpec(CONDITIONING, image, bucket.dtype)]
+    return specs + [TensorSpec(CONTROLNET_COND, image, bucket.dtype)]
 
 
 def controlnet_buckets(plan: Plan, full_latent: tuple[int, int]) -> list[tuple[int, tuple[int, int]]]:
@@ -126,7 +124,8 @@ def _as_list(value):
 
 
 def build_controlnets(controlnets: list[torch.nn.Module], plan: Plan, full_latent: tuple[int, int], family,
-                      build: Build, dtype: torch.dtype, batches: tuple[int, ...], denoiser: torch.nn.Module) -> list[dict]:
+                      build: Build, dtype: torch.dtype, batches: tuple[int, ...],
+                      denoiser: torch.nn.Module) -> list[dict]:
     """The manifest's `controlnets`: per ControlNet its class, config and one graph per bucket, each verified against
     eager (the graph itself, then every format's file on the same inputs)."""
     entries = []

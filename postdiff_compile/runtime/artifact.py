@@ -52,12 +52,14 @@ class _Variants:
 
     def get(self, name: str, bucket: Bucket, cache_branch: int = 0) -> BackendVariant:
         key = (name, bucket.batch, bucket.latent_height, bucket.latent_width)
-        if key not in self.by_key:   # a window's plan (artifact_img2img) may name a kind the whole plan never
-            wanted = VariantSpec.parse(name)   # did: a variant that also writes caches runs it
-            key = next((k for k in self.by_key if k[1:] == key[1:] and VariantSpec.parse(k[0]).serves(wanted)), None)
-            if key is None:
+        if key not in self.by_key:   # a window's plan may name a kind the whole plan never ran: a variant writing
+            # more caches runs it, found once (get runs at every step)
+            found = next((k for k in self.by_key if k[1:] == key[1:] and VariantSpec.parse(k[0]).serves(
+                VariantSpec.parse(name))), None)
+            if found is None:
                 raise PostDiffError(f"the artifact has no variant {name} for batch {bucket.batch} at latent "
                                     f"{bucket.latent_height}x{bucket.latent_width}")
+            self.by_key[key] = self.by_key[found]
         return self.by_key[key]
 
 
@@ -183,18 +185,6 @@ class ArtifactRunner:
                          timestep_kwargs=self.timing)
         return latents[:n]
 
-    def _residuals(self, image, scale, start, end, from_image: bool):
-        if not len(self.controlnets):
-            raise PostDiffError("control_image given, but the artifact was compiled without a ControlNet",
-                                self.folder / MANIFEST)
-        if image is None:
-            raise PostDiffError(f"the artifact was compiled with {len(self.controlnets)} ControlNet(s): pass "
-                                "control_image", self.folder / MANIFEST)
-        if from_image:   # as optimize(pipe), which refuses StableDiffusionControlNetImg2Img/InpaintPipeline
-            raise PostDiffError("a ControlNet artifact runs text-to-image only: image_latents and mask are not "
-                                "supported with control_image yet")
-        return self.controlnets.residuals(image, scale, start, end, device=self.device, dtype=self.dtype)
-
     def default_added_cond(self, guidance_scale: float, negative: bool = False) -> dict[str, torch.Tensor]:
         """Added inputs the runner fills in as the diffusers pipelines do for a full-size request: SDXL's
         time_ids (original size = target size = the artifact's resolution, no crop; a refiner's 5: the aesthetic
@@ -283,9 +273,9 @@ class ArtifactRunner:
                             shared_inputs=self.shared_inputs if any(n in self.input_shapes for n in SHARED_INPUTS)
                             else None)
         if len(self.controlnets) or control_image is not None:
-            conditioning["residuals"] = self._residuals(control_image, controlnet_conditioning_scale,
-                                                        control_guidance_start, control_guidance_end,
-                                                        image_latents is not None or mask is not None)
+            conditioning["residuals"] = self.controlnets.residuals(
+                control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                from_image=image_latents is not None or mask is not None, device=self.device, dtype=self.dtype)
         if image_latents is not None or mask is not None or denoising_end is not None or denoising_start is not None:
             return sample_from_image(self, image_latents, strength, generator=generator, on_step=on_step, mask=mask,
                                      masked_image_latents=masked_image_latents, denoising_end=denoising_end,

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from ..capture import CONTROLNET_COND
 from ..errors import PostDiffError
 from ..exporters.manifest import MANIFEST
 from .backends import BackendVariant, open_variant
+from .pipeline_controlnet import guidance_keep
 
-CONDITIONING = "controlnet_cond"   # controlnet_build.CONDITIONING (the runtime does not import the compiler)
 
 
 class ArtifactControlNets:
@@ -41,17 +42,27 @@ class ArtifactControlNets:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def residuals(self, images: Any, scales: Any = 1.0, starts: Any = 0.0, ends: Any = 1.0, *,
+    def residuals(self, images: Any, scales: Any = 1.0, starts: Any = 0.0, ends: Any = 1.0, *, from_image: bool,
                   device: torch.device, dtype: torch.dtype) -> Callable[..., dict[str, torch.Tensor]]:
         """DenoiseRequest.residuals for one call: one image, scale, guidance start and end per ControlNet (a single
-        value for one ControlNet)."""
+        value for one ControlNet). `from_image`: the call starts from an image or a mask (refused)."""
         count = len(self)
+        if not count:
+            raise PostDiffError("control_image given, but the artifact was compiled without a ControlNet",
+                                self.folder / MANIFEST)
+        if images is None:
+            raise PostDiffError(f"the artifact was compiled with {count} ControlNet(s): pass control_image",
+                                self.folder / MANIFEST)
+        if from_image:   # as optimize(pipe), which refuses StableDiffusionControlNetImg2Img/InpaintPipeline
+            raise PostDiffError("a ControlNet artifact runs text-to-image only: image_latents and mask are not "
+                                "supported with control_image yet")
         images, scales, starts, ends = (_per_net(v, count, name) for v, name in (
             (images, "control_image"), (scales, "controlnet_conditioning_scale"),
             (starts, "control_guidance_start"), (ends, "control_guidance_end")))
         for s, e in zip(starts, ends):
             if not 0.0 <= s < e <= 1.0:
-                raise PostDiffError(f"control_guidance_start {s} must be below control_guidance_end {e}, both in [0, 1]")
+                raise PostDiffError(f"control_guidance_start {s} must be below control_guidance_end {e}, both in "
+                                    "[0, 1]")
         prepared: dict[tuple[tuple[int, int], bool], list[torch.Tensor]] = {}
 
         def images_at(size: tuple[int, int], cfg: bool) -> list[torch.Tensor]:
@@ -64,14 +75,14 @@ class ArtifactControlNets:
 
         def residuals(index: int, steps: int, cfg: bool, model_input: torch.Tensor, t: Any, context: torch.Tensor,
                       added: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            keep = [1.0 - float(index / steps < s or (index + 1) / steps > e) for s, e in zip(starts, ends)]
+            keep = guidance_keep(index, steps, starts, ends)
             batch, size = model_input.shape[0], (model_input.shape[2], model_input.shape[3])
             timestep = torch.as_tensor(t).to(model_input.device, torch.float32).reshape(1).expand(batch)
             total, names = None, None
             for net, image in enumerate(images_at(size, cfg)):
                 graph = self._graph(net, batch, size)
                 values = {"sample": model_input, "timestep": timestep, "encoder_hidden_states": context,
-                          CONDITIONING: image, **added}
+                          CONTROLNET_COND: image, **added}
                 scale = scales[net] * keep[net]
                 outputs = [o * scale for o in graph(*(values[name] for name in graph.inputs))]
                 total = outputs if total is None else [a + b for a, b in zip(total, outputs)]

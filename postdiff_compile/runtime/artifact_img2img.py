@@ -61,8 +61,8 @@ def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength:
     start, stop = denoising_window(scheduler, 1.0 if image_latents is None else strength, denoising_start,
                                    denoising_end)(timesteps)
     if start >= stop:
-        given = "".join(f", {n} {v}" for n, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end))
-                        if v is not None)
+        given = "".join(f", {n} {v}" for n, v in (("denoising_start", denoising_start),
+                                                  ("denoising_end", denoising_end)) if v is not None)
         raise PostDiffError(f"strength {strength}{given} runs no step of the artifact's {runner.steps}-step schedule")
     config = PostDiffConfig.from_dict(manifest["config"])
     plan = make_plan(config, runner.steps, family=get_family(manifest["source"]["family"]), full_latent=full,
@@ -83,17 +83,16 @@ def sample_from_image(runner: Any, image_latents: torch.Tensor | None, strength:
         latents, noise, clean = _noised(scheduler, clean, size, full, timesteps[start:start + 1], generator,
                                         (1, channels, *size), device, runner.dtype,
                                         noise_only or (plain and strength == 1.0))
-    if plain:
-        inputs = InpaintInputs(full, _checked("mask", mask, (1, 1, *full)).to(device, runner.dtype))
-        inputs.mask[full], inputs.image_latents, inputs.noise = inputs.mask_pixels, clean, noise
-        inputs.timesteps = timesteps[start:stop]
-        conditioning["after_step"] = lambda index, t, x: inputs.blend(index, x, scheduler)
-    elif mask is not None:
+    if mask is not None:
         inputs = InpaintInputs(full, _checked("mask", mask, (1, 1, *full)).to(device, runner.dtype))
         inputs.mask[full] = inputs.mask_pixels
-        inputs.masked_latents[full] = _checked("masked_image_latents", masked_image_latents,
-                                               (1, channels, *full)).to(device, runner.dtype)
-        conditioning["extra_channels"] = inputs.channels
+        if plain:
+            inputs.image_latents, inputs.noise, inputs.timesteps = clean, noise, timesteps[start:stop]
+            conditioning["after_step"] = lambda index, t, x: inputs.blend(index, x, scheduler)
+        else:
+            inputs.masked_latents[full] = _checked("masked_image_latents", masked_image_latents,
+                                                   (1, channels, *full)).to(device, runner.dtype)
+            conditioning["extra_channels"] = inputs.channels
     return walk(runner.variants, scheduler, plan, runner.steps, latents, generator=generator,
                 latent_input=runner.latent_input, timestep_device=timestep_device, timestep_kwargs=runner.timing,
                 start=start, on_step=on_step, **conditioning)

@@ -37,6 +37,12 @@ def _as_lists(pipe, a) -> tuple[list, list, list, list]:
     return images, scales, starts, ends
 
 
+def guidance_keep(index: int, steps: int, starts: list, ends: list) -> list[float]:
+    """Each ControlNet's factor at step `index` of `steps`: 0 outside its control_guidance_start/end, else 1, in
+    the pipelines' arithmetic (the artifact runners use the same)."""
+    return [1.0 - float(index / steps < s or (index + 1) / steps > e) for s, e in zip(starts, ends)]
+
+
 def prepare_controlnet(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]) -> Conditioning:
     """`prepare_text`'s conditioning for the control image's size, and the per-step ControlNet residuals."""
     images, scales, starts, ends = _as_lists(pipe, a)
@@ -65,7 +71,7 @@ def prepare_controlnet(pipe, a, prepare_text: Callable[[Any, Any], Conditioning]
 
     def residuals(index: int, steps: int, cfg: bool, model_input: torch.Tensor, t: Any, context: torch.Tensor,
                   added: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keep = [1.0 - float(index / steps < s or (index + 1) / steps > e) for s, e in zip(starts, ends)]
+        keep = guidance_keep(index, steps, starts, ends)
         step_scales = [c * k for c, k in zip(scales, keep)]
         conditioning = images_at((model_input.shape[2], model_input.shape[3]), cfg and not guess)
         control_input, embeds = model_input, context
