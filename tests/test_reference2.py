@@ -13,7 +13,7 @@ from postdiff_compile.lab.reference2.checkpoint import load_checkpoint, save_ato
 from postdiff_compile.lab.reference2.model import (FAMILY, IMAGE_SIZE, make_parts, make_pipeline, make_vae,
                                                    save_module)
 from postdiff_compile.lab.reference2.train_unet import UnetTrainConfig, train_unet
-from postdiff_compile.lab.reference2.train_vae import VaeTrainConfig, VaeTrainer, train_vae
+from postdiff_compile.lab.reference2.train_vae import VaeTrainConfig, VaeTrainer, cosine_lr, train_vae
 from postdiff_compile.lab.scenes import SIZE, make_batch
 
 VAE_CFG = VaeTrainConfig(steps=4, batch=2, warmup=1, log_every=1, checkpoint_every=1, scale_images=4,
@@ -118,12 +118,24 @@ def test_a_checkpoint_of_another_config_is_refused_but_a_run_can_be_extended(tmp
     assert longer["step"] == 3 and "run changed from 4 to 6 steps" in (tmp_path / "vae_log.txt").read_text()
 
 
-def test_unet_training_resumes_bit_exactly_and_exports_a_pipeline(tmp_path):
-    for run in ("whole", "split"):
+@pytest.fixture(scope="module")
+def unet_runs(tmp_path_factory):
+    """A U-Net run whole and one split at step 3, with a snapshot (snapshot.py) of the split run's checkpoint there."""
+    from postdiff_compile.lab.reference2.snapshot import save_snapshot
+
+    tmp_path = tmp_path_factory.mktemp("unet")
+    for run in ("whole", "split", "restored"):
         save_module(make_vae(0), tmp_path / run / "vae", "diffusion_pytorch_model.safetensors")
     train_unet(UNET_CFG, tmp_path / "whole", threads=1)
     assert train_unet(UNET_CFG, tmp_path / "split", stop_at=3, threads=1)["step"] == 3
+    at_3 = load_checkpoint(tmp_path / "split" / "unet_checkpoint.pt")
+    save_snapshot(tmp_path / "split", tmp_path / "snap.safetensors")
     train_unet(UNET_CFG, tmp_path / "split", threads=1)
+    return tmp_path, at_3
+
+
+def test_unet_training_resumes_bit_exactly_and_exports_a_pipeline(unet_runs):
+    tmp_path, _ = unet_runs
     assert _same_state(_final_checkpoint(tmp_path / "whole", "unet"), _final_checkpoint(tmp_path / "split", "unet"))
     folder = tmp_path / "split" / "model"
     assert is_model2_folder(folder)
@@ -144,3 +156,31 @@ def test_unet_training_resumes_bit_exactly_and_exports_a_pipeline(tmp_path):
 def test_unet_training_without_a_vae_says_what_to_run(tmp_path):
     with pytest.raises(PostDiffError, match="train_vae"):
         train_unet(UNET_CFG, tmp_path, threads=1)
+
+
+def test_a_snapshot_restores_the_run_in_float16_and_warms_the_learning_rate_again(unet_runs):
+    """The committed snapshot (snapshot.py): weights and EMA rounded to float16, AdamW's moments reset, the learning
+    rate warmed up again from the snapshot's step; a full checkpoint is never overwritten by it."""
+    from postdiff_compile.lab.reference2.snapshot import restore_snapshot
+    from postdiff_compile.lab.reference2.train_unet import REWARM, UnetTrainer
+
+    tmp_path, full = unet_runs
+    snap, work = tmp_path / "snap.safetensors", tmp_path / "restored"
+    assert snap.stat().st_size < (tmp_path / "split" / "unet_checkpoint.pt").stat().st_size / 3
+    assert restore_snapshot(work, snap) == 3
+    restored = load_checkpoint(work / "unet_checkpoint.pt")
+    assert restored["history"] == full["history"] and restored["step"] == 3
+    for part in ("modules", "ema"):
+        for name, value in full["state"][part].items():
+            assert torch.equal(restored["state"][part][name], value.half().float()), (part, name)
+    assert restored["state"]["optimizer"]["state"] == {} and restored["state"]["rewarm_from"] == 3
+    assert torch.equal(restored["state"]["generator"], full["state"]["generator"])
+    trainer = UnetTrainer(UNET_CFG, work / "vae")
+    trainer.load(restored["state"])
+    trainer.train_step(3)
+    cfg = UNET_CFG
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        cosine_lr(cfg.lr, cfg.warmup, cfg.min_lr_fraction, cfg.steps, 3) / REWARM)   # step 3 is the first of REWARM
+    assert "restored from the snapshot snap.safetensors at step 3" in (work / "unet_log.txt").read_text()
+    with pytest.raises(PostDiffError, match="a full checkpoint is already here"):
+        restore_snapshot(work, snap)

@@ -28,6 +28,9 @@ from .model import IMAGE_SIZE, TEXT_LENGTH, load_vae, make_parts, save_pipeline_
 from .train_vae import cosine_lr, job_main
 
 
+REWARM = 100    # steps of linear learning-rate warm-up after a restored snapshot: AdamW's moments start from zero
+
+
 @dataclass(frozen=True)
 class UnetTrainConfig:
     steps: int = 12000
@@ -66,10 +69,12 @@ class UnetTrainer:
         self.weight = torch.clamp(snr + 1, max=cfg.snr_gamma) / (snr + 1)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.steps_done = 0
+        self.rewarm_from: int | None = None    # set by a restored snapshot (snapshot.py): AdamW's moments were reset
 
     def state(self) -> dict:
         return {"modules": self.modules.state_dict(), "ema": self.ema.state_dict(), "steps_done": self.steps_done,
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "rewarm_from": self.rewarm_from}
 
     def load(self, state: dict) -> None:
         self.modules.load_state_dict(state["modules"])
@@ -77,6 +82,7 @@ class UnetTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.steps_done = state["steps_done"]
+        self.rewarm_from = state.get("rewarm_from")
 
     @torch.no_grad()
     def latents(self, step: int) -> tuple[torch.Tensor, list[str]]:
@@ -99,8 +105,11 @@ class UnetTrainer:
         noise = torch.randn(x0.shape, generator=g)
         xt = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.get_velocity(x0, noise, t)
+        lr = cosine_lr(cfg.lr, cfg.warmup, cfg.min_lr_fraction, cfg.steps, step)
+        if self.rewarm_from is not None:
+            lr *= min(1.0, (step + 1 - self.rewarm_from) / REWARM)
         for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, cfg.warmup, cfg.min_lr_fraction, cfg.steps, step)
+            group["lr"] = lr
         pred = self.modules["unet"](xt, t, self.modules["text_encoder"](ids)[0]).sample
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * self.weight[t]).mean()
