@@ -23,6 +23,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# One local Ray instance for every Ray test of the run (tests/ray_support.py; started only by a test that asks).
+from ray_support import ray_sweep  # noqa: E402, F401
+
 TINY_RESOLUTION = (128, 128)   # latent 16x16, low resolution 8x8
 TINY_STEPS = 20
 

@@ -27,9 +27,10 @@ def check_namespace() -> None:
                     f"them in one with loopback alone: {NAMESPACE_COMMAND}", pytrace=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_sweep():
-    """A RaySweep on a local Ray instance with 2 CPUs, shut down (and its temp dir removed) after the module."""
+    """A RaySweep on a local Ray instance with 2 CPUs, shut down (and its temp dir removed) at the end of the run:
+    one start for test_ray_sweep.py and test_serve.py (each module started its own until 8 Dec)."""
     from postdiff_compile.lab.sweep import RaySweep
 
     check_namespace()

@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from ray_support import ray_sweep  # noqa: F401
 
 from postdiff_compile.lab.reference import load_pipeline
 from postdiff_compile.lab.tune import TuneSettings, run_tune
@@ -19,7 +18,7 @@ def _stage(name, total):
     return lambda n: None
 
 
-def test_tune_on_ray_equals_the_serial_run(ray_sweep):   # noqa: F811
+def test_tune_on_ray_equals_the_serial_run(ray_sweep):
     settings = TuneSettings(flops_budget=0.3, calibration=2, full=2, steps=4)
     pipe, family = load_pipeline(), get_family("scenes32")
     start = time.perf_counter()
@@ -43,7 +42,7 @@ def test_tune_on_ray_equals_the_serial_run(ray_sweep):   # noqa: F811
         assert parallel.spearman == pytest.approx(serial.spearman, abs=1e-9)
 
 
-def test_study_on_ray_equals_the_serial_run(ray_sweep):   # noqa: F811
+def test_study_on_ray_equals_the_serial_run(ray_sweep):
     from postdiff_compile.config import PRESETS
     from postdiff_compile.lab.evaluate import Sampler
     from postdiff_compile.lab.study import StudySettings, run_study
@@ -76,7 +75,7 @@ def _die_once(job: _DieOnce, pipe=None) -> int:
     return job.value * 2
 
 
-def test_a_task_whose_worker_dies_is_retried(ray_sweep, tmp_path):   # noqa: F811
+def test_a_task_whose_worker_dies_is_retried(ray_sweep, tmp_path):
     jobs = [_DieOnce(str(tmp_path / "died"), 3), _DieOnce(str(tmp_path / "other"), 5)]
     assert ray_sweep.map(_die_once, jobs) == [6, 10]
     assert json.loads((tmp_path / "died").read_text()) != os.getpid()   # it was a worker, not this process

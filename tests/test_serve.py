@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from ray_support import ray_sweep  # noqa: F401
 from safetensors.torch import load as load_tensors
 
 import postdiff_compile
@@ -45,7 +44,7 @@ def artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_sweep, artifact):   # noqa: F811
+def server(ray_sweep, artifact):
     from ray import serve
 
     from postdiff_compile.serve.app import build_app
