@@ -5,8 +5,8 @@ optimize(pipe) on the family's own diffusers pipeline (same weights, embeddings 
 the runner fills in as the pipelines do (FLUX's sigmas, shift mu, rotary positions and guidance; SD3's CFG batch
 with pooled embeddings) and the manifest's flow transition. onnxruntime is compared with the torch runner here;
 AOTInductor and the C++ runner in tests/test_cpp_runner_flow.py. The default tier runs FLUX-dev `quality` on
-torch (the sigmas, mu, ids, guidance and the flow transition in one artifact); the slow tier each family's fast
-preset and SD3's and FLUX-dev's none with onnxruntime (`SLOW_CASES`).
+torch (the sigmas, mu, ids, guidance and the flow transition in one artifact); the slow tier SD3's and FLUX-dev's
+fast preset and FLUX-schnell's quality with onnxruntime (`SLOW_CASES`).
 """
 import json
 
@@ -82,15 +82,15 @@ def check_flow_artifact(tmp_path, family: str, preset: str, backends: tuple[str,
         assert err <= 1e-4
 
 
-# The slow tier's cases, with onnxruntime. Every flow family's fast preset holds what its quality and balanced
+# The slow tier's cases, with onnxruntime. SD3's and FLUX-dev's fast presets hold what their quality and balanced
 # presets do (mixed resolution and the flow transition, the block cache; SD3's cross-attention cache at step 14
-# is past these 6 steps, so its fast equals balanced here), and none is the one-variant artifact (SD3: the CFG
-# batch). The other cases were run when this file was written and when the slow tier was trimmed to CI's budget
-# (torch = optimize(pipe) <= 1e-5, onnxruntime = torch <= 1e-4; 440 s of the tier's time on one core):
-# flux-quality (also the default tier's, on torch), flux-balanced, sd3-quality, sd3-balanced, schnell's
-# none, quality and balanced (schnell is FLUX-dev's architecture without the guidance input; its fast case
-# keeps its 4 steps, shift 1 and transition).
-SLOW_CASES = (("sd3", "none"), ("sd3", "fast"), ("flux", "none"), ("flux", "fast"), ("flux_schnell", "fast"))
+# is past these 6 steps, so its fast equals balanced here) and the full-resolution variant `none` is made of;
+# FLUX-schnell (FLUX-dev's architecture without the guidance input) at quality: its 4 steps, shift 1 and
+# transition. The other cases were run when this file was written and when the slow tier was trimmed to CI's
+# budget (torch = optimize(pipe) <= 1e-5, onnxruntime = torch <= 1e-4): flux-quality (also the default tier's, on
+# torch), flux-balanced, sd3-quality, sd3-balanced, schnell's none, balanced and fast (7 Dec), and sd3-none and
+# flux-none (one variant each; 8 Dec, 154 s of the tier beside training).
+SLOW_CASES = (("sd3", "fast"), ("flux", "fast"), ("flux_schnell", "quality"))
 
 
 def flow_cases():

@@ -194,13 +194,13 @@ def test_refit_refuses_a_format_1_artifact_and_its_own_folder(tiny_artifact, lor
 
 
 @pytest.mark.slow
-def test_refit_on_aoti_equals_compiling_the_merged_model(tiny_artifact, loras, adapted, tmp_path):
-    """AOTInductor packages take the new weights at open (their constants are not in the package)."""
+def test_refit_on_aoti_equals_compiling_the_merged_model(tiny_artifact, loras, tmp_path):
+    """AOTInductor packages take the new weights at open (their constants are not in the package): the refit
+    artifact's aoti run equals its torch run, which equals compiling the merged model (the test above; until 8 Dec
+    this test compiled the merged model's AOTInductor package too: 60 s of the slow tier, = at 1e-5 every run)."""
     base = tiny_artifact("none", "pt2,onnx,aoti")
     out = tmp_path / "refit"
     assert main(["refit", str(base), "--out", str(out), "--lora", str(loras["kohya"])]) == 0
-    scratch = tmp_path / "scratch"
-    compile_artifact(merged(adapted), ConfigRequest("none"), scratch, resolution=RESOLUTION, steps=STEPS,
-                     formats="aoti")
-    assert rel_l2(generate(out, "aoti"), generate(scratch, "aoti")) <= 1e-5
-    assert rel_l2(generate(out, "aoti"), generate(out, "torch")) <= 1e-5
+    refit = generate(out, "aoti")
+    assert rel_l2(refit, generate(out, "torch")) <= 1e-5
+    assert rel_l2(refit, generate(base, "aoti")) > 1e-3      # the package ran on the new weights, not its old ones
