@@ -24,7 +24,7 @@ from .models.load import load_denoiser
 from .plan import make_plan
 from .schedulers import scheduler_timesteps, timestep_kwargs
 from .transition_spec import transition_spec
-from .variant_build import VariantBuilder, batch_buckets, plan_ids, reference_of, variant_ids
+from .variant_build import VariantBuilder, batch_buckets, plan_ids, reference_of, variant_ids, window_plans
 from .variants import check_cache_branch
 from .version import __version__
 
@@ -99,9 +99,11 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
     timing = timestep_kwargs(scheduler, steps, full_latent[0] * full_latent[1] // family.latent_multiple ** 2,
                              family.kind.linspace_sigmas)   # what the pipeline gives set_timesteps (FLUX, SD3.5)
     with naming(loaded.source):   # before any slow work: a plan or a transition that cannot run
-        plan = make_plan(config, steps, family=family, full_latent=full_latent, cfg=family.classifier_free_guidance,
-                         prediction_type=loaded.detection.prediction_type,
-                         timesteps=scheduler_timesteps(scheduler, steps, timing))
+        def plan_for(window=None):
+            return make_plan(config, steps, family=family, full_latent=full_latent, window=window,
+                             cfg=family.classifier_free_guidance, prediction_type=loaded.detection.prediction_type,
+                             timesteps=scheduler_timesteps(scheduler, steps, timing))
+        plan, windows = plan_for(), tuple(window_plans(plan_for, steps, config, family))
         check_cache_branch(loaded.module, config)
         transition = transition_spec(plan.transition, config, scheduler, steps, timing)
     table = scheduler_table(scheduler, steps, plan.switch_step, timing)   # never fails the build (null: says why)
@@ -119,8 +121,8 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
         # the ControlNet graphs first: a ControlNet that does not fit the U-Net fails before the variants' work
         nets = build_controlnets(controlnets, plan, full_latent, family, build, loaded.dtype, batches, loaded.module)
         variants = [builder.entry(key, tag) for key, tag in variant_ids(plan, full_latent, loaded.dtype,
-                                                                        batches).items()]
-    ids = plan_ids(plan, full_latent, loaded.dtype, batches)
+                                                                        batches, windows).items()]
+    ids = plan_ids(plan, full_latent, loaded.dtype, batches, windows)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tool": {"name": "postdiff-compile", "version": __version__},

@@ -36,13 +36,33 @@ def variant_key(step: Step, plan: Plan, full_latent: tuple[int, int], images: in
     return step.variant, images * (2 if step.cfg else 1), low if step.low_res else full_latent
 
 
-def served_keys(plan: Plan, full_latent: tuple[int, int], batches: tuple[int, ...] = (1,)) -> dict[VariantKey, VariantKey]:
-    """Each step's variant, at each bucket, -> the variant built to run it. Variants of one bucket that compute the
-    same thing (deep mode and caches read) and differ only in the caches they also return are one variant returning
-    the union: a returned cache that the step does not write costs an output buffer, not compute (the loop drops
-    it)."""
+def window_plans(make_plan_for, steps: int, config, family) -> list[Plan]:
+    """The plans of the windows an image's strength or a refiner's denoising_start can start on an artifact
+    (runtime/artifact_img2img.py), for the variants the whole schedule's plan lacks: a window that starts at or after
+    the cross-attention cache's gate writes the cache on its first step, at full resolution and with CFG, which no
+    step of the whole plan does (benchmarks/results/pipeline_matrix.md: fast's image-to-image at strength 0.3 was
+    refused until 8 Dec). U-Net families (the runners' image-to-image and inpainting) with that cache only: their
+    other windows run the whole plan's variants. `make_plan_for(window)` -> the plan of steps window[0]..end."""
+    if config.cross_attn_cache == "off" or family.denoiser_class != "UNet2DConditionModel":
+        return []
+    plans = []
+    for start in range(1, steps):
+        try:
+            plans.append(make_plan_for((start, steps)))
+        except PostDiffError:
+            continue   # a window the runner refuses as well
+    return plans
+
+
+def served_keys(plan: Plan, full_latent: tuple[int, int], batches: tuple[int, ...] = (1,),
+                windows: tuple[Plan, ...] = ()) -> dict[VariantKey, VariantKey]:
+    """Each step's variant, at each bucket, -> the variant built to run it (the steps of the `windows` plans too).
+    Variants of one bucket that compute the same thing (deep mode and caches read) and differ only in the caches
+    they also return are one variant returning the union: a returned cache that the step does not write costs an
+    output buffer, not compute (the loop drops it)."""
     groups: dict[tuple, list[VariantSpec]] = {}
-    for name, batch, size in {variant_key(step, plan, full_latent, b) for step in plan for b in batches}:
+    for name, batch, size in {variant_key(step, p, full_latent, b) for p in (plan, *windows) for step in p
+                              for b in batches}:
         spec = VariantSpec.parse(name)
         groups.setdefault((batch, size, spec.deep, spec.reads), []).append(spec)
     served = {}
@@ -53,24 +73,24 @@ def served_keys(plan: Plan, full_latent: tuple[int, int], batches: tuple[int, ..
 
 
 def variant_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype,
-                batches: tuple[int, ...] = (1,)) -> dict[VariantKey, str]:
+                batches: tuple[int, ...] = (1,), windows: tuple[Plan, ...] = ()) -> dict[VariantKey, str]:
     """The variants to build, largest batch and latent first, with their ids ("full+write_dc@b2_8x8")."""
-    wanted = sorted(set(served_keys(plan, full_latent, batches).values()),
+    wanted = sorted(set(served_keys(plan, full_latent, batches, windows).values()),
                     key=lambda v: (-v[1], -v[2][0] * v[2][1], v[0]))
     return {key: f"{key[0]}@{Bucket(key[1], *key[2], 0, dtype).tag}" for key in wanted}
 
 
 def step_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype,
-             batches: tuple[int, ...] = (1,)) -> dict[VariantKey, str]:
+             batches: tuple[int, ...] = (1,), windows: tuple[Plan, ...] = ()) -> dict[VariantKey, str]:
     """Each step's variant at each bucket (its variant_key) -> the id of the variant that runs it."""
-    ids = variant_ids(plan, full_latent, dtype, batches)
-    return {key: ids[served] for key, served in served_keys(plan, full_latent, batches).items()}
+    ids = variant_ids(plan, full_latent, dtype, batches, windows)
+    return {key: ids[served] for key, served in served_keys(plan, full_latent, batches, windows).items()}
 
 
 def plan_ids(plan: Plan, full_latent: tuple[int, int], dtype: torch.dtype,
-             batches: tuple[int, ...] = (1,)) -> dict[int, list[str]]:
+             batches: tuple[int, ...] = (1,), windows: tuple[Plan, ...] = ()) -> dict[int, list[str]]:
     """Images per call -> the id of the variant each step runs (the manifest's plan holds 1's, "batches" the rest)."""
-    ids = step_ids(plan, full_latent, dtype, batches)
+    ids = step_ids(plan, full_latent, dtype, batches, windows)
     return {b: [ids[variant_key(step, plan, full_latent, b)] for step in plan] for b in batches}
 
 

@@ -74,6 +74,8 @@ def _open_variants(folder: Path, manifest: dict, backend: str, device: torch.dev
         for step, vid in zip(manifest["plan"], ids):
             v = entries[vid]
             by_key[(step["variant"], v["batch"], *v["latent_size"])] = opened[vid]
+    for vid, v in entries.items():   # built for windows only (variant_build.window_plans): found by their name
+        by_key.setdefault((v["name"], v["batch"], *v["latent_size"]), opened[vid])
     return _Variants(by_key)
 
 
