@@ -149,7 +149,10 @@ def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
     manifest = read_manifest(artifacts["fast"])
     assert manifest["format_version"] == 2 and manifest["formats"] == ["pt2", "onnx"]
     ids = {v["id"] for v in manifest["variants"]}
-    assert {s["variant_id"] for s in manifest["plan"]} == ids            # every variant is used, every step has one
+    # every variant is used, every step has one; but one built for image-to-image windows that start after the
+    # cross-attention cache's gate: their first step writes the cache at full resolution with CFG
+    # (variant_build.window_plans)
+    assert ids - {s["variant_id"] for s in manifest["plan"]} == {"full+write_ca@b2_16x16"}
     for step in manifest["plan"]:
         variant = next(v for v in manifest["variants"] if v["id"] == step["variant_id"])
         assert variant["batch"] == (2 if step["cfg"] else 1)
@@ -159,7 +162,7 @@ def test_manifest_v1_is_schema_valid_and_complete(artifacts, pipe):
     # The CFG steps full, full+write_dc and full+write_ca compute the same thing: one variant writing both caches
     # runs them (variant_build.served_keys).
     kinds = sorted(v["name"] for v in manifest["variants"])
-    assert kinds == ["full+write_dc+read_ca", "full+write_dc+write_ca", "shallow", "shallow+read_ca"]
+    assert kinds == ["full+write_ca", "full+write_dc+read_ca", "full+write_dc+write_ca", "shallow", "shallow+read_ca"]
     assert {s["variant"] for s in manifest["plan"] if s["cfg"]} == {"full", "full+write_dc", "full+write_ca", "shallow"}
     for v in manifest["variants"]:
         assert v["flops"]["paper"] > 0 and v["flops"]["true"] > v["flops"]["paper"]
