@@ -49,6 +49,9 @@ def test_explain_same_flags_as_compile_and_a_checkpoint_header(capsys):
     assert by_file["fraction_paper"] < 0.6
 
 
+# Slow tier (20 s of the default tier's 600, 8 Dec): the CFG gate's plan is test_plan.py's
+# (test_cross_attn_cache_gates_cfg), and fast's place among the presets test_all_presets'.
+@pytest.mark.slow
 def test_fast_preset_plan(capsys):
     fast = _explain(capsys, "--family", "sd15", "--resolution", "256x256", "--steps", "20", "--preset", "fast")
     m = fast["config"]["cross_attn_cache_step"]
