@@ -56,13 +56,14 @@ def window_plans(make_plan_for, steps: int, config, family) -> list[Plan]:
 
 def served_keys(plan: Plan, full_latent: tuple[int, int], batches: tuple[int, ...] = (1,),
                 windows: tuple[Plan, ...] = ()) -> dict[VariantKey, VariantKey]:
-    """Each step's variant, at each bucket, -> the variant built to run it (the steps of the `windows` plans too).
+    """Each step's variant, at each bucket, -> the variant built to run it (the steps of the `windows` plans too, for
+    one image: a window is a single-image call).
     Variants of one bucket that compute the same thing (deep mode and caches read) and differ only in the caches
     they also return are one variant returning the union: a returned cache that the step does not write costs an
     output buffer, not compute (the loop drops it)."""
     groups: dict[tuple, list[VariantSpec]] = {}
-    for name, batch, size in {variant_key(step, p, full_latent, b) for p in (plan, *windows) for step in p
-                              for b in batches}:
+    keys = {variant_key(step, plan, full_latent, b) for step in plan for b in batches}
+    for name, batch, size in keys | {variant_key(step, w, full_latent) for w in windows for step in w}:
         spec = VariantSpec.parse(name)
         groups.setdefault((batch, size, spec.deep, spec.reads), []).append(spec)
     served = {}
