@@ -70,21 +70,17 @@ def controlnet_kinds(steps: int) -> list[Kind]:
                   lambda p, c=count, s=scales: p(image=_images(c), prompt_embeds=cond, negative_prompt_embeds=uncond,
                                                  num_inference_steps=steps, guidance_scale=7.5, output_type="latent",
                                                  generator=_gen(0), **s).images,
-                  lambda r, c=count, s=scales: r(cond, uncond, seed=0, guidance_scale=7.5, control_image=_images(c), **s))
+                  lambda r, c=count, s=scales: r(cond, uncond, seed=0, guidance_scale=7.5, control_image=_images(c),
+                                                 **s))
         kinds.append(Kind(name, pipe, SIZE, [run], list(getattr(pipe.controlnet, "nets", [pipe.controlnet]))))
     return kinds
 
 
 def sdxl_controlnet_kind(steps: int) -> Kind:
-    from diffusers import StableDiffusionXLControlNetPipeline
-    from test_controlnet import SIZE, _controlnet, _images
-    from tiny_models import pipeline_embeds, tiny_pipeline
+    from test_controlnet import SIZE, _images, make_sdxl_pipe
+    from tiny_models import pipeline_embeds
 
-    base = tiny_pipeline("sdxl")
-    pipe = StableDiffusionXLControlNetPipeline(vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                               tokenizer_2=None, unet=base.unet, controlnet=_controlnet(base.unet, 3),
-                                               scheduler=base.scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_sdxl_pipe()
     e = pipeline_embeds("sdxl")
     run = Run("scale 0.7",
               lambda p: p(image=_images(1), **e, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
@@ -152,7 +148,8 @@ def sdxl_refiner_kinds(steps: int) -> list[Kind]:
     def args(seed, **kw):
         return dict(e, num_inference_steps=steps, guidance_scale=5.0, output_type="latent", generator=_gen(seed), **kw)
 
-    base_run = Run(f"denoising_end {SPLIT}", lambda p: p(height=SIZE, width=SIZE, **args(0, denoising_end=SPLIT)).images,
+    base_run = Run(f"denoising_end {SPLIT}",
+                   lambda p: p(height=SIZE, width=SIZE, **args(0, denoising_end=SPLIT)).images,
                    lambda r: r(e["prompt_embeds"], e["negative_prompt_embeds"], seed=0, guidance_scale=5.0,
                                denoising_end=SPLIT, **added))
     latents = base(height=SIZE, width=SIZE, **args(0, denoising_end=SPLIT)).images   # plain diffusers' base share
@@ -221,8 +218,8 @@ def rows_of(kind: Kind, preset: str, steps: int, work: Path) -> list[dict]:
                 row.update(rel_l2=rel_l2(got, expected), refused=None,
                            ok=got.shape == expected.shape and rel_l2(got, expected) <= TOLERANCE[backend])
             rows.append(row)
-            print(f"{kind.name:18} {run.label:24} {preset:9} {backend:12} "
-                  f"{'refused' if row['refused'] else format(row['rel_l2'], '.1e'):>8}  {'ok' if row['ok'] else 'FAIL'}",
+            value = "refused" if row["refused"] else format(row["rel_l2"], ".1e")
+            print(f"{kind.name:18} {run.label:24} {preset:9} {backend:12} {value:>8}  {'ok' if row['ok'] else 'FAIL'}",
                   flush=True)
     return rows
 

@@ -103,7 +103,7 @@ def _compile_into(tmp: Path, source: Any, config: PostDiffConfig | ConfigRequest
             return make_plan(config, steps, family=family, full_latent=full_latent, window=window,
                              cfg=family.classifier_free_guidance, prediction_type=loaded.detection.prediction_type,
                              timesteps=scheduler_timesteps(scheduler, steps, timing))
-        plan, windows = plan_for(), tuple(window_plans(plan_for, steps, config, family))
+        plan, windows = plan_for(), tuple(window_plans(plan_for, steps, family))
         check_cache_branch(loaded.module, config)
         transition = transition_spec(plan.transition, config, scheduler, steps, timing)
     table = scheduler_table(scheduler, steps, plan.switch_step, timing)   # never fails the build (null: says why)

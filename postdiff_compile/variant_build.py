@@ -36,14 +36,15 @@ def variant_key(step: Step, plan: Plan, full_latent: tuple[int, int], images: in
     return step.variant, images * (2 if step.cfg else 1), low if step.low_res else full_latent
 
 
-def window_plans(make_plan_for, steps: int, config, family) -> list[Plan]:
+def window_plans(make_plan_for, steps: int, family) -> list[Plan]:
     """The plans of the windows an image's strength or a refiner's denoising_start can start on an artifact
     (runtime/artifact_img2img.py), for the variants the whole schedule's plan lacks: a window that starts at or after
     the cross-attention cache's gate writes the cache on its first step, at full resolution and with CFG, which no
     step of the whole plan does (benchmarks/results/pipeline_matrix.md: fast's image-to-image at strength 0.3 was
-    refused until 8 Dec). U-Net families (the runners' image-to-image and inpainting) with that cache only: their
-    other windows run the whole plan's variants. `make_plan_for(window)` -> the plan of steps window[0]..end."""
-    if config.cross_attn_cache == "off" or family.denoiser_class != "UNet2DConditionModel":
+    refused until 8 Dec). Other windows add none (served_keys dedupes them: measured for every preset of SD1.5, SD2,
+    SDXL and LCM, only fast gains one variant). U-Net families only (the runners' image-to-image and inpainting).
+    `make_plan_for(window)` -> the plan of steps window[0]..end."""
+    if family.denoiser_class != "UNet2DConditionModel":
         return []
     plans = []
     for start in range(1, steps):

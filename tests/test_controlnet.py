@@ -4,7 +4,7 @@ cross-attention cache with the ControlNet's residuals as variant inputs."""
 import DeepCache
 import pytest
 import torch
-from tiny_models import text_embeddings, tiny_sd_pipeline
+from tiny_models import text_embeddings, tiny_pipeline, tiny_sd_pipeline
 
 from postdiff_compile import optimize, restore
 from postdiff_compile.verification import rel_l2
@@ -41,6 +41,19 @@ def make_pipes():
         pipe.set_progress_bar_config(disable=True)
         made.append(pipe)
     return made
+
+
+def make_sdxl_pipe():
+    """StableDiffusionXLControlNetPipeline on the tiny SDXL U-Net with a ControlNet made from it (no text encoders:
+    embeddings are given)."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    base = tiny_pipeline("sdxl")
+    pipe = StableDiffusionXLControlNetPipeline(vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=base.unet, controlnet=_controlnet(base.unet, 3),
+                                               scheduler=base.scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _images(count):
@@ -132,15 +145,9 @@ def test_presets_run_with_the_controlnet(pipes, preset):
 
 def test_sdxl_controlnet_none_reproduces_diffusers():
     """StableDiffusionXLControlNetPipeline: the ControlNet also takes SDXL's pooled text embedding and time ids."""
-    from diffusers import StableDiffusionXLControlNetPipeline
-    from tiny_models import pipeline_embeds, tiny_pipeline
+    from tiny_models import pipeline_embeds
 
-    base = tiny_pipeline("sdxl")
-    controlnet = _controlnet(base.unet, 3)
-    pipe = StableDiffusionXLControlNetPipeline(vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                               tokenizer_2=None, unet=base.unet, controlnet=controlnet,
-                                               scheduler=base.scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_sdxl_pipe()
 
     def run(**kw):
         return pipe(image=_images(1), **pipeline_embeds("sdxl"), num_inference_steps=6, guidance_scale=5.0,

@@ -4,8 +4,8 @@ StableDiffusionControlNetPipeline (one ControlNet and two) and StableDiffusionXL
 weights, embeddings, conditioning images and generator. optimize(pipe) equals diffusers (test_controlnet.py)."""
 import pytest
 import torch
-from test_controlnet import SIZE, _controlnet, _images, make_pipes
-from tiny_models import pipeline_embeds, text_embeddings, tiny_pipeline
+from test_controlnet import SIZE, _images, make_pipes, make_sdxl_pipe
+from tiny_models import pipeline_embeds, text_embeddings
 
 import postdiff_compile
 from postdiff_compile import optimize, restore
@@ -125,13 +125,7 @@ def test_presets_on_torch_and_onnxruntime(pipes, tmp_path, preset, which):
 def test_an_sdxl_controlnet_artifact_equals_optimize_pipe(tmp_path):
     """The SDXL ControlNet also takes the pooled text embedding and the time ids (the runner's defaults for the
     artifact's resolution: what the pipeline makes for an image of that size)."""
-    from diffusers import StableDiffusionXLControlNetPipeline
-
-    base = tiny_pipeline("sdxl")
-    pipe = StableDiffusionXLControlNetPipeline(vae=base.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                               tokenizer_2=None, unet=base.unet, controlnet=_controlnet(base.unet, 3),
-                                               scheduler=base.scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_sdxl_pipe()
     # `none`: what is SDXL's here is the ControlNet graph's added inputs, the same in every preset (balanced passed
     # too, 7 Dec)
     folder = compile_artifact(pipe.unet, ConfigRequest("none"), tmp_path / "sdxl", resolution=(SIZE, SIZE),
