@@ -31,29 +31,38 @@ TINY_STEPS = 20
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory):
+def tiny_artifact(tmp_path_factory, worker_id):
     """artifact(preset, formats="pt2,onnx") -> folder: the tiny SD1.5-layout U-Net (seed 0, DDIM, 20 steps,
-    128x128) compiled once per preset for the whole run, shared by test_artifact, test_cli_artifact and
-    test_cpp_runner. A preset asked for with a format it lacks is rebuilt with the union of the formats, so an
-    AOTInductor compile is paid only by a test that needs it. Tests must copy a folder before changing it."""
+    128x128) compiled with that preset, shared by test_artifact, test_refit and test_cpp_runner. One folder for the
+    whole run, both xdist workers included: a request is served by any artifact of the preset built with at least
+    the formats asked for, else compiled with exactly those (a lock per preset: a worker that asks for what the other
+    is building waits for it). Rebuilding with the union of the formats, per worker as before, compiled the fast
+    preset's AOTInductor packages twice when test_cpp_runner and test_refit shared a worker. Tests must copy a folder
+    before changing it."""
+    from filelock import FileLock
     from tiny_models import tiny_sd_pipeline
 
     from postdiff_compile.compile import compile_artifact
     from postdiff_compile.exporters.formats import parse_formats
     from postdiff_compile.config import ConfigRequest
 
-    root = tmp_path_factory.mktemp("tiny-artifacts")
-    unet = tiny_sd_pipeline("sd15").unet
-    built: dict[str, tuple[Path, set[str]]] = {}
+    # xdist's workers have their own base folders in one folder of the run; a run without xdist has its own base.
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "tiny-artifacts"
+    root.mkdir(exist_ok=True)
+    unet = None
 
     def artifact(preset: str, formats: str = "pt2,onnx") -> Path:
+        nonlocal unet
         wanted = set(parse_formats(formats))
-        if preset not in built or not wanted <= built[preset][1]:
-            union = wanted | (built[preset][1] if preset in built else set())
-            out = root / f"{preset}-{'-'.join(sorted(union))}"
+        with FileLock(str(root / f"{preset}.lock")):
+            for folder in sorted(root.glob(f"{preset}-*")):   # complete folders only: compile_artifact moves them in
+                if folder.is_dir() and wanted <= set(folder.name.split("-")[1:]):
+                    return folder
+            out = root / f"{preset}-{'-'.join(sorted(wanted))}"
+            unet = unet if unet is not None else tiny_sd_pipeline("sd15").unet
             compile_artifact(unet, ConfigRequest(preset), out, resolution=TINY_RESOLUTION, steps=TINY_STEPS,
-                             formats=",".join(union))
-            built[preset] = (out, union)
-        return built[preset][0]
+                             formats=",".join(sorted(wanted)))
+            return out
 
     return artifact

@@ -34,7 +34,7 @@ STEPS = {"sd3": 6, "flux": 6}
 # What the C++ loop does with caches is the same for every kind but the cross-attention cache's CFG halves, so
 # FLUX's fast (block cache + attention broadcast: 460 s here, 224 s of CI) and the two `none` artifacts (one
 # variant each, a subset of these) were dropped for CI's 45 minutes (8 Dec); each passed (C++ = Python aoti <= 1e-5)
-# in every run until then, and FLUX fast still runs on torch and onnxruntime (test_artifact_flow.py).
+# in every run until then, and FLUX fast still runs on torch (test_artifact_flow.py).
 CASES = {"flux-quality": ("flux", "quality", {}), "sd3-fast-m2": ("sd3", "fast", {"cross_attn_cache_step": 2})}
 ARTIFACT = {family: (preset, overrides) for family, preset, overrides in CASES.values()}
 

@@ -51,6 +51,8 @@ TINY_CONFIGS["pixart_alpha_deep"] = dict(TINY_CONFIGS["pixart_alpha"], num_layer
 # width, so the width is a multiple of 3. Six blocks, as pixart_alpha_deep, so every preset's block cache fits.
 TINY_CONFIGS["pixart_alpha_sized"] = dict(TINY_CONFIGS["pixart_alpha_deep"], attention_head_dim=48,
                                           cross_attention_dim=48, sample_size=128, use_additional_conditions=True)
+# The same with two blocks, for `none` (no block cache to fit): the six blocks only add capture and export time.
+TINY_CONFIGS["pixart_alpha_sized_shallow"] = dict(TINY_CONFIGS["pixart_alpha_sized"], num_layers=2)
 # SDXL layout with 3 resnets per up block (layers_per_block 2, as the released SDXL), for DeepCache's branches.
 TINY_CONFIGS["sdxl_deep"] = dict(TINY_CONFIGS["sdxl"], layers_per_block=2)
 # Flow-matching transformers: SD3 (joint blocks, the last one context_pre_only) and FLUX (double-stream then
@@ -64,11 +66,14 @@ TINY_CONFIGS["flux"] = dict(patch_size=1, in_channels=16, num_layers=4, num_sing
                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 TINY_CONFIGS["flux_schnell"] = dict(TINY_CONFIGS["flux"], guidance_embeds=False)
+# FLUX-dev with one block of each kind: for tests of what surrounds the blocks (sigmas, shift, ids, guidance, the
+# flow transition), where nine blocks only add capture and export time.
+TINY_CONFIGS["flux_shallow"] = dict(TINY_CONFIGS["flux"], num_layers=1, num_single_layers=1)
 
 
 def base_family(family: str) -> str:
     """The family a tiny variant config belongs to: "pixart_alpha_deep" -> "pixart_alpha"."""
-    return family.removesuffix("_deep").removesuffix("_sized")
+    return family.removesuffix("_shallow").removesuffix("_deep").removesuffix("_sized")
 
 
 def tiny_denoiser(family: str, seed: int = 0) -> torch.nn.Module:
