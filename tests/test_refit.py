@@ -79,10 +79,11 @@ def test_each_lora_layout_merges_to_peft_s_own_merge(adapted, loras, layout):
     assert any(rel_l2(got[k], before[k]) > 1e-3 for k in got)   # the LoRA changed some weights
 
 
-# Both layouts end to end are slow-tier (57 s and 45 s here): the default tier keeps refit itself (--weights,
-# below), each layout's merge (above) and the LoRA refusals.
+# Slow tier (57 s here): the default tier keeps refit itself (--weights, below), each layout's merge (above) and the
+# LoRA refusals. The kohya layout end to end (45 s) was dropped for CI's 45 minutes (8 Dec): past the merge above,
+# refit runs the same code for both layouts, and the AOTInductor refit below takes a kohya file.
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+@pytest.mark.parametrize("layout", ["diffusers"])
 def test_refit_with_a_lora_equals_compiling_the_merged_model(tiny_artifact, loras, compiled_merged, layout, tmp_path,
                                                              capsys):
     base = tiny_artifact("fast", "pt2,onnx")

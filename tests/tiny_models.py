@@ -53,6 +53,12 @@ TINY_CONFIGS["pixart_alpha_sized"] = dict(TINY_CONFIGS["pixart_alpha_deep"], att
                                           cross_attention_dim=48, sample_size=128, use_additional_conditions=True)
 # The same with two blocks, for `none` (no block cache to fit): the six blocks only add capture and export time.
 TINY_CONFIGS["pixart_alpha_sized_shallow"] = dict(TINY_CONFIGS["pixart_alpha_sized"], num_layers=2)
+# SDXL with two levels (an attention level of one transformer layer): its added conditioning and Euler's sigma space
+# at a third of the three-level model's graph, for tests that compile AOTInductor packages.
+TINY_CONFIGS["sdxl_shallow"] = dict(TINY_CONFIGS["sdxl"], block_out_channels=(32, 64),
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=[1, 1],
+                                    transformer_layers_per_block=[1, 1])
 # SDXL layout with 3 resnets per up block (layers_per_block 2, as the released SDXL), for DeepCache's branches.
 TINY_CONFIGS["sdxl_deep"] = dict(TINY_CONFIGS["sdxl"], layers_per_block=2)
 # Flow-matching transformers: SD3 (joint blocks, the last one context_pre_only) and FLUX (double-stream then
