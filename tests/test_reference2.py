@@ -184,3 +184,25 @@ def test_a_snapshot_restores_the_run_in_float16_and_warms_the_learning_rate_agai
     assert "restored from the snapshot snap.safetensors at step 3" in (work / "unet_log.txt").read_text()
     with pytest.raises(PostDiffError, match="a full checkpoint is already here"):
         restore_snapshot(work, snap)
+
+
+@pytest.mark.slow   # two points of the study on the 64 px pipeline: about 20 s here
+def test_the_probe_scores_the_baseline_and_dpm_10_against_the_targets(unet_runs, tmp_path):
+    from postdiff_compile.lab.reference2.probe import format_probe, main, probe
+
+    runs, _ = unet_runs
+    folder = runs / "split" / "model"
+    found = probe(folder, prompts=4, seed_sets=2, real=16)
+    assert found["step"] == UNET_CFG.steps
+    assert [row["name"] for row in found["rows"]] == ["ddim-20 (baseline)", "dpmsolver++-10"]
+    baseline = found["rows"][0]
+    for metric, bound in (("caption_match", 0.5), ("acc_colour", 0.9)):
+        assert found["targets"][metric] == {"value": baseline[metric], "target": f">= {bound:g}",
+                                            "met": baseline[metric] >= bound}
+    floor = found["real_vs_real_frechet"]
+    assert floor > 0 and found["targets"]["frechet"]["met"] == (baseline["frechet"] <= 2 * floor)
+    assert "frechet" in found["rows"][1]["vs_baseline"] and f"step {UNET_CFG.steps}" in format_probe(found)
+    # Model 1's folder is refused by name: one error line, exit status 2.
+    from postdiff_compile.lab.reference import reference_folder
+
+    assert main([str(reference_folder()), "--prompts", "2"]) == 2
