@@ -188,7 +188,7 @@ def test_a_snapshot_restores_the_run_in_float16_and_warms_the_learning_rate_agai
 
 @pytest.mark.slow   # two points of the study on the 64 px pipeline: about 20 s here
 def test_the_probe_scores_the_baseline_and_dpm_10_against_the_targets(unet_runs, tmp_path):
-    from postdiff_compile.lab.reference2.probe import format_probe, main, probe
+    from postdiff_compile.lab.target_probe import format_probe, main, probe
 
     runs, _ = unet_runs
     folder = runs / "split" / "model"

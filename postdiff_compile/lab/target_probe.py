@@ -1,12 +1,13 @@
 """How far a partly trained model 2 is from issue 25's targets: its baseline and DPM-Solver++ at 10 steps only.
 
-    python -m postdiff_compile.lab.reference2.probe WORK/model [--prompts 32] [--seed-sets 2] [--out DIR]
+    python -m postdiff_compile.lab.target_probe WORK/model [--prompts 32] [--seed-sets 2] [--out FILE.json]
 
 Why not `postdiff-compile study`: the study runs every fewer-steps and PostDiff point (17 of them), an hour or more on
 2 cores; between training sittings the question is only whether the baseline is on its way to the targets (caption
 match >= 0.5, per-object colour accuracy >= 0.9, Frechet distance <= 2x real-vs-real at the same n) and whether
 DPM-Solver++ at 10 steps keeps up. The two points go through the study's own code (run_study: same prompt sets,
-metrics, intervals and verdicts), so a probe's numbers are the study's for those points.
+metrics, intervals and verdicts), so a probe's numbers are the study's for those points. (In lab/, not
+lab/reference2/: it imports the study, whose sweep imports reference2.)
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..evaluate import Sampler
+from .evaluate import Sampler
 
 DPM_10 = Sampler("dpmsolver++-10", "dpmsolver++", 10)
 TARGETS = {"caption_match": 0.5, "acc_colour": 0.9}   # issue 25's Must show, for the 20-step DDIM baseline
@@ -23,10 +24,10 @@ FRECHET_FACTOR = 2.0                                   # Frechet <= 2x real-vs-r
 
 def probe(folder: Path, prompts: int, seed_sets: int, real: int = 2048) -> dict:
     """The baseline's and DPM-Solver++ 10's means, intervals and verdicts, and the baseline against the targets."""
-    from ...errors import PostDiffError
-    from ...models.families import get_family
-    from ..reference2 import is_model2_folder, load_pipeline
-    from ..study import StudySettings, run_study
+    from ..errors import PostDiffError
+    from ..models.families import get_family
+    from .reference2 import is_model2_folder, load_pipeline
+    from .study import StudySettings, run_study
 
     if not is_model2_folder(folder):
         raise PostDiffError("the probe takes a reference-model-2 folder (train_unet's WORK/model)", folder)
@@ -72,9 +73,9 @@ def format_probe(found: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train_vae import run_cli
+    from .reference2.train_vae import run_cli
 
-    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.lab.reference2.probe", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m postdiff_compile.lab.target_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a model-2 folder (train_unet's WORK/model)")
     parser.add_argument("--prompts", type=int, default=32)
