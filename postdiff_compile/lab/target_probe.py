@@ -16,18 +16,19 @@ import json
 from pathlib import Path
 
 from .evaluate import Sampler
+from .study import StudySettings
 
 DPM_10 = Sampler("dpmsolver++-10", "dpmsolver++", 10)
 TARGETS = {"caption_match": 0.5, "acc_colour": 0.9}   # issue 25's Must show, for the 20-step DDIM baseline
 FRECHET_FACTOR = 2.0                                   # Frechet <= 2x real-vs-real at the same n
 
 
-def probe(folder: Path, prompts: int, seed_sets: int, real: int = 2048) -> dict:
+def probe(folder: Path, prompts: int, seed_sets: int, real: int = StudySettings.real) -> dict:
     """The baseline's and DPM-Solver++ 10's means, intervals and verdicts, and the baseline against the targets."""
     from ..errors import PostDiffError
     from ..models.families import get_family
     from .reference2 import is_model2_folder, load_pipeline
-    from .study import StudySettings, run_study
+    from .study import run_study
 
     if not is_model2_folder(folder):
         raise PostDiffError("the probe takes a reference-model-2 folder (train_unet's WORK/model)", folder)
