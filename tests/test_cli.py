@@ -214,17 +214,17 @@ def test_console_script_and_debug(ckpt, tmp_path):
 
 
 def test_embedded_default_is_the_reference_model(tmp_path, capsys):
-    from postdiff_compile.lab.reference import reference_folder
+    from postdiff_compile.lab.reference2 import shipped_folder
 
     # none: one variant (the embedded default with quality and its transition: test_cli_artifact.py, reference_artifact)
     code, _, err = run_cli(capsys, "--out", tmp_path / "demo", "--steps", "3", "--preset", "none")
     assert code == 0, err
     assert "reference model" in err
     manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
-    assert manifest["source"]["family"] == "scenes32"
-    assert manifest["source"]["path"] == str(reference_folder())
+    assert manifest["source"]["family"] == "scenes64"
+    assert manifest["source"]["path"] == str(shipped_folder())
     assert manifest["denoiser"]["dtype"] == "float32"        # shipped in float16, compiled in float32
-    assert (manifest["resolution"]["height"], manifest["resolution"]["width"]) == (32, 32)
+    assert (manifest["resolution"]["height"], manifest["resolution"]["width"]) == (64, 64)
 
 
 def test_dtype_and_prediction_type_flags(ckpt, tmp_path, capsys):

@@ -46,8 +46,8 @@ def check_run(reference_artifact, tmp_path, capsys, backends):
         results[backend] = load_file(str(out / "latents.safetensors"))["latents"]
         from PIL import Image
 
-        assert Image.open(out / "image.png").size == (32, 32)
-    assert results["torch"].shape == (1, 3, 32, 32)
+        assert Image.open(out / "image.png").size == (64, 64)
+    assert results["torch"].shape == (1, 4, 32, 32)
     if "onnxruntime" in results:
         assert rel_l2(results["onnxruntime"], results["torch"]) <= 1e-4
     # Another prompt gives another image.

@@ -1,6 +1,6 @@
 """Hostile input (issue 20): each numbered finding of the probe, as a test that failed before the fix.
 
-Artifacts here are the shipped reference model (scenes32) compiled for 4 steps (pt2), once per module; every
+Artifacts here are the shipped reference model (scenes64) compiled for 4 steps (pt2), once per module; every
 test copies it before tampering. "Tampered" means the attacker rewrote every hash to match: the file's sha256 and
 size in the manifest, and manifest.sha256.
 """
@@ -112,9 +112,9 @@ def refused_everywhere(folder: Path, capsys, *needles: str, public_key=None) -> 
 def test_the_untampered_artifact_loads_runs_and_inspects(art, capsys):
     """The baseline every refusal below is measured against: the same artifact, untouched, is accepted."""
     runner = load(art)
-    assert runner(**_reference_embeds(runner), seed=0).shape == (1, 3, 32, 32)
+    assert runner(**_reference_embeds(runner), seed=0).shape == (1, 4, 32, 32)
     code, out, err = cli("inspect", art, capsys=capsys)
-    assert code == 0 and "scenes32" in out, err
+    assert code == 0 and "scenes64" in out, err
     code, out, err = cli("run", art, "--out", art.parent / "r", capsys=capsys)
     assert code == 0, err
     assert (art.parent / "r" / "image.png").is_file()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from postdiff_compile.lab.reference import load_pipeline
+from postdiff_compile.lab.reference_models import DEFAULT_FAMILY, load_lab_pipeline
 from postdiff_compile.lab.tune import TuneSettings, run_tune
 from postdiff_compile.models.families import get_family
 
@@ -20,7 +20,7 @@ def _stage(name, total):
 
 def test_tune_on_ray_equals_the_serial_run(ray_sweep):
     settings = TuneSettings(flops_budget=0.3, calibration=2, full=2, steps=4)
-    pipe, family = load_pipeline(), get_family("scenes32")
+    pipe, family = load_lab_pipeline(None), get_family(DEFAULT_FAMILY)
     start = time.perf_counter()
     serial = run_tune(pipe, family, settings, _stage)
     serial_s = time.perf_counter() - start
@@ -48,8 +48,8 @@ def test_study_on_ray_equals_the_serial_run(ray_sweep):
     from postdiff_compile.lab.study import StudySettings, run_study
 
     settings = StudySettings(prompts=3, seed_sets=2, real=32, steps=(4,))
-    points = [Sampler("ddim-4", "ddim", 4), Sampler("mix", config=PRESETS["quality"].for_family("scenes32"))]
-    pipe, family = load_pipeline(), get_family("scenes32")
+    points = [Sampler("ddim-4", "ddim", 4), Sampler("mix", config=PRESETS["quality"].for_family(DEFAULT_FAMILY))]
+    pipe, family = load_lab_pipeline(None), get_family(DEFAULT_FAMILY)
     serial = run_study(pipe, family, settings, _stage, points)
     parallel = run_study(pipe, family, settings, _stage, points, sweep=ray_sweep)
     assert [r["name"] for r in parallel.rows] == [r["name"] for r in serial.rows]

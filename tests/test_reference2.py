@@ -149,7 +149,7 @@ def test_unet_training_resumes_bit_exactly_and_exports_a_pipeline(unet_runs):
     # study, tune and samples take this folder as their MODEL: family scenes64, this pipeline.
     from postdiff_compile.lab.reference_models import lab_family, load_lab_pipeline
 
-    assert (lab_family(folder), lab_family(None), lab_family(tmp_path)) == ("scenes64", "scenes32", "scenes32")
+    assert (lab_family(folder), lab_family(None), lab_family(tmp_path)) == ("scenes64", "scenes64", "scenes32")
     assert load_lab_pipeline(folder).unet.config.in_channels == 4
 
 

@@ -16,7 +16,7 @@ import postdiff_compile
 from postdiff_compile.cli.default_model import embedded_default_path
 from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import ConfigRequest
-from postdiff_compile.lab.reference import load_pipeline
+from postdiff_compile.lab.reference2 import load_pipeline
 from postdiff_compile.verification import rel_l2
 
 pytestmark = pytest.mark.ray
@@ -103,7 +103,7 @@ def test_health_and_info(server):
         assert json.loads(response.read()) == {"status": "ok"}
     with urllib.request.urlopen(server + "/info", timeout=TIMEOUT) as response:
         info = json.loads(response.read())
-    assert info["family"] == "scenes32" and info["steps"] == STEPS and info["batches"] == [1, 2, 4]
+    assert info["family"] == "scenes64" and info["steps"] == STEPS and info["batches"] == [1, 2, 4]
     assert len(info["plan"]) == STEPS and info["flops"]["true"] > 0
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import save
 
 from postdiff_compile.serve.requests import MAX_BODY, BadRequest, ServedModel, parse_generate
 
-REFERENCE = ServedModel("scenes32", 20, (24, 128), True, 7.5, frozenset("large blue square center on teal".split()))
+REFERENCE = ServedModel("scenes64", 20, (24, 128), True, 7.5, frozenset("large blue square center on teal".split()))
 OTHER = ServedModel("sd15", 20, (77, 768), True, 7.5, None)
 
 

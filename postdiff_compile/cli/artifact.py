@@ -66,7 +66,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         add("--source", type=Path, metavar="MODEL",
             help="the model folder the artifact was compiled from, for its VAE (and, for the reference model, its "
                  "text encoder); checked against the manifest's hashes. Default: the shipped reference model for "
-                 "scenes32 artifacts, no decoding otherwise")
+                 "reference-model artifacts (scenes64, scenes32), no decoding otherwise")
     if command in ("inspect", "run"):
         add("--public-key", type=Path, metavar="KEY.pub", help=key_help)
     add("--debug", action="store_true", help="show Python tracebacks")
@@ -171,11 +171,12 @@ def _embeddings(args: argparse.Namespace, runner, source: Path | None) -> tuple[
         if runner.added_inputs:
             kwargs.update(added_cond=added, negative_added_cond=negative_added or None)
         return kwargs, runner.default_guidance_scale
-    if family != "scenes32":
+    from ..lab.reference_models import LAB_FAMILIES, family_of
+
+    if family not in LAB_FAMILIES:
         raise PostDiffError(f"a {family} artifact has no text encoder inside; give --embeddings FILE.safetensors with "
                             f"{' and '.join(EMBEDDING_KEYS)} of shape [1, {runner.text['shape'][1]}, "
                             f"{runner.text['shape'][2]}]")
-    from ..lab.reference import is_reference_folder
     from ..lab.scenes import vocabulary
 
     prompt = args.prompt or DEFAULT_PROMPT
@@ -184,7 +185,7 @@ def _embeddings(args: argparse.Namespace, runner, source: Path | None) -> tuple[
     if unknown:   # the word-level tokenizer would read them as [UNK] and draw something else, silently
         raise PostDiffError(f"the reference model does not know the word(s) {', '.join(unknown)}; its vocabulary: "
                             f"{' '.join(vocabulary())} (captions like {DEFAULT_PROMPT!r})")
-    if source is None or not is_reference_folder(source):
+    if source is None or family_of(source) != family:
         raise PostDiffError("--source is not a reference-model folder; give --embeddings instead", source)
     pipe = _reference_pipeline(source)
     with torch.no_grad():
@@ -196,16 +197,16 @@ def source_folder(manifest: dict, given: Path | None) -> Path | None:
     """The model folder `run` may load a VAE (and the reference model's text encoder) from, or None.
 
     Never the manifest's own `source.path`: an artifact must not make the runner read files outside it. The
-    folder is the one the caller names, or for a scenes32 artifact the shipped reference model; either way its
+    folder is the one the caller names, or for a reference-model artifact the shipped model; either way its
     denoiser files must have the sha256 the manifest recorded, so that the decoder belongs to this denoiser.
     """
     from ..exporters.manifest import sha256_file
-    from .default_model import embedded_default_path
+    from ..lab.reference_models import LAB_FAMILIES, shipped_folder
 
     if given is None:
-        if manifest["source"]["family"] != "scenes32":
+        if manifest["source"]["family"] not in LAB_FAMILIES:
             return None
-        folder, named = embedded_default_path(), False
+        folder, named = shipped_folder(manifest["source"]["family"]), False
     else:
         folder, named = Path(given), True
         if not folder.is_dir():
@@ -228,30 +229,28 @@ def source_folder(manifest: dict, given: Path | None) -> Path | None:
 
 def _reference_pipeline(folder: Path):
     """The reference model in `folder` (checked by source_folder), loaded once for encoding and decoding."""
-    from .default_model import embedded_default_path
-
-    return _load_reference(None if Path(folder) == embedded_default_path() else str(folder))
+    return _load_reference(str(folder))
 
 
 @functools.lru_cache(maxsize=1)
-def _load_reference(folder: str | None):
+def _load_reference(folder: str):
     from transformers.utils import logging as transformers_logging
 
-    from ..lab.reference import load_pipeline
+    from ..lab.reference_models import load_lab_pipeline
 
     transformers_logging.disable_progress_bar()
-    return load_pipeline(folder)
+    return load_lab_pipeline(folder)
 
 
 def _decoder(source: Path | None):
     """A function latents -> PIL images when the source folder has a VAE we can load offline, else None."""
     import torch
 
-    from ..lab.reference import is_reference_folder
+    from ..lab.reference_models import family_of
 
     if source is None:
         return None
-    if is_reference_folder(source):
+    if family_of(source):
         pipe = _reference_pipeline(source)
         vae, processor = pipe.vae, pipe.image_processor
     elif (source / "vae" / "config.json").is_file():

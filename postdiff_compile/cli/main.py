@@ -142,7 +142,7 @@ def _compile(args: argparse.Namespace) -> int:
     from ..exporters.formats import parse_formats
     from ..variant_build import batch_buckets
     from .default_model import DESCRIPTION, embedded_default_path
-    from ..lab.reference import is_reference_folder
+    from ..lab.reference_models import DEFAULT_FAMILY, family_of
     from .report import RichProgress, print_summary
 
     config = config_from_args(args)
@@ -153,9 +153,9 @@ def _compile(args: argparse.Namespace) -> int:
     source = args.source
     if source is None:
         source = str(embedded_default_path())
-    if is_reference_folder(source):
+    if family_of(source):
         args.dtype = args.dtype or "float32"     # shipped in float16 to stay small; CPUs compute in float32
-    stem = "scenes32" if args.source is None else Path(source).name.split(".")[0]
+    stem = DEFAULT_FAMILY if args.source is None else Path(source).name.split(".")[0]
     out = args.out or Path("postdiff-out") / f"{stem}-{args.preset}"
     with RichProgress() as progress:
         result = compile_artifact(source, config, out, resolution=args.resolution, steps=args.steps,

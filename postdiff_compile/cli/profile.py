@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
             raise PostDiffError(f"{what}; compile it first to profile backend {args.backend}, or profile it eagerly "
                                 "(--backend eager)", target)
         source = str(target) if target is not None else str(embedded_default_path())
-        from ..lab.reference import is_reference_folder
+        from ..lab.reference_models import family_of
 
-        dtype = args.dtype or ("float32" if is_reference_folder(source) else None)
+        dtype = args.dtype or ("float32" if family_of(source) else None)
         result = profile_source(source, config_from_args(args), resolution=args.resolution, steps=args.steps,
                                 dtype=dtype, device=args.device or "cpu", rounds=args.rounds, threads=args.threads,
                                 probe=not args.no_probe, on_stage=say)

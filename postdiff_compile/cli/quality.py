@@ -5,8 +5,8 @@
     postdiff-compile tune    [MODEL] --objective latency --costs FILE (--latency-budget MS | --speedup X) [--rank-only]
     postdiff-compile samples [MODEL] [--prompts N] [--steps N] [--seed S] [--out FILE.png]
 
-MODEL is a reference-model folder: model 1's (scenes32, written by python -m postdiff_compile.lab.reference.train)
-or model 2's (scenes64, train_unet's WORK/model); the default is model 1, shipped in the package. The metrics'
+MODEL is a reference-model folder: model 2's (scenes64, train_unet's WORK/model) or model 1's (scenes32, written by
+python -m postdiff_compile.lab.reference.train); the default is model 2, shipped in the package. The metrics'
 classifiers know these models' scenes only (32 and 64 px), so other models are refused.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ LOCAL = "local"     # --ray without an address: start a Ray instance on this mac
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", type=Path,
                         help="reference-model folder: model 1's (scenes32) or model 2's (scenes64, train_unet's "
-                             "WORK/model) (default: the shipped model 1)")
+                             "WORK/model) (default: the shipped model 2)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")

@@ -98,7 +98,7 @@ class StudyResult:
 @dataclass(frozen=True)
 class StudyJob:
     """One point on one prompt/noise set: a sweep's job (sweep.py)."""
-    model: str | None       # the reference-model folder (None: the shipped model 1)
+    model: str | None       # the reference-model folder (None: the shipped default, model 2)
     sampler: Sampler
     prompt_set: int
     settings: StudySettings

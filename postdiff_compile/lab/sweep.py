@@ -36,7 +36,7 @@ _STATES: dict = {}
 
 
 def lab_state(model: str | None, pipe=None) -> LabState:
-    """The process's state for `model` (a reference-model folder; None: the shipped model 1), around `pipe` if
+    """The process's state for `model` (a reference-model folder; None: the shipped default, model 2), around `pipe` if
     given (a serial sweep's pipeline, already loaded)."""
     key = (model, id(pipe))
     if key not in _STATES:

@@ -161,7 +161,7 @@ def format_ranking(rows: list[dict]) -> str:
 @dataclass(frozen=True)
 class TuneJob:
     """One candidate of the grid, scored on the calibration set and, unless settings.full is 0, the full set."""
-    model: str | None       # the reference-model folder (None: the shipped model 1)
+    model: str | None       # the reference-model folder (None: the shipped default, model 2)
     name: str
     config: PostDiffConfig
     settings: TuneSettings

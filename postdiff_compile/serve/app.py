@@ -131,17 +131,19 @@ def _response_type(accept: str, can_decode: bool) -> str:
 def _reference_pipeline(folder: Path, manifest: dict):
     """The shipped reference model, for its text encoder and decoder, when the artifact was compiled from it (the
     denoiser's files have the sha256 the manifest records); None otherwise."""
-    if manifest["source"]["family"] != "scenes32":
+    from ..lab.reference_models import LAB_FAMILIES, load_lab_pipeline, shipped_folder
+
+    family = manifest["source"]["family"]
+    if family not in LAB_FAMILIES:
         return None
-    from ..lab.reference import load_pipeline, reference_folder
     from ..exporters.manifest import sha256_file
 
-    shipped = reference_folder()
+    shipped = shipped_folder(family)
     for entry in manifest["source"]["files"]:
         name = Path(entry["file"]).name
         if not any(p.is_file() and sha256_file(p) == entry["sha256"] for p in shipped.rglob(name)):
             return None
-    return load_pipeline()
+    return load_lab_pipeline(shipped)
 
 
 def build_app(artifact: str | Path, backend: str = "onnxruntime", replicas: int = 1, max_batch: int = 16,
