@@ -178,21 +178,23 @@ def test_cpp_runner_runs_a_controlnet_artifact(runner_binary, tmp_path):
 # the fast case above runs; `balanced` on the 6-block model was 103 s of CI (4 compiles), 8 Dec.
 # SDXL on its two-level tiny model (tiny_models' sdxl_shallow): the three-level one's two AOTInductor compiles were
 # 155 s of CI (8 Dec).
+# The shipped reference models at `none`: model 1's DDIM clips x0 (clip_sample), model 2 (the default model) is
+# v-prediction with zero terminal SNR and trailing timesteps, which no other case here runs.
 FAMILY_CASES = {"sdxl_shallow": ("quality", 20), "lcm_sd15": ("none", 4), "pixart_alpha": ("none", 20),
-                "scenes32": ("none", 20)}
+                "scenes32": ("none", 20), "scenes64": ("none", 20)}
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CASES))
 def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, family, tmp_path):
     preset, steps = FAMILY_CASES[family]
     dtype = None
-    if family == "scenes32":
-        from postdiff_compile.lab.reference import reference_folder
+    if family in ("scenes32", "scenes64"):
+        from postdiff_compile.lab.reference_models import shipped_folder
 
         # Compiled in float32: the C++ runner does the scheduler's arithmetic in float32 where diffusers does it
         # in the latents' dtype, so a float16 artifact differs by float16 rounding (2.2e-2 measured for `fast`,
         # amplified by clip_sample); float32 compares the logic, and AOTInductor compiles float32 faster on a CPU.
-        model, resolution, dtype = reference_folder(), None, "float32"
+        model, resolution, dtype = shipped_folder(family), None, "float32"
     else:
         pipe = tiny_pipeline(family)
         model, resolution = (pipe.transformer if family.startswith("pixart") else pipe.unet), RESOLUTION
@@ -225,6 +227,9 @@ def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, f
         assert table[0]["input_scale"] < 1.0
     if family == "scenes32":
         assert all("clip" in row for row in table if not row["transition"])
+    if family == "scenes64":
+        assert python.manifest["scheduler"]["prediction_type"] == "v_prediction"
+        assert python.manifest["scheduler"]["timestep_spacing"] == "trailing"
 
 
 def test_the_minimal_program_of_the_docs_builds_and_runs(cpp_build, artifacts, embeddings, tmp_path):

@@ -133,3 +133,16 @@ def test_kind_of_takes_subclasses_and_refuses_other_modules():
     assert kind_of(model) is DENOISER_KINDS["UNet2DConditionModel"]
     with pytest.raises(PostDiffError, match="Linear is not a denoiser class"):
         kind_of(torch.nn.Linear(1, 1))
+
+
+def test_the_cpp_runners_default_guidance_is_every_familys():
+    """runtimes/cpp/src/runner.cpp keeps its own copy of FamilySpec.default_guidance (C++ cannot read the Python
+    registry); a family missing there makes its artifacts refuse to run without --guidance-scale (scenes64 was)."""
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "runtimes" / "cpp" / "src" / "runner.cpp").read_text()
+    table = source[source.index("double default_guidance("):]
+    table = table[:table.index("};")]
+    scales = {name: float(value) for name, value in re.findall(r'\{"(\w+)",\s*([0-9.]+)\}', table)}
+    assert scales == {name: spec.default_guidance for name, spec in FAMILIES.items()}

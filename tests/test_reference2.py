@@ -186,6 +186,34 @@ def test_a_snapshot_restores_the_run_in_float16_and_warms_the_learning_rate_agai
         restore_snapshot(work, snap)
 
 
+def test_ship_copies_a_trained_model_in_whole_and_refuses_another_vae_or_too_many_bytes(unet_runs, tmp_path,
+                                                                                       monkeypatch):
+    from postdiff_compile.lab.reference2 import ship as ship_module
+    from postdiff_compile.lab.reference2.ship import ship
+
+    runs, _ = unet_runs
+    model = runs / "split" / "model"
+    to = ship(model, tmp_path / "weights")                       # a first model: nothing to compare its VAE with
+    assert is_model2_folder(to) and load_pipeline(to).unet.config.in_channels == 4
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "model_index.json"):
+        assert (to / part).read_bytes() == (model / part).read_bytes(), part
+    assert ship(runs / "whole" / "model", to) == to              # the same VAE: replaced
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(model, other)
+    save_module(make_vae(1), other / "vae", "diffusion_pytorch_model.safetensors")
+    before = (to / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(PostDiffError, match="not the shipped one"):
+        ship(other, to)
+    monkeypatch.setattr(ship_module, "LIMIT_BYTES", 1000)
+    with pytest.raises(PostDiffError, match="over the"):
+        ship(model, tmp_path / "small")
+    with pytest.raises(PostDiffError, match="not a reference-model-2 folder"):
+        ship(runs, tmp_path / "none")
+    assert (to / "unet/diffusion_pytorch_model.safetensors").read_bytes() == before   # a refusal changes nothing
+    assert not (tmp_path / "small").exists() and not list(tmp_path.glob(".*partial"))
+
+
 @pytest.mark.slow   # two points of the study on the 64 px pipeline: about 20 s here
 def test_the_probe_scores_the_baseline_and_dpm_10_against_the_targets(unet_runs, tmp_path):
     from postdiff_compile.lab.target_probe import format_probe, main, probe

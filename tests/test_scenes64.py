@@ -1,7 +1,9 @@
 """Reference model 2 as its own family, scenes64 (issue 25): its bundled configs are the lab's, detection tells it
 from model 1 (scenes32, same text encoder) by the weights alone, and the compiler runs it under its own settings
-(latent space: no pixel-space x0 clamp). Untrained weights: what is checked is structure and agreement, not
-images."""
+(latent space: no pixel-space x0 clamp). The shipped model 2 (the package's default model, lab/reference2/weights):
+what is checked is structure and agreement with readable references and the peers, not image quality."""
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import PRESETS, ConfigRequest
 from postdiff_compile.errors import PostDiffError
 from postdiff_compile.lab.reference import model as model1
+from postdiff_compile.lab.reference2 import load_pipeline as load_model2
 from postdiff_compile.lab.reference2 import model as model2
 from postdiff_compile.models.detect import detect
 from postdiff_compile.models.families import get_family
@@ -88,9 +91,36 @@ def test_presets_have_no_pixel_space_clamp():
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = model2.make_pipeline(model2.make_parts(seed=0))
+    pipe = load_model2()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_the_shipped_model_is_small_float16_and_loads_offline_in_float32(pipe):
+    from safetensors import safe_open
+
+    from postdiff_compile.lab.reference2 import shipped_folder
+    from postdiff_compile.lab.reference2.ship import LIMIT_BYTES, folder_bytes
+
+    folder = shipped_folder()
+    assert load_denoiser(folder).detection.family == "scenes64"
+    assert folder_bytes(folder) <= LIMIT_BYTES == 15 * 2**20
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        assert 0 < int(f.metadata()["postdiff.step"]) <= json.loads(f.metadata()["postdiff.train"])["steps"]
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.float32
+
+
+def test_quality_on_the_shipped_model_equals_the_eager_loop(pipe):
+    """Latent space, v-prediction, zero terminal SNR with trailing DDIM: `quality` equals the readable eager
+    mixed-resolution loop of test_mixed_resolution.py, with no clamp."""
+    from test_mixed_resolution import _call, eager_mixed
+
+    try:
+        expected = eager_mixed(pipe, 64, 64, scale=0.5, fraction=0.5, prediction="v_prediction")
+        assert rel_l2(_call(_optimized(pipe, "quality"), 64, 64), expected) <= 1e-5
+    finally:
+        restore(pipe)
 
 
 def _latents(pipe, steps, cond, uncond, seed=7):
@@ -167,7 +197,7 @@ def test_peers_run_unchanged_on_model2(pipe):
     assert rel_l2(ours, theirs) < 1e-5 and rel_l2(ours, plain) > 1e-4    # the cache changed the result
 
     # T-GATE replaces the attention forwards for good: it gets a pipeline of its own, the same weights.
-    own = model2.make_pipeline(model2.make_parts(seed=0))      # the fixture's seed: the same weights
+    own = load_model2()                                         # the fixture's weights
     own.set_progress_bar_config(disable=True)
     gated = tgate.TgateSDLoader(own).tgate(prompt_embeds=cond, negative_prompt_embeds=uncond, gate_step=3,
                                            sp_interval=1, fi_interval=1, warm_up=0, num_inference_steps=steps,

@@ -26,7 +26,7 @@ const std::vector<std::string> kAdded = {"text_embeds", "time_ids", "resolution"
 double default_guidance(const std::string& family, const std::string& path) {
   static const std::map<std::string, double> scales = {
       {"sd15", 7.5},     {"sd2", 7.5},      {"sdxl", 7.5}, {"pixart_alpha", 7.5}, {"scenes32", 7.5},
-      {"lcm_sd15", 8.5}, {"lcm_sdxl", 8.5}, {"sd3", 7.0},  {"flux", 3.5},         {"flux_schnell", 0.0}};
+      {"scenes64", 7.5}, {"lcm_sd15", 8.5}, {"lcm_sdxl", 8.5}, {"sd3", 7.0},  {"flux", 3.5},         {"flux_schnell", 0.0}};
   auto found = scales.find(family);
   if (found == scales.end())
     throw Error("no default guidance scale for family " + family + " (source.family); give one (--guidance-scale)",
