@@ -123,3 +123,19 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+@pytest.mark.slow   # two small studies on model 2 through the CLI
+def test_a_study_run_again_with_its_cache_reuses_every_job(tmp_path):
+    """`study --cache DIR` (lab/job_cache.py): the second run computes nothing and writes the same results;
+    the cache's resumption after a failure is tests/test_job_cache.py's."""
+    cache = tmp_path / "cache"
+    args = ["study", "--prompts", "2", "--seed-sets", "2", "--steps", "2", "--out", str(tmp_path), "--cache", str(cache)]
+    assert main(args + ["--name", "first"]) == 0
+    written = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")}
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert len(written) == 2 * len(first["rows"]) and first["model"] == "scenes64"
+    assert main(args + ["--name", "again"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")} == written
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [r["per_set"] for r in again["rows"]] == [r["per_set"] for r in first["rows"]]

@@ -33,6 +33,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _ray_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="keep each finished job's result in DIR; run again with the same DIR to resume a run "
+                             "cut short (results of other weights, settings or versions are not reused)")
     parser.add_argument("--ray", nargs="?", const=LOCAL, metavar="ADDRESS",
                         help="run each configuration as a Ray task: on a Ray instance started here (no ADDRESS; "
                              "Ray opens its own listeners) or on the cluster at ADDRESS (auto, ray://HOST:PORT); "
@@ -160,14 +163,16 @@ def run(command: str, args: argparse.Namespace) -> int:
 
         settings = StudySettings(args.prompts, args.seed_sets, args.guidance, steps=steps)
         with _sweep(args) as sweep, RichProgress() as progress:
-            result = run_study(pipe, family, settings, progress.stage, sweep=sweep, model=args.model)
+            result = run_study(pipe, family, settings, progress.stage, sweep=_cached(args, sweep, pipe, family_name),
+                               model=args.model)
         paths = write_results(result, args.out, args.name or f"study_{family_name}")
         print(format_table(result))
     elif command == "tune":
         from ..lab.tune import format_tune, run_tune, write_tune
 
         with _sweep(args) as sweep, RichProgress() as progress:
-            result = run_tune(pipe, family, tune_settings, progress.stage, costs, sweep=sweep, model=args.model)
+            result = run_tune(pipe, family, tune_settings, progress.stage, costs,
+                              sweep=_cached(args, sweep, pipe, family_name), model=args.model)
         stem = f"{args.flops_budget:g}" if args.objective == "flops" else \
             f"{args.latency_budget:g}ms" if args.latency_budget is not None else f"{args.speedup:g}x"
         paths = write_tune(result, args.out, args.name or f"tune_{family_name}_{stem}")
@@ -182,3 +187,16 @@ def run(command: str, args: argparse.Namespace) -> int:
         paths = write_grid(sheet, captions, args.out or RESULTS / f"samples_{family_name}.png")
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
+
+
+def _cached(args: argparse.Namespace, sweep, pipe, family_name: str):
+    """`--cache DIR`: the sweep (serial if None) behind a cache of finished jobs, keyed by the model's weights."""
+    if args.cache is None:
+        return sweep
+    from ..lab.job_cache import CachedSweep, weights_fingerprint
+    from ..lab.reference_models import shipped_folder
+    from ..lab.sweep import SerialSweep
+
+    inner = sweep if sweep is not None else SerialSweep(pipe)
+    chunk = 1 if sweep is None else sweep.num_cpus or 16     # Ray: save a round of tasks at a time
+    return CachedSweep(inner, args.cache, weights_fingerprint(args.model or shipped_folder(family_name)), chunk)
