@@ -79,6 +79,7 @@ def test_cli_resolves_a_preset_for_the_device_of_a_cost_table(tmp_path, capsys):
 def test_tune_objective_latency_ranks_by_predicted_latency(monkeypatch, capsys, tmp_path):
     from postdiff_compile.cli import main
     from postdiff_compile.lab import tune
+    from postdiff_compile.lab.reference import reference_folder
 
     mix = dict(low_res_scale=0.5, low_res_fraction=0.5, clamp_x0=1.0)
     grid = [PostDiffConfig(),
@@ -88,7 +89,9 @@ def test_tune_objective_latency_ranks_by_predicted_latency(monkeypatch, capsys, 
             PostDiffConfig(**mix, cache_interval=2, cache_branch=1, cross_attn_cache="cond", cross_attn_cache_step=10)]
     monkeypatch.setattr(tune, "grid", lambda steps, clamp_x0=0.0: grid)
     path = synthetic_table(grid, 1.0).write(tmp_path / "costs.json")
-    assert main(["tune", "--objective", "latency", "--costs", str(path), "--speedup", "1.2", "--rank-only"]) == 0
+    model1 = str(reference_folder())      # the table is scenes32's; the default model is scenes64
+    assert main(["tune", model1, "--objective", "latency", "--costs", str(path), "--speedup", "1.2",
+                 "--rank-only"]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
     predicted = [float(r[3]) for r in rows]
     assert predicted == sorted(predicted) and len(rows) == 4    # `none` is 1.0x: it does not fit
