@@ -22,6 +22,7 @@ from postdiff_compile.verification import rel_l2
 from postdiff_compile.compile import compile_artifact
 from postdiff_compile.config import ConfigRequest
 from postdiff_compile.exporters.manifest import CHECKSUM, MANIFEST
+from postdiff_compile.lab.reference_models import LAB_FAMILIES, shipped_folder
 
 ROOT = Path(__file__).parent.parent
 RESOLUTION = (128, 128)
@@ -188,9 +189,7 @@ FAMILY_CASES = {"sdxl_shallow": ("quality", 20), "lcm_sd15": ("none", 4), "pixar
 def test_cpp_runner_equals_the_python_runtime_on_other_families(runner_binary, family, tmp_path):
     preset, steps = FAMILY_CASES[family]
     dtype = None
-    if family in ("scenes32", "scenes64"):
-        from postdiff_compile.lab.reference_models import shipped_folder
-
+    if family in LAB_FAMILIES:
         # Compiled in float32: the C++ runner does the scheduler's arithmetic in float32 where diffusers does it
         # in the latents' dtype, so a float16 artifact differs by float16 rounding (2.2e-2 measured for `fast`,
         # amplified by clip_sample); float32 compares the logic, and AOTInductor compiles float32 faster on a CPU.

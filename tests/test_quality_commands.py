@@ -130,7 +130,8 @@ def test_a_study_run_again_with_its_cache_reuses_every_job(tmp_path):
     """`study --cache DIR` (lab/job_cache.py): the second run computes nothing and writes the same results;
     the cache's resumption after a failure is tests/test_job_cache.py's."""
     cache = tmp_path / "cache"
-    args = ["study", "--prompts", "2", "--seed-sets", "2", "--steps", "2", "--out", str(tmp_path), "--cache", str(cache)]
+    args = ["study", "--prompts", "2", "--seed-sets", "2", "--steps", "2", "--out", str(tmp_path),
+            "--cache", str(cache)]
     assert main(args + ["--name", "first"]) == 0
     written = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")}
     first = json.loads((tmp_path / "first.json").read_text())
